@@ -1,0 +1,382 @@
+"""Closed-form Sparse Distributed Memory (SDM) theory.
+
+Everything here is NumPy/SciPy or exact Python integers.  Binary SDM lives in
+{0,1}^n with Hamming distances; the continuous version lives on the unit
+hypersphere S^(n-1) with cosine similarities.
+
+Conventions
+-----------
+* ``n``: dimension, ``d``: Hamming radius of a read/write ball, ``dv``: Hamming
+  distance between the two ball centres (query and stored pattern),
+  ``r``: number of neurons scattered uniformly at random (``None`` = one neuron at
+  every address, r = 2^n), ``m``: number of stored patterns.
+* Hamming distance h and cosine similarity c of the corresponding bipolar (+-1)
+  vectors are related by ``c = 1 - 2 h / n``.
+* "Fraction of the space" p(d) is the fraction of all 2^n addresses that lie within
+  Hamming distance d of a point: p(d) = sum_{i<=d} C(n, i) / 2^n, the activation
+  probability of a neuron.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+from scipy import integrate, special, stats
+
+FitConvention = Literal["covariance", "least_squares"]
+
+
+# --------------------------------------------------------------------------- checks
+def check_n_d(n: int, d: int) -> None:
+    """Raise ``ValueError`` unless 1 <= n and 0 <= d <= n are integers."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"dimension n must be an integer >= 1, got n={n!r}; pass e.g. n=64")
+    if int(d) != d or d < 0 or d > n:
+        raise ValueError(
+            f"Hamming radius d must be an integer with 0 <= d <= n, got d={d!r} for n={n}; "
+            f"choose d in [0, {n}] (e.g. via fraction_to_hamming_radius)"
+        )
+
+
+def _check_dv(n: int, dv: int) -> None:
+    if int(dv) != dv or dv < 0 or dv > n:
+        raise ValueError(f"Hamming distance dv must be an integer in [0, n={n}], got {dv!r}")
+
+
+def _log_neuron_fraction(n: int, r: float | None) -> float:
+    """log(r / 2^n): the fraction of addresses that hold a neuron."""
+    if r is None:
+        return 0.0
+    if r <= 0:
+        raise ValueError(f"number of neurons r must be > 0 (or None for r = 2^n), got r={r!r}")
+    return math.log(r) - n * math.log(2.0)
+
+
+# --------------------------------------------------------------------------- conversions
+def hamming_to_cosine(h: float | np.ndarray, n: int) -> float | np.ndarray:
+    """Cosine similarity of two bipolar vectors at Hamming distance ``h``: 1 - 2h/n."""
+    check_n_d(n, 0)
+    h_arr = np.asarray(h, dtype=float)
+    if np.any(h_arr < 0) or np.any(h_arr > n):
+        raise ValueError(f"Hamming distances must lie in [0, n={n}], got {h!r}")
+    out = 1.0 - 2.0 * h_arr / n
+    return float(out) if out.ndim == 0 else out
+
+
+def cosine_to_hamming(c: float | np.ndarray, n: int) -> float | np.ndarray:
+    """Hamming distance n(1 - c)/2 matching cosine similarity ``c`` (not rounded)."""
+    check_n_d(n, 0)
+    c_arr = np.asarray(c, dtype=float)
+    if np.any(np.abs(c_arr) > 1 + 1e-9):
+        raise ValueError(f"cosine similarities must lie in [-1, 1], got {c!r}")
+    out = n * (1.0 - np.clip(c_arr, -1.0, 1.0)) / 2.0
+    return float(out) if out.ndim == 0 else out
+
+
+def ball_volume(n: int, d: int) -> int:
+    """Exact number of addresses within Hamming distance ``d``: sum_{i<=d} C(n, i)."""
+    check_n_d(n, d)
+    return sum(math.comb(n, i) for i in range(d + 1))
+
+
+def hamming_radius_to_fraction(d: int, n: int) -> float:
+    """Fraction p(d) of {0,1}^n inside a Hamming ball of radius ``d`` (activation prob.)."""
+    return math.exp(math.log(ball_volume(n, d)) - n * math.log(2.0))
+
+
+def fraction_to_hamming_radius(p: float, n: int) -> int:
+    """Smallest radius d with p(d) >= ``p`` (the binomial quantile, as in the original code)."""
+    check_n_d(n, 0)
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"space fraction p must be in (0, 1], got p={p!r}")
+    log_target = math.log(p) + n * math.log(2.0)
+    total = 0
+    for d in range(n + 1):
+        total += math.comb(n, d)
+        if math.log(total) >= log_target - 1e-12:
+            return d
+    return n
+
+
+def hamming_radius_to_cosine_threshold(d: int, n: int) -> float:
+    """Cosine similarity threshold equivalent to Hamming radius ``d``."""
+    check_n_d(n, d)
+    return 1.0 - 2.0 * d / n
+
+
+# --------------------------------------------------------------------------- binary intersection
+def intersection_count_lune(n: int, d: int, dv: int) -> int:
+    """Exact number of addresses in both radius-``d`` balls whose centres are ``dv`` apart.
+
+    Closed "lune" form (Kanerva 1988, appendix B): ball volume minus the lune of the
+    first ball that lies outside the second,
+    lune = sum_{odd j <= dv} C(j-1, (j-1)/2) * C(n-j, d-(j-1)/2).
+    """
+    check_n_d(n, d)
+    _check_dv(n, dv)
+    lune = 0
+    for j in range(1, dv + 1, 2):
+        half = (j - 1) // 2
+        if d - half >= 0:
+            lune += math.comb(j - 1, half) * math.comb(n - j, d - half)
+    return ball_volume(n, d) - lune
+
+
+def intersection_count_double_sum(n: int, d: int, dv: int) -> int:
+    """Same count as :func:`intersection_count_lune`, as an interpretable double sum.
+
+    Of the n coordinates, ``dv`` differ between the centres a and b and n - dv agree.
+    An address x that flips i of the agreeing and k of the differing coordinates
+    (relative to a) is at distance i + k from a and i + dv - k from b, so
+    count = sum_{i, k} C(n - dv, i) C(dv, k) [i + k <= d] [i + dv - k <= d].
+    """
+    check_n_d(n, d)
+    _check_dv(n, dv)
+    total = 0
+    for k in range(dv + 1):
+        i_max = min(d - k, d - dv + k, n - dv)
+        if i_max < 0:
+            continue
+        inner = sum(math.comb(n - dv, i) for i in range(i_max + 1))
+        total += math.comb(dv, k) * inner
+    return total
+
+
+def log_expected_intersection(
+    n: int, d: int, dvs: Iterable[int], r: float | None = None
+) -> np.ndarray:
+    """log of the expected number of the ``r`` neurons in the ball intersection, per ``dv``.
+
+    Uses the lune form, accumulated over dv so all n + 1 distances cost O(n) big-integer
+    terms.  Entries are ``-inf`` where the balls do not intersect (dv > 2d).
+    """
+    check_n_d(n, d)
+    dv_list = [int(v) for v in dvs]
+    for dv in dv_list:
+        _check_dv(n, dv)
+    log_frac = _log_neuron_fraction(n, r)
+    volume = ball_volume(n, d)
+    counts = [volume]
+    lune = 0
+    for j in range(1, max(dv_list, default=0) + 1):
+        half = (j - 1) // 2
+        if j % 2 == 1 and d - half >= 0:
+            lune += math.comb(j - 1, half) * math.comb(n - j, d - half)
+        counts.append(volume - lune)
+    return np.asarray(
+        [math.log(counts[dv]) + log_frac if counts[dv] > 0 else -math.inf for dv in dv_list],
+        dtype=float,
+    )
+
+
+def expected_intersection(
+    n: int, d: int, dvs: Iterable[int], r: float | None = None
+) -> np.ndarray:
+    """Expected number of neurons in the intersection (count * r / 2^n), per ``dv``."""
+    return np.exp(log_expected_intersection(n, d, dvs, r))
+
+
+# --------------------------------------------------------------------------- continuous intersection
+def log_cap_fraction(n: int, c: float) -> float:
+    """log fraction of S^(n-1) in the cap {x : x.a >= c} (n >= 2)."""
+    if n < 2:
+        raise ValueError(f"hypersphere caps need n >= 2, got n={n}")
+    if c >= 1:
+        return -math.inf
+    if c <= -1:
+        return 0.0
+    half = 0.5 * special.betainc((n - 1) / 2.0, 0.5, 1.0 - c * c)
+    frac = half if c >= 0 else 1.0 - half
+    return math.log(frac) if frac > 0 else -math.inf
+
+
+def log_cap_intersection(
+    n: int, d: int, cosines: Iterable[float], r: float | None = None, grid: int = 4001
+) -> np.ndarray:
+    """log expected neurons in the intersection of two hypersphere caps (continuous SDM).
+
+    Caps on S^(n-1) have cosine threshold c = 1 - 2d/n (the Hamming radius ``d``
+    mapped to a cosine) and are centred on unit vectors with cosine similarity
+    ``cosines``.  The intersection fraction is
+    int_c^1 f_n(t) P[y.e >= s(t)] dt, with t = x.a distributed as
+    f_n(t) ~ (1 - t^2)^((n-3)/2), y uniform on S^(n-2) and
+    s(t) = (c - t cos th) / (sqrt(1 - t^2) sin th).  ``r`` neurons are spread
+    uniformly over the sphere (``None`` = fraction of the sphere, i.e. r = 1).
+    Integration is done on a grid in log space, so tiny fractions do not underflow.
+    """
+    check_n_d(n, d)
+    if n < 3:
+        raise ValueError(f"cap intersection needs n >= 3, got n={n}")
+    c = hamming_radius_to_cosine_threshold(d, n)
+    log_r = 0.0 if r is None else math.log(r)
+    log_norm = -special.betaln(0.5, (n - 1) / 2.0)
+    out = []
+    for cv in cosines:
+        cv = float(cv)
+        if abs(cv) > 1:
+            raise ValueError(f"cosine similarities must lie in [-1, 1], got {cv}")
+        if cv >= 1 - 1e-12:
+            out.append(log_cap_fraction(n, c) + log_r)
+            continue
+        theta = math.acos(cv)
+        t = np.linspace(max(c, -1.0), 1.0, grid)[:-1]
+        one_m_t2 = np.clip(1.0 - t * t, 1e-300, None)
+        s = (c - t * math.cos(theta)) / (np.sqrt(one_m_t2) * math.sin(theta))
+        x = np.clip(1.0 - s * s, 0.0, 1.0)
+        half = 0.5 * special.betainc((n - 2) / 2.0, 0.5, x)
+        cond = np.where(s >= 0, half, 1.0 - half)
+        with np.errstate(divide="ignore"):
+            log_f = 0.5 * (n - 3) * np.log(one_m_t2) + log_norm + np.log(cond)
+        if not np.isfinite(log_f).any():
+            out.append(-math.inf)
+            continue
+        log_w = np.log(np.diff(np.linspace(max(c, -1.0), 1.0, grid))[0])
+        out.append(float(special.logsumexp(log_f)) + log_w + log_r)
+    return np.asarray(out, dtype=float)
+
+
+# --------------------------------------------------------------------------- beta fit
+def fit_log_linear(
+    x: Sequence[float], y: Sequence[float], convention: FitConvention = "covariance"
+) -> tuple[float, float]:
+    """Fit log(y) ~ beta * x + bias; return ``(beta, bias)``.
+
+    ``"least_squares"``: ordinary least-squares slope cov(x, log y) / var(x) with
+    both moments normalised the same way.  ``"covariance"``: the original analysis'
+    ``np.cov(x, log y)[0, 1] / np.var(x)``, whose covariance uses 1/(m-1) and variance
+    1/m, so it equals the least-squares slope times m/(m-1) for m fitted points.
+    Non-positive y values are dropped (log undefined).
+    """
+    xa = np.asarray(x, dtype=float)
+    ya = np.asarray(y, dtype=float)
+    if xa.shape != ya.shape or xa.ndim != 1:
+        raise ValueError(f"x and y must be 1-D and the same length, got {xa.shape} and {ya.shape}")
+    keep = ya > 0
+    xa, ly = xa[keep], np.log(ya[keep])
+    m = xa.size
+    if m < 2 or np.ptp(xa) == 0:
+        raise ValueError("need at least two distinct x values with positive y to fit beta")
+    slope = float(np.sum((xa - xa.mean()) * (ly - ly.mean())) / np.sum((xa - xa.mean()) ** 2))
+    if convention == "covariance":
+        slope *= m / (m - 1)
+    elif convention != "least_squares":
+        raise ValueError(f"convention must be 'covariance' or 'least_squares', got {convention!r}")
+    return slope, float(ly.mean() - slope * xa.mean())
+
+
+def fit_beta(
+    n: int,
+    d: int,
+    r: float | None = None,
+    dvs: Sequence[int] | None = None,
+    convention: FitConvention = "covariance",
+    continuous: bool = False,
+) -> float:
+    """beta of the exponential exp(beta * cosine) fitted to the normalised intersection.
+
+    By default fits Hamming distances dv = 0 .. d-1 (as the original analysis), with
+    x = cosine similarity 1 - 2 dv / n and y = the intersection (binary lune, or the
+    continuous cap intersection when ``continuous``).  Normalising y only shifts the
+    bias, so beta is the same with or without the softmax denominator.
+    """
+    check_n_d(n, d)
+    if dvs is None:
+        if d < 2:
+            raise ValueError(f"fitting beta needs d >= 2 (dv = 0..d-1 has < 2 points), got d={d}")
+        dvs = list(range(d))
+    cos = np.asarray(hamming_to_cosine(np.asarray(dvs, dtype=float), n), dtype=float)
+    if continuous:
+        log_y = log_cap_intersection(n, d, np.minimum(cos, 1 - 1e-12), r)
+    else:
+        log_y = log_expected_intersection(n, d, dvs, r)
+    finite = np.isfinite(log_y)
+    # fit on log values directly (avoids underflow of exp for huge n)
+    y = np.exp(log_y[finite] - log_y[finite].max())
+    beta, _ = fit_log_linear(cos[finite], y, convention)
+    return beta
+
+
+# --------------------------------------------------------------------------- optimal radii
+def snr_optimal_probability(m: int, r: float) -> float:
+    """Signal-to-noise-optimal activation probability p* = (2 m r)^(-1/3) (Kanerva 1988)."""
+    if m < 1 or r <= 0:
+        raise ValueError(f"need m >= 1 patterns and r > 0 neurons, got m={m}, r={r}")
+    return float((2.0 * m * r) ** (-1.0 / 3.0))
+
+
+def snr_optimal_radius(n: int, m: int, r: float | None = None) -> int:
+    """Hamming radius whose activation probability first reaches p* (r=None: 2^n)."""
+    check_n_d(n, 0)
+    rr = float(2.0**n) if r is None else float(r)
+    return fraction_to_hamming_radius(snr_optimal_probability(m, rr), n)
+
+
+def z_for_whole_pattern(n: int, prob_whole_pattern: float = 0.5) -> float:
+    """Per-bit z-score so that all n bits are right with probability ``prob_whole_pattern``."""
+    if not 0 < prob_whole_pattern < 1:
+        raise ValueError(f"prob_whole_pattern must be in (0, 1), got {prob_whole_pattern}")
+    return float(stats.norm.ppf(prob_whole_pattern ** (1.0 / n)))
+
+
+def memory_capacity(p: float, r: float, z: float) -> float:
+    """Patterns storable with per-bit SNR >= z at activation probability ``p``.
+
+    For a query exactly at a stored pattern the signal is p r neurons (variance p r)
+    and each of the m other patterns adds noise of variance p^2 r + (p^2 r)^2, so
+    SNR^2 = (p r)^2 / (p r + m (p^2 r + p^4 r^2)) >= z^2 gives
+    m = ((p r)^2 / z^2 - p r) / (p^2 r + p^4 r^2)  (negative = nothing storable).
+    """
+    pr = p * r
+    return float((pr * pr / (z * z) - pr) / (p * pr + (p * pr) ** 2))
+
+
+def capacity_optimal_radius(
+    n: int, r: float | None = None, prob_whole_pattern: float = 0.5
+) -> tuple[int, float]:
+    """Integer radius maximising :func:`memory_capacity`; returns ``(d, capacity)``."""
+    check_n_d(n, 0)
+    rr = float(2.0**n) if r is None else float(r)
+    z = z_for_whole_pattern(n, prob_whole_pattern)
+    caps = [memory_capacity(hamming_radius_to_fraction(d, n), rr, z) for d in range(n + 1)]
+    best = int(np.argmax(caps))
+    return best, caps[best]
+
+
+def prob_neuron_within(n: int, d: int, r: float) -> float:
+    """Probability that at least one of ``r`` random neurons is within ``d`` of a query."""
+    p = hamming_radius_to_fraction(d, n)
+    return float(-math.expm1(r * math.log1p(-p))) if p < 1 else 1.0
+
+
+def read_error_distance(n: int, d: int, m: int, x: int, r: float | None = None) -> float:
+    """Expected Hamming distance to the target after one read from distance ``x``.
+
+    Signal = expected neurons I(x) shared by the query and target balls; noise
+    variance I(x) + (m - 1)(p^2 r + (p^2 r)^2) from the other random patterns; each
+    bit is wrong with probability Phi(-signal / noise).
+    """
+    rr = float(2.0**n) if r is None else float(r)
+    p = hamming_radius_to_fraction(d, n)
+    signal = float(np.exp(log_expected_intersection(n, d, [x], rr))[0])
+    noise_var = signal + (m - 1) * (p * p * rr + (p * p * rr) ** 2)
+    if noise_var <= 0:
+        return n / 2.0
+    return float(n * stats.norm.cdf(-signal / math.sqrt(noise_var)))
+
+
+def critical_distance(n: int, d: int, m: int, r: float | None = None) -> int:
+    """Largest starting distance x for which one read moves the query closer (x' < x).
+
+    Kanerva's critical distance: queries started further away diverge.  Returns 0 if
+    even a query 1 bit away is not pulled in.
+    """
+    check_n_d(n, d)
+    best = 0
+    for x in range(1, n // 2 + 1):
+        if read_error_distance(n, d, m, x, r) < x:
+            best = x
+        else:
+            break
+    return best
