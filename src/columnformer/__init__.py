@@ -1,0 +1,16 @@
+"""Columnformer: brain-inspired transformers — a recurrent sheet of untied columns in a geometry."""
+
+from .attention import ColumnAttention, dense_attention
+from .connectivity import Connectivity
+from .geometry import Geometry, from_coords, grid, sphere, stacked
+from .layers import UntiedLayerNorm, UntiedLinear
+from .presets import PRESETS, build_model, count_parameters
+from .sheet import ColumnBlock, Columnformer, SheetConfig, Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ColumnAttention", "ColumnBlock", "Columnformer", "Connectivity", "Geometry", "PRESETS", "SheetConfig",
+    "Trace", "UntiedLayerNorm", "UntiedLinear", "build_model", "count_parameters", "dense_attention",
+    "from_coords", "grid", "sphere", "stacked",
+]

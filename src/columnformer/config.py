@@ -1,0 +1,236 @@
+"""Typed configuration: model, data, optimisation and run settings, with readable errors.
+
+A run is described by one :class:`RunConfig`. It is built from (in order) a named preset,
+a YAML file and ``key=value`` command-line overrides with dotted keys::
+
+    columnformer train --config configs/digits.yaml train.epochs=5 model.sheet.steps=6
+
+Every key is validated before any work starts; an unknown key, a wrong type or an impossible
+combination raises :class:`ConfigError` with one message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .sheet import SheetConfig
+
+CONFIG_SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GeometryConfig(_Strict):
+    """Where the columns sit. ``grid``: shape [h, w]; ``stacked``: layers [[h, w], ...]; ``sphere``: n."""
+
+    kind: Literal["grid", "stacked", "sphere"] = "grid"
+    shape: tuple[int, int] = (4, 4)
+    layers: list[tuple[int, int]] = Field(default_factory=lambda: [(4, 4), (4, 4)])
+    spacing: float = Field(1.0, gt=0)
+    n: int = Field(64, ge=1)
+
+    def build(self):
+        from . import geometry as g
+
+        if self.kind == "grid":
+            return g.grid(*self.shape)
+        if self.kind == "stacked":
+            return g.stacked(self.layers, self.spacing)
+        return g.sphere(self.n)
+
+
+class ConnectivityConfig(_Strict):
+    """Which columns each column reads: all pairs, k nearest, or k nearest + sampled long-range edges."""
+
+    kind: Literal["dense", "local", "local_long_range"] = "dense"
+    k: int = Field(64, ge=1, description="edges per column (local ones for local_long_range)")
+    k_long: int = Field(0, ge=0, description="long-range edges per column")
+    long_range_scale: float = Field(8.0, gt=0, description="length scale of the exponential distance rule")
+    seed: int = 0
+
+    def build(self, geometry):
+        from .connectivity import Connectivity
+
+        if self.kind == "dense":
+            return Connectivity.dense(geometry)
+        if self.kind == "local":
+            return Connectivity.local(geometry, self.k)
+        return Connectivity.local_plus_long_range(
+            geometry, self.k, self.k_long, scale=self.long_range_scale, seed=self.seed
+        )
+
+
+class ModelConfig(_Strict):
+    """An image classifier built around a sheet (see ``vision.py``)."""
+
+    image_size: tuple[int, int] = (8, 8)
+    in_chans: int = Field(1, ge=1)
+    patch: int = Field(2, ge=1)
+    stride: int | None = Field(None, ge=1, description="patch stride; None = patch (no overlap)")
+    num_classes: int = Field(10, ge=1)
+    pool: Literal["avg", "spatial"] = "avg"
+    input_area: Literal["bottom", "all"] = "bottom"
+    output_area: Literal["top", "all"] = "top"
+    geometry: GeometryConfig = Field(default_factory=GeometryConfig)
+    connectivity: ConnectivityConfig = Field(default_factory=ConnectivityConfig)
+    sheet: SheetConfig = Field(default_factory=SheetConfig)
+
+
+class DataConfig(_Strict):
+    """Dataset and loading. ``digits`` is the embedded default (scikit-learn's 8x8 digits)."""
+
+    name: Literal["digits", "hf", "folder"] = "digits"
+    path: str | None = Field(None, description="hub name or local path (hf), root folder (folder)")
+    split_seed: int = Field(0, description="seed of the fixed train/val/test split (digits)")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    augment: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warm-up then cosine decay to ``min_lr_frac * lr``."""
+
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_frac: float = Field(0.1, ge=0, lt=1)
+    min_lr_frac: float = Field(0.05, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    seed: int = 0
+    wiring_lambda: float = Field(0.0, ge=0, description="weight of the wiring cost in the loss")
+    log_every: int = Field(10, ge=1, description="optimizer steps between metrics lines")
+    ckpt_every: int = Field(50, ge=1, description="optimizer steps between 'last' checkpoints (also each epoch)")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    compile: bool = False
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
+    progress: bool = True
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (debugging)")
+
+
+class RunConfig(_Strict):
+    """Everything that defines a run."""
+
+    name: str = "digits"
+    out_dir: str = "runs"
+    preset: str | None = Field(None, description="named model preset the 'model' section starts from")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.train.precision == "fp16" and self.train.device == "cpu":
+            raise ValueError("train.precision=fp16 needs a GPU (gradient scaling); use bf16 on CPU")
+        return self
+
+
+# ------------------------------------------------------------------ loading
+def _format_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        key = f"{prefix}{key}" if key else prefix.rstrip(".") or "(config)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'{_allowed_hint(e['loc'])}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _allowed_hint(loc: tuple) -> str:
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        model = field.annotation
+    fields = getattr(model, "model_fields", None)
+    return f"; allowed keys here: {', '.join(fields)}" if fields else ""
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a', 'b', 'c'], parsed value). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key; use dotted keys like model.sheet.width=64")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: cannot parse value {raw!r} ({exc})") from None
+    return key.split("."), value
+
+
+def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Merge preset <- raw dict <- overrides, validate, and return a :class:`RunConfig`."""
+    from .presets import get_preset
+
+    raw = copy.deepcopy(raw or {})
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+        node[path[-1]] = value
+    if not isinstance(raw, dict):
+        raise ConfigError("a config file must hold a mapping of sections (model, data, optim, train)")
+    preset = raw.get("preset")
+    if preset is not None:
+        raw["model"] = deep_merge(get_preset(preset), raw.get("model") or {})
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config file (or none) and apply overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    return build_config(raw, overrides)
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,93 @@
+"""Named model presets and the one builder, ``build_model``.
+
+Each preset is a plain dict of :class:`~columnformer.config.ModelConfig` fields; configs may
+start from one (``preset: digits``) and override any key. ``columnformer presets`` lists them
+with their parameter counts, which are part of the contract (tests/test_presets.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+_TINY_128 = dict(image_size=(128, 128), in_chans=3, patch=16, num_classes=100)
+_UNTIED_COLUMNS = dict(
+    heads=1, qk_dim=64, value_proj=False, mlp_ratio=1 / 6, attn_bias="local", bias_sigma=2.0, bias_min=-8.0,
+    untied_attn=True, untied_mlp=True, untied_norm=True, pos_embed=True,
+)
+_TIED_VIT = dict(
+    heads=6, qk_dim=64, value_proj=True, mlp_ratio=4.0, attn_bias="none", pos_embed=True,
+    untied_attn=False, untied_mlp=False, untied_norm=False, recurrent=False,
+)
+
+PRESETS: dict[str, dict] = {
+    # The embedded default: a small recurrent columnformer reading 8x8 digits through 2x2 patches
+    # (a 4x4 input layer), three stacked 4x4 layers, unrolled 4 steps; output read from the top layer.
+    "digits": dict(
+        image_size=(8, 8), in_chans=1, patch=2, num_classes=10, pool="avg",
+        geometry=dict(kind="stacked", layers=[(4, 4), (4, 4), (4, 4)], spacing=1.0),
+        sheet=dict(
+            width=64, steps=4, recurrent=True, heads=1, qk_dim=16, value_proj=False, mlp_ratio=1.0,
+            attn_bias="local", bias_sigma=2.0, untied_attn=True, untied_mlp=True, untied_norm=True,
+            pos_embed=True, time_embed=True,
+        ),
+    ),
+    # Tied baseline of similar size: a standard ViT (4 blocks) on the same 4x4 patch grid.
+    "digits-vit": dict(
+        image_size=(8, 8), in_chans=1, patch=2, num_classes=10, pool="avg",
+        input_area="all", output_area="all",
+        geometry=dict(kind="grid", shape=(4, 4)),
+        sheet=dict(_TIED_VIT, width=96, steps=5, heads=4, qk_dim=24, mlp_ratio=4.0),
+    ),
+    # Predecessor-equivalent tiny presets at 128 px / patch 16 / width 384 / 100 classes.
+    # Tied ViT: 6 heads, value/projection (with biases), MLP ratio 4, average pooling (11.01M).
+    "vit-tiny": dict(
+        _TINY_128, pool="avg", input_area="all", output_area="all",
+        geometry=dict(kind="grid", shape=(8, 8)),
+        sheet=dict(_TIED_VIT, width=384, steps=6),
+    ),
+    # Untied feed-forward columnformer: 6 distinct 8x8 sheets (38.94M).
+    "columnformer-ff-tiny": dict(
+        _TINY_128, pool="avg", input_area="all", output_area="all",
+        geometry=dict(kind="grid", shape=(8, 8)),
+        sheet=dict(_UNTIED_COLUMNS, width=384, steps=6, recurrent=False),
+    ),
+    # Untied recurrent columnformer on 6 stacked 8x8 layers (384 columns), no attention residual (39.19M).
+    "columnformer-rec-tiny": dict(
+        _TINY_128, pool="avg", input_area="bottom", output_area="top",
+        geometry=dict(kind="stacked", layers=[(8, 8)] * 6, spacing=2.0),
+        sheet=dict(_UNTIED_COLUMNS, width=384, steps=6, recurrent=True, attn_residual=False),
+    ),
+}
+
+
+def get_preset(name: str) -> dict:
+    """The ModelConfig fields of a named preset (a copy)."""
+    if name not in PRESETS:
+        from .config import ConfigError
+
+        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def build_model(cfg) -> nn.Module:
+    """Build a :class:`VisionColumnformer` from a ModelConfig (or a preset name / field dict)."""
+    from .config import ModelConfig
+    from .sheet import Columnformer
+    from .vision import ClassifierHead, PatchEmbed, VisionColumnformer
+
+    if isinstance(cfg, str):
+        cfg = get_preset(cfg)
+    if isinstance(cfg, dict):
+        cfg = ModelConfig.model_validate(cfg)
+    geometry = cfg.geometry.build()
+    connectivity = cfg.connectivity.build(geometry)
+    sheet = Columnformer(cfg.sheet, geometry, connectivity, cfg.input_area, cfg.output_area)
+    embed = PatchEmbed(cfg.image_size, cfg.in_chans, cfg.patch, cfg.stride or cfg.patch, cfg.sheet.width)
+    head = ClassifierHead(cfg.sheet.width, cfg.num_classes, len(sheet.output_idx), cfg.pool)
+    return VisionColumnformer(embed, sheet, head)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

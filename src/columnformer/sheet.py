@@ -1,0 +1,229 @@
+"""The sheet: N columns in a geometry, each an attention + MLP block, unrolled over steps.
+
+    x_0          = zeros; input tokens written into the input area (+ position embedding)
+    x_{t+1}      = Block(x_t)                      recurrent: the same block every step
+                 = Block_t(x_t)                    feed-forward: a distinct block per step
+    Block(x)     = y + MLP(norm2(y)),   y = x + Attn(norm1(x))   (or y = Attn(...) without residual)
+    output       = x_T at the output area
+
+Activations are kept column-major, (N, B, C), so untied layers are one batched matmul.
+``Columnformer.forward`` returns ``(output, Trace)``: per-step wiring cost and attention entropy
+always, attention maps / column features / queries and keys only when ``record`` asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from .attention import AttentionStats, ColumnAttention, local_bias_init
+from .connectivity import Connectivity
+from .geometry import Geometry
+from .layers import INIT_STD, Mlp, layer_norm
+
+RECORDABLE = ("attn", "features", "qk")
+
+
+class SheetConfig(BaseModel):
+    """Options of the column sheet. Every field is typed and validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(64, ge=1, description="column width C (channels per column)")
+    steps: int = Field(4, ge=1, description="T: recurrent unroll steps, or number of blocks when feed-forward")
+    recurrent: bool = Field(True, description="one sheet unrolled T steps (True) or T distinct sheets (False)")
+    heads: int = Field(1, ge=1, description="attention heads")
+    qk_dim: int = Field(16, ge=1, description="query/key dimension per head")
+    value_proj: bool = Field(False, description="learn value/output projections (False: value = column input)")
+    mlp_ratio: float = Field(1.0, gt=0, description="MLP hidden size = int(width * mlp_ratio); < 1 allowed")
+    untied_attn: bool = Field(True, description="every column owns its attention weights")
+    untied_mlp: bool = Field(True, description="every column owns its MLP weights")
+    untied_norm: bool = Field(True, description="every column owns its LayerNorm affine")
+    attn_bias: Literal["local", "zero", "none"] = Field(
+        "local", description="learned per-edge bias: initialised clamp(-d^2/2sigma^2, min), zeros, or absent"
+    )
+    bias_sigma: float = Field(2.0, gt=0, description="sigma of the local bias initialisation")
+    bias_min: float = Field(-8.0, le=0, description="floor of the local bias initialisation")
+    pos_embed: bool = Field(True, description="learned position embedding per column")
+    time_embed: bool = Field(False, description="learned embedding per step (recurrent only)")
+    attn_residual: bool = Field(True, description="residual connection around attention")
+    inject: Literal["first", "every"] = Field("first", description="write input tokens at the first step or every step")
+    wiring_p: float = Field(1.0, gt=0, description="wiring weight W = D^p / mean(D^p)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SheetConfig":
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
+        if self.time_embed and not self.recurrent:
+            raise ValueError("time_embed=True needs recurrent=True (feed-forward blocks are already distinct per step)")
+        if int(self.width * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an empty MLP for width={self.width}")
+        return self
+
+
+@dataclass
+class Trace:
+    """What happened inside the sheet, per step.
+
+    ``wiring`` and ``entropy`` are lists of T scalars (the wiring cost is differentiable and
+    un-scaled by lambda). ``attn`` (B, H, N, N|K), ``features`` (B, N, C) and ``qk`` ((B, H, N, d) pairs)
+    are filled only when requested through ``record``.
+    """
+
+    wiring: list[torch.Tensor] = field(default_factory=list)
+    entropy: list[torch.Tensor] = field(default_factory=list)
+    attn: list[torch.Tensor] | None = None
+    features: list[torch.Tensor] | None = None
+    qk: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def wiring_cost(self) -> torch.Tensor:
+        """Mean over steps of the per-step wiring cost (multiply by lambda for the loss)."""
+        return torch.stack(self.wiring).mean()
+
+    @property
+    def attn_entropy(self) -> torch.Tensor:
+        return torch.stack(self.entropy).mean()
+
+
+class ColumnBlock(nn.Module):
+    """One sheet: per-column norm -> attention (communication) -> norm -> MLP (computation)."""
+
+    def __init__(self, cfg: SheetConfig, connectivity: Connectivity):
+        super().__init__()
+        n, c = connectivity.n, cfg.width
+        self.attn_residual = cfg.attn_residual
+        self.norm1 = layer_norm(n, c, cfg.untied_norm)
+        edge_shape = None if cfg.attn_bias == "none" else tuple(connectivity.dist.shape)
+        self.attn = ColumnAttention(n, c, cfg.heads, cfg.qk_dim, cfg.value_proj, cfg.untied_attn, edge_shape)
+        self.norm2 = layer_norm(n, c, cfg.untied_norm)
+        self.mlp = Mlp(n, c, int(c * cfg.mlp_ratio), cfg.untied_mlp)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        wiring_weight: torch.Tensor,
+        edge_index: torch.Tensor | None,
+        edge_mask: torch.Tensor | None,
+        record: frozenset,
+    ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
+        a, stats, qk = self.attn(
+            self.norm1(x), wiring_weight, edge_index, edge_mask, "attn" in record, "qk" in record
+        )
+        x = x + a if self.attn_residual else a  # (N, B, C)
+        x = x + self.mlp(self.norm2(x))
+        return x, stats, qk
+
+
+def _area(geometry: Geometry, area: Iterable[int] | str, name: str) -> np.ndarray:
+    if isinstance(area, str):
+        if area == "all":
+            return np.arange(geometry.n)
+        if area == "bottom":
+            return geometry.layer_indices(0)
+        if area == "top":
+            return geometry.layer_indices(-1)
+        raise ValueError(f"{name} must be 'all', 'bottom', 'top' or a list of column indices, got {area!r}")
+    idx = np.asarray(list(area), dtype=np.int64)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= geometry.n or len(np.unique(idx)) != idx.size:
+        raise ValueError(f"{name} must list distinct column indices in [0, {geometry.n}), got {idx.tolist()[:8]}...")
+    return idx
+
+
+class Columnformer(nn.Module):
+    """A sheet of columns in ``geometry``, attention restricted to ``connectivity``.
+
+    Args:
+        cfg: sheet options (:class:`SheetConfig`).
+        geometry: where the columns sit (supplies distances and the wiring normaliser).
+        connectivity: which columns each column reads; default all pairs.
+        input_area: columns where input tokens enter: ``"bottom"`` (layer 0; the whole sheet for a
+            single-layer geometry), ``"all"``, or explicit indices.
+        output_area: columns read by task heads: ``"top"`` (last layer), ``"all"`` or indices.
+
+    Shape: tokens (B, n_in, C) -> output (B, n_out, C), with n_in = len(input area).
+    """
+
+    def __init__(
+        self,
+        cfg: SheetConfig,
+        geometry: Geometry,
+        connectivity: Connectivity | None = None,
+        input_area: Iterable[int] | str = "bottom",
+        output_area: Iterable[int] | str = "top",
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.geometry = geometry
+        self.connectivity = connectivity or Connectivity.dense(geometry)
+        if self.connectivity.n != geometry.n:
+            raise ValueError(f"connectivity has {self.connectivity.n} columns but the geometry has {geometry.n}")
+        n, c = geometry.n, cfg.width
+        self.register_buffer("input_idx", torch.from_numpy(_area(geometry, input_area, "input_area")), persistent=False)
+        self.register_buffer("output_idx", torch.from_numpy(_area(geometry, output_area, "output_area")), persistent=False)
+        w = self.connectivity.dist.double() ** cfg.wiring_p / geometry.mean_distance_power(cfg.wiring_p)
+        self.register_buffer("wiring_weight", w.float(), persistent=False)  # (N, N) or (N, K)
+        # sparse edges travel with the model (and its checkpoints: rewiring changes them)
+        conn = self.connectivity
+        self.register_buffer("edge_index", None if conn.is_dense else conn.index.clone())
+        self.register_buffer("edge_mask", None if conn.is_dense else conn.mask.clone())
+
+        num_blocks = 1 if cfg.recurrent else cfg.steps
+        self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity) for _ in range(num_blocks))
+        self.pos_embed = nn.Parameter(torch.zeros(n, c)) if cfg.pos_embed else None
+        self.time_embed = nn.Parameter(torch.zeros(cfg.steps, c)) if cfg.time_embed else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for emb in (self.pos_embed, self.time_embed):
+            if emb is not None:
+                nn.init.trunc_normal_(emb, std=INIT_STD)
+        if self.cfg.attn_bias == "local":
+            init = local_bias_init(self.connectivity.dist, self.cfg.bias_sigma, self.cfg.bias_min)
+            for block in self.blocks:
+                block.attn.bias.data.copy_(init)
+
+    @property
+    def n(self) -> int:
+        return self.geometry.n
+
+    def forward(self, tokens: torch.Tensor, record: Iterable[str] = ()) -> tuple[torch.Tensor, Trace]:
+        record = frozenset(record)
+        if not record <= set(RECORDABLE):
+            raise ValueError(f"record={sorted(record)}: allowed entries are {RECORDABLE}")
+        B, n_in, C = tokens.shape
+        if n_in != len(self.input_idx) or C != self.cfg.width:
+            raise ValueError(
+                f"tokens have shape {tuple(tokens.shape)} but the sheet expects (B, {len(self.input_idx)}, "
+                f"{self.cfg.width}): one token per input-area column, width {self.cfg.width}"
+            )
+        inp = tokens.transpose(0, 1)  # (n_in, B, C)
+        x = tokens.new_zeros(self.n, B, C).index_add(0, self.input_idx, inp)  # (N, B, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.unsqueeze(1)
+        trace = Trace(
+            attn=[] if "attn" in record else None,
+            features=[] if "features" in record else None,
+            qk=[] if "qk" in record else None,
+        )
+        for t in range(self.cfg.steps):
+            if t > 0 and self.cfg.inject == "every":
+                x = x.index_add(0, self.input_idx, inp)
+            if self.time_embed is not None:
+                x = x + self.time_embed[t]
+            block = self.blocks[0 if self.cfg.recurrent else t]
+            x, stats, qk = block(x, self.wiring_weight, self.edge_index, self.edge_mask, record)
+            trace.wiring.append(stats.wiring)
+            trace.entropy.append(stats.entropy)
+            if trace.attn is not None:
+                trace.attn.append(stats.attn)
+            if trace.features is not None:
+                trace.features.append(x.detach().transpose(0, 1))  # (B, N, C)
+            if trace.qk is not None:
+                trace.qk.append(qk)
+        return x[self.output_idx].transpose(0, 1), trace  # (B, n_out, C)

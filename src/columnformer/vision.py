@@ -1,0 +1,84 @@
+"""Image front end and task heads around a :class:`Columnformer` sheet.
+
+    images (B, C_img, H, W)
+      -> PatchEmbed: conv(patch, stride)         (B, n_in, C)   stride < patch: overlapping patches
+      -> Columnformer sheet                      (B, n_out, C)  tokens enter the input area
+      -> ClassifierHead: avg or spatial pool     (B, num_classes)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .sheet import Columnformer, Trace
+
+
+class PatchEmbed(nn.Module):
+    """Split an image into (possibly overlapping) patches and embed each: (B, C_img, H, W) -> (B, n, C)."""
+
+    def __init__(self, image_size: tuple[int, int], in_chans: int, patch: int, stride: int, dim: int):
+        super().__init__()
+        h, w = image_size
+        if patch > min(h, w) or stride < 1:
+            raise ValueError(f"patch={patch}, stride={stride} do not fit a {h}x{w} image")
+        self.image_size, self.in_chans = (h, w), in_chans
+        self.grid = ((h - patch) // stride + 1, (w - patch) // stride + 1)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=stride)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != self.in_chans or tuple(images.shape[2:]) != self.image_size:
+            raise ValueError(
+                f"images have shape {tuple(images.shape)}, expected (B, {self.in_chans}, "
+                f"{self.image_size[0]}, {self.image_size[1]})"
+            )
+        x = self.proj(images)  # (B, C, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, gh*gw, C)
+
+
+class ClassifierHead(nn.Module):
+    """Pool the output area and classify.
+
+    ``pool="avg"``: mean over output columns, LayerNorm, linear.
+    ``pool="spatial"``: one learned softmax pooling map over the output columns per class,
+    LayerNorm, then each class reads its own pooled vector (per-class spatial pooling).
+    """
+
+    def __init__(self, dim: int, num_classes: int, n_out: int, pool: str = "avg"):
+        super().__init__()
+        if pool not in ("avg", "spatial"):
+            raise ValueError(f"pool must be 'avg' or 'spatial', got {pool!r}")
+        self.pool = pool
+        self.pool_weight = nn.Parameter(torch.randn(num_classes, n_out) * 0.2) if pool == "spatial" else None
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.zeros_(self.fc.bias)
+        nn.init.trunc_normal_(self.fc.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, n_out, C)
+        if self.pool == "avg":
+            return self.fc(self.norm(x.mean(dim=1)))  # (B, K)
+        pooled = self.norm(self.pool_weight.softmax(-1) @ x)  # (B, K, C)
+        return (pooled * self.fc.weight).sum(-1) + self.fc.bias  # (B, K)
+
+
+class VisionColumnformer(nn.Module):
+    """Patch embedding -> Columnformer sheet -> classifier head. ``forward`` returns (logits, trace)."""
+
+    def __init__(self, embed: PatchEmbed, sheet: Columnformer, head: ClassifierHead):
+        super().__init__()
+        if embed.num_patches != len(sheet.input_idx):
+            raise ValueError(
+                f"the image gives {embed.num_patches} patches ({embed.grid[0]}x{embed.grid[1]}) but the sheet's "
+                f"input area has {len(sheet.input_idx)} columns; change patch/stride or the geometry"
+            )
+        self.embed, self.sheet, self.head = embed, sheet, head
+
+    def forward(self, images: torch.Tensor, record=()) -> tuple[torch.Tensor, Trace]:
+        tokens = self.embed(images)  # (B, n_in, C)
+        features, trace = self.sheet(tokens, record=record)  # (B, n_out, C)
+        return self.head(features), trace
