@@ -380,3 +380,16 @@ def critical_distance(n: int, d: int, m: int, r: float | None = None) -> int:
         else:
             break
     return best
+
+
+def critical_distance_optimal_radius(n: int, m: int, r: float | None = None) -> tuple[int, int]:
+    """Radius d (1..n/2) maximising :func:`critical_distance`; returns ``(d, distance)``.
+
+    Ties go to the smallest radius."""
+    check_n_d(n, 0)
+    best = (1, -1)
+    for d in range(1, n // 2 + 1):
+        cd = critical_distance(n, d, m, r)
+        if cd > best[1]:
+            best = (d, cd)
+    return best
