@@ -35,6 +35,7 @@ class HeadBetas:
     layer: str
     max_score: np.ndarray
     fitted: np.ndarray
+    head_dim: int
 
 
 def _as_bhnd(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -89,7 +90,7 @@ def effective_betas(
     cov = ((cos - cm) * (log_w.masked_fill(~mask[:, None, :], 0.0) - lm) * weights).sum(-1)
     var = (((cos - cm) ** 2) * weights).sum(-1)
     fitted = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.full_like(var, float("nan")))
-    return HeadBetas(layer, max_score.numpy(), fitted.numpy())
+    return HeadBetas(layer, max_score.numpy(), fitted.numpy(), int(q4.shape[-1]))
 
 
 def sdm_reference_betas(n: int, m: int, r: float | None = None) -> dict[str, tuple[int, float]]:
@@ -250,6 +251,11 @@ def betas_from_minilm(sentences: Sequence[str] | None = None) -> list[HeadBetas]
         for h in handles:
             h.remove()
     return [
-        HeadBetas(f"layer{i}", np.concatenate([r.max_score for r in rs]), np.concatenate([r.fitted for r in rs]))
+        HeadBetas(
+            f"layer{i}",
+            np.concatenate([r.max_score for r in rs]),
+            np.concatenate([r.fitted for r in rs]),
+            rs[0].head_dim,
+        )
         for i, rs in per_layer.items()
     ]
