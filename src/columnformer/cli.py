@@ -1,0 +1,153 @@
+"""`columnformer` command line: train, resume, eval, presets (and the sub-commands of other modules).
+
+Every sub-command has ``--help``. Errors in configs, checkpoints or data print one clear line
+and exit non-zero; set COLUMNFORMER_DEBUG=1 for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    dist = _maybe_distributed(cfg)
+    summary = train(cfg, overwrite=args.overwrite, dist=dist)
+    _print_summary(summary, dist)
+    return 0
+
+
+def _cmd_resume(args) -> int:
+    from .config import load_config  # noqa: F401  (validates the stored config on read)
+    from .run import read_run_config
+    from .train import resume
+
+    cfg = read_run_config(args.run_dir)
+    dist = _maybe_distributed(cfg)
+    summary = resume(args.run_dir, dist=dist)
+    _print_summary(summary, dist)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from torch.utils.data import DataLoader
+
+    from .data import build_datasets
+    from .run import load_run
+    from .train import evaluate
+
+    run = load_run(args.run_dir, checkpoint=args.checkpoint)
+    cfg = run.config
+    sets = build_datasets(cfg.data, cfg.model, seed=cfg.train.seed)
+    if args.split not in sets:
+        raise ValueError(f"split {args.split!r} not in this dataset; available: {', '.join(sets)}")
+    loader = DataLoader(sets[args.split], batch_size=cfg.train.eval_batch_size)
+    result = evaluate(run.model, loader, "cpu")
+    result = {"run": str(run.path), "checkpoint": run.checkpoint, "split": args.split, **result}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from .presets import PRESETS, build_model, count_parameters
+
+    print(f"{'preset':<24}{'parameters':>14}  {'columns':>8}  geometry")
+    for name in PRESETS:
+        model = build_model(name)
+        sheet = model.sheet
+        print(f"{name:<24}{count_parameters(model):>14,}  {sheet.n:>8}  {sheet.geometry.name}")
+    return 0
+
+
+def _print_summary(summary: dict, dist) -> None:
+    if dist is None or dist.rank == 0:
+        keys = ("name", "num_params", "steps", "best_val_acc", "test_acc", "wall_time_s", "train_samples_per_s", "baseline")
+        print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+
+
+def _maybe_distributed(cfg):
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE set), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from .distributed import init_distributed
+
+    return init_distributed(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="columnformer",
+        description="Brain-inspired transformers: train, evaluate and analyse Columnformer sheets.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="train a model; writes runs/<name>/",
+        description="Train a model from a YAML config with key=value overrides (dotted keys), e.g. "
+        "`columnformer train --config configs/digits.yaml train.epochs=5 model.sheet.steps=6`. "
+        "Writes runs/<name>/: config.yaml, provenance.json, metrics.jsonl, summary.json, checkpoints/, figures/.",
+    )
+    p.add_argument("--config", help="YAML config file (see configs/); omitted: library defaults")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. preset=digits-vit train.seed=1")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "resume", help="continue a stopped run exactly where it stopped",
+        description="Resume RUN_DIR from checkpoints/last.pt with its stored config; the result equals an uninterrupted run.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("eval", help="evaluate a run on a split", description="Evaluate a run's checkpoint on a data split; prints JSON.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--split", default="test", help="data split (default: test)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint (default: best)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("presets", help="list model presets with parameter counts", description="List named model presets, their parameter counts and geometries.")
+    p.set_defaults(func=_cmd_presets)
+
+    for module in _EXTENSIONS:
+        __import__(f"columnformer.{module}", fromlist=["register"]).register(sub)
+    return parser
+
+
+# Modules that add their own sub-commands through ``register(subparsers)``.
+_EXTENSIONS: tuple[str, ...] = ()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .train import RunExistsError, TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        if os.environ.get("COLUMNFORMER_DEBUG"):
+            raise
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrainingDiverged as exc:
+        print(f"training stopped: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (CheckpointError, RunExistsError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("COLUMNFORMER_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Run directories: layout, provenance, the metrics log, and ``load_run`` for notebooks.
+
+    runs/<name>/
+      config.yaml        the resolved config (re-loadable with --config)
+      provenance.json    git commit (+ dirty flag), package versions, hardware, command, schema versions
+      metrics.jsonl      one JSON line per log step ("type": "step") and per epoch ("type": "epoch")
+      summary.json       final metrics, parameter count, wall time, throughput, baseline
+      checkpoints/last.pt, checkpoints/best.pt
+      figures/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .checkpoint import CHECKPOINT_SCHEMA_VERSION, CheckpointError, load_checkpoint, load_model_state
+from .config import CONFIG_SCHEMA_VERSION, ConfigError, RunConfig, load_config
+
+PACKAGES = ("columnformer", "torch", "numpy", "scipy", "scikit-learn", "pydantic", "matplotlib")
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """Where a run came from: code version, packages, hardware and the exact command."""
+    src = Path(__file__).resolve().parent
+    commit = _git(["rev-parse", "HEAD"], src)
+    status = _git(["status", "--porcelain", "--untracked-files=no"], src) if commit else None
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    hardware = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+        "packages": versions,
+        "python": sys.version.split()[0],
+        "hardware": hardware,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "config_schema_version": CONFIG_SCHEMA_VERSION,
+        "checkpoint_schema_version": CHECKPOINT_SCHEMA_VERSION,
+    }
+
+
+class MetricsLog:
+    """Append-only JSON-lines log that can be cut back to a checkpoint's line count on resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def count(self) -> int:
+        if not self.path.exists():
+            return 0
+        with open(self.path) as f:
+            return sum(1 for _ in f)
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first ``lines`` lines (those logged before the checkpoint being resumed)."""
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            kept = f.readlines()[:lines]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class Run:
+    """A run directory loaded for analysis: model (eval mode, on CPU), config, metrics, summary."""
+
+    path: Path
+    config: RunConfig
+    model: torch.nn.Module
+    metrics: list[dict]
+    summary: dict | None
+    checkpoint: str
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory (no config.yaml); pass runs/<name>")
+    return load_config(cfg_path)
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
+    """Load a run directory: the model with its ``best`` (or ``last``) weights, config and metrics."""
+    from .presets import build_model
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt_path.exists() and checkpoint == "best":
+        ckpt_path = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt_path)
+    model = build_model(cfg.model)
+    load_model_state(model, state["model"], source=str(ckpt_path))
+    model.eval()
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return Run(run_dir, cfg, model, MetricsLog(run_dir / "metrics.jsonl").read(), summary, ckpt_path.stem)
+
+
+def write_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+__all__ = ["CheckpointError", "MetricsLog", "Run", "load_run", "provenance", "read_run_config", "write_config"]

@@ -1,0 +1,403 @@
+"""The training loop: one process (or one rank of ``torchrun``), checkpoints that survive.
+
+    train(cfg)            new run in cfg.out_dir/cfg.name
+    train(cfg, resume=True) continue from checkpoints/last.pt exactly where it stopped
+
+Loss = cross-entropy + wiring_lambda * wiring cost (both logged). AdamW without weight decay on
+biases, norms, embeddings and attention biases; linear warm-up then cosine decay; gradient
+clipping and accumulation. Data order and augmentation are keyed by (seed, epoch, index), and the
+checkpoint stores the position inside the epoch, so a resumed run replays exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from .config import RunConfig
+from .data import EpochSampler, build_datasets
+from .presets import build_model, count_parameters
+from .run import MetricsLog, provenance, write_config
+
+NO_DECAY_KEYWORDS = ("bias", "norm", "embed", "pool_weight")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunExistsError(FileExistsError):
+    """A run directory with checkpoints already exists and would be overwritten."""
+
+
+# ------------------------------------------------------------------ building blocks
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only; none on biases, norms, embeddings and attention biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if any(k in name for k in NO_DECAY_KEYWORDS) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
+    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to ``min_lr_frac``."""
+    warmup = max(1, int(round(total_steps * warmup_frac))) if warmup_frac > 0 else 0
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision: str = "fp32") -> dict[str, float]:
+    """Loss, accuracy, wiring cost and attention entropy over a loader."""
+    model.eval()
+    totals = {"loss": 0.0, "correct": 0, "wiring_cost": 0.0, "attn_entropy": 0.0, "n": 0}
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast_context(precision, device):
+            logits, trace = model(images)
+        b = len(labels)
+        totals["loss"] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        totals["correct"] += (logits.argmax(-1) == labels).sum().item()
+        totals["wiring_cost"] += trace.wiring_cost.item() * b
+        totals["attn_entropy"] += trace.attn_entropy.item() * b
+        totals["n"] += b
+    model.train()
+    n = max(1, totals["n"])
+    return {
+        "loss": totals["loss"] / n,
+        "acc": totals["correct"] / n,
+        "wiring_cost": totals["wiring_cost"] / n,
+        "attn_entropy": totals["attn_entropy"] / n,
+        "n": totals["n"],
+    }
+
+
+def logistic_regression_baseline(sets) -> dict[str, float] | None:
+    """Multinomial logistic regression on flattened pixels of the same split (for small in-memory sets)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if not all(hasattr(sets[s], "images") for s in ("train", "test")):
+        return None
+    x_tr = sets["train"].images.flatten(1).numpy()
+    x_te = sets["test"].images.flatten(1).numpy()
+    clf = LogisticRegression(max_iter=5000, C=1.0)
+    clf.fit(x_tr, sets["train"].labels.numpy())
+    return {"logreg_test_acc": float(clf.score(x_te, sets["test"].labels.numpy()))}
+
+
+# ------------------------------------------------------------------ the loop
+class Trainer:
+    """Holds the state of one run; ``fit()`` trains, evaluates and writes the run directory."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, dist=None):
+        self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist
+        self.is_main = dist is None or dist.rank == 0
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = resolve_device(tc.device) if dist is None else dist.device
+        seed_everything(tc.seed)
+        self.sets = build_datasets(cfg.data, cfg.model, seed=tc.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.num_params = count_parameters(self.model)
+        rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
+        if tc.batch_size % world:
+            raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the world size {world}")
+        self.local_batch = tc.batch_size // world
+        self.sampler = EpochSampler(len(self.sets["train"]), shuffle=True, seed=tc.seed, rank=rank, world_size=world)
+        self.steps_per_epoch = math.ceil(len(self.sampler) / self.local_batch) // cfg.optim.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError("the training set is smaller than one optimizer step; lower train.batch_size or optim.accum_steps")
+        self.total_steps = self.steps_per_epoch * tc.epochs
+        if tc.max_steps:
+            self.total_steps = min(self.total_steps, tc.max_steps)
+        self.train_module = self.model if dist is None else dist.wrap(self.model)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_frac)
+        )
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best_acc, self.train_time = -1.0, 0.0
+        if resume:
+            self._restore(self.ckpt_dir / "last.pt")
+        elif self.is_main:
+            self._create_run_dir()
+
+    # -------------------------------------------------------------- run directory
+    def _create_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(self.cfg, self.run_dir / "config.yaml")
+        (self.run_dir / "provenance.json").write_text(
+            json.dumps({**provenance(), "num_params": self.num_params}, indent=2)
+        )
+        self.metrics.path.write_text("")
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "best_acc": self.best_acc,
+            "train_time": self.train_time,
+            "metrics_lines": self.metrics.count(),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def save(self, name: str) -> None:
+        if self.is_main:
+            save_checkpoint(self._state(), self.ckpt_dir / f"{name}.pt")
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state.get("config", {}).get("model") != self.cfg.model_dump(mode="json")["model"]:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written for a different model config than {self.run_dir}/config.yaml; "
+                "restore the original config.yaml or start a new run"
+            )
+        load_model_state(self.model, state["model"], source=str(path))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimizer/scheduler state in {str(path)!r} does not match: {exc}") from None
+        torch.set_rng_state(state["rng"]["torch"])
+        pos = state["position"]
+        self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+        self.best_acc, self.train_time = state["best_acc"], state["train_time"]
+        if self.is_main:
+            self.metrics.truncate(state["metrics_lines"])
+
+    # -------------------------------------------------------------- training
+    def _loader(self, split: str, sampler=None, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(
+            self.sets[split],
+            batch_size=batch_size or self.cfg.train.eval_batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.cfg.data.num_workers,
+            persistent_workers=False,
+        )
+
+    def _log(self, record: dict) -> None:
+        if self.is_main:
+            self.metrics.write(record)
+
+    def _eval_split(self, split: str) -> dict[str, float]:
+        loader = self._loader(split)
+        return evaluate(self.model, loader, self.device, self.cfg.train.precision)
+
+    def train_epoch(self) -> bool:
+        """Train from the current position to the end of the epoch; False when max_steps stopped it."""
+        cfg, tc = self.cfg, self.cfg.train
+        accum = cfg.optim.accum_steps
+        self.sets["train"].set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.local_batch * accum)
+        loader = self._loader("train", sampler=self.sampler, batch_size=self.local_batch)
+        batches = iter(loader)
+        window = {"loss": 0.0, "task_loss": 0.0, "wiring_cost": 0.0, "attn_entropy": 0.0, "correct": 0, "n": 0, "time": 0.0}
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
+            disable=not (tc.progress and self.is_main), leave=False, file=sys.stderr, dynamic_ncols=True,
+        )
+        self.model.train()
+        while self.batch_in_epoch < self.steps_per_epoch:
+            if self.step >= self.total_steps:
+                bar.close()
+                return False
+            t0 = time.perf_counter()
+            for micro in range(accum):
+                images, labels = next(batches)
+                images, labels = images.to(self.device), labels.to(self.device)
+                sync = self.dist.no_sync(self.train_module) if (self.dist and micro < accum - 1) else nullcontext()
+                with sync:
+                    with autocast_context(tc.precision, self.device):
+                        logits, trace = self.train_module(images)
+                    task_loss = F.cross_entropy(logits.float(), labels)
+                    wiring = trace.wiring_cost.float()
+                    loss = task_loss + tc.wiring_lambda * wiring
+                    if not torch.isfinite(loss):
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"non-finite loss ({loss.item()}) at step {self.step} (epoch {self.epoch + 1}); "
+                            f"the last good checkpoint is kept in {self.ckpt_dir}. Lower optim.lr, enable "
+                            "optim.grad_clip, or use train.precision=fp32"
+                        )
+                    (loss / accum).backward()
+                b = len(labels)
+                window["loss"] += loss.item() * b
+                window["task_loss"] += task_loss.item() * b
+                window["wiring_cost"] += wiring.item() * b
+                window["attn_entropy"] += trace.attn_entropy.item() * b
+                window["correct"] += (logits.argmax(-1) == labels).sum().item()
+                window["n"] += b
+            grad_norm = None
+            if cfg.optim.grad_clip:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                bar.close()
+                raise TrainingDiverged(
+                    f"non-finite gradient norm at step {self.step}; the last good checkpoint is kept in {self.ckpt_dir}"
+                )
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.batch_in_epoch += 1
+            dt = time.perf_counter() - t0
+            self.train_time += dt
+            window["time"] += dt
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                n = max(1, window["n"])
+                world = 1 if self.dist is None else self.dist.world_size
+                record = {
+                    "type": "step", "step": self.step, "epoch": self.epoch + 1,
+                    "loss": window["loss"] / n, "task_loss": window["task_loss"] / n,
+                    "wiring_cost": window["wiring_cost"] / n, "attn_entropy": window["attn_entropy"] / n,
+                    "acc": window["correct"] / n, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "samples_per_s": n * world / max(window["time"], 1e-9),
+                }
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+                window = {k: 0 for k in window}
+            if self.step % tc.ckpt_every == 0 and self.batch_in_epoch < self.steps_per_epoch:
+                self.save("last")
+        bar.close()
+        return True
+
+    def fit(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        wall0 = time.perf_counter()
+        while self.epoch < tc.epochs and self.step < self.total_steps:
+            finished = self.train_epoch()
+            if not finished:
+                break
+            val = self._eval_split("val")
+            self._log({"type": "epoch", "epoch": self.epoch + 1, "step": self.step, **{f"val_{k}": v for k, v in val.items()}})
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            if val["acc"] > self.best_acc:
+                self.best_acc = val["acc"]
+                self.save("best")
+            self.save("last")
+        return self.finish(time.perf_counter() - wall0)
+
+    def finish(self, wall_time: float) -> dict[str, Any]:
+        """Evaluate the final and the best-on-val model on the test split; write summary.json and figures."""
+        self.save("last")
+        final_test = self._eval_split("test")
+        best_path = self.ckpt_dir / "best.pt"
+        best_test = final_test
+        if best_path.exists():
+            load_model_state(self.model, load_checkpoint(best_path)["model"], source=str(best_path))
+            best_test = self._eval_split("test")
+        trained = self.step * self.cfg.train.batch_size * self.cfg.optim.accum_steps
+        summary = {
+            "name": self.cfg.name,
+            "preset": self.cfg.preset,
+            "num_params": self.num_params,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "best_val_acc": self.best_acc,
+            "test_acc": best_test["acc"],
+            "test_loss": best_test["loss"],
+            "test_wiring_cost": best_test["wiring_cost"],
+            "test_attn_entropy": best_test["attn_entropy"],
+            "final_test_acc": final_test["acc"],
+            "train_time_s": self.train_time,
+            "wall_time_s": wall_time,
+            "train_samples_per_s": trained / max(self.train_time, 1e-9),
+        }
+        if self.is_main:
+            if self.cfg.data.name == "digits":
+                summary["baseline"] = logistic_regression_baseline(self.sets)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            try:
+                from .figures import run_figures
+
+                run_figures(self.run_dir, self.model, self._loader("val"), self.device)
+            except Exception as exc:  # figures must never lose a finished run
+                print(f"warning: figures could not be written: {exc}", file=sys.stderr)
+        return summary
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def train(cfg: RunConfig, overwrite: bool = False, dist=None) -> dict[str, Any]:
+    """Start a new run in ``out_dir/name`` and train it to the end."""
+    run_dir = run_dir_for(cfg)
+    if (run_dir / "checkpoints").exists() and (dist is None or dist.rank == 0):
+        if not overwrite:
+            raise RunExistsError(
+                f"run directory {str(run_dir)!r} already holds a run; resume it with `columnformer resume {run_dir}`, "
+                "pick another name (name=...), or pass --overwrite"
+            )
+        shutil.rmtree(run_dir)
+    if dist is not None:
+        dist.barrier()
+    return Trainer(cfg, run_dir, dist=dist).fit()
+
+
+def resume(run_dir: str | Path, dist=None) -> dict[str, Any]:
+    """Continue a run from ``checkpoints/last.pt`` with the config stored in the run directory."""
+    from .run import read_run_config
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    trainer = Trainer(cfg, run_dir, resume=True, dist=dist)
+    if trainer.epoch >= cfg.train.epochs or trainer.step >= trainer.total_steps:
+        return trainer.finish(0.0)
+    return trainer.fit()
