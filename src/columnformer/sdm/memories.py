@@ -74,7 +74,8 @@ def perturb_to_cosine(patterns: torch.Tensor, cosine: float, seed: int = 0) -> t
     if not -1.0 <= cosine <= 1.0:
         raise ValueError(f"target cosine must be in [-1, 1], got {cosine}")
     x = patterns / patterns.norm(dim=1, keepdim=True)
-    gen = torch.Generator().manual_seed(seed)
+    # offset the stream so the noise never equals patterns drawn with the same seed
+    gen = torch.Generator().manual_seed(seed + 0x5EED_0FF5E7)
     noise = torch.randn(x.shape, generator=gen)
     noise = noise - (noise * x).sum(1, keepdim=True) * x
     noise = noise / noise.norm(dim=1, keepdim=True)
