@@ -199,6 +199,8 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
     from .presets import get_preset
 
     raw = copy.deepcopy(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError("a config file must hold a mapping of sections (model, data, optim, train)")
     for item in overrides:
         path, value = parse_override(item)
         node = raw
@@ -207,8 +209,6 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{p}' is not a section")
         node[path[-1]] = value
-    if not isinstance(raw, dict):
-        raise ConfigError("a config file must hold a mapping of sections (model, data, optim, train)")
     preset = raw.get("preset")
     if preset is not None:
         raw["model"] = deep_merge(get_preset(preset), raw.get("model") or {})
