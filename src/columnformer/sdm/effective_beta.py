@@ -100,7 +100,11 @@ def sdm_reference_betas(n: int, m: int, r: float | None = None) -> dict[str, tup
         "capacity_optimal": theory.capacity_optimal_radius(n, r)[0],
         "critical_distance_optimal": theory.critical_distance_optimal_radius(n, m, r)[0],
     }
-    return {name: (d, theory.fit_beta(n, max(d, 2))) for name, d in refs.items()}
+    # radius 1 has only dv = 0 inside it, so fit over dv = 0, 1 there; radius 0 has no slope
+    return {
+        name: (d, theory.fit_beta(n, d, dvs=list(range(max(d, 2)))) if d >= 1 else float("nan"))
+        for name, d in refs.items()
+    }
 
 
 # --------------------------------------------------------------------------- reports
