@@ -131,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .train import RunExistsError, TrainingDiverged
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may come after options (`train --overwrite a.b=1`); anything else is an error
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
