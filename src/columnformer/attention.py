@@ -15,13 +15,17 @@ attention map is kept unless ``record_attn`` asks for it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import linear
+from .layers import UntiedLinear, linear, untied_linear_fused
+
+
+_NULL = contextlib.nullcontext()
 
 
 @dataclass
@@ -33,7 +37,7 @@ class AttentionStats:
     attn: torch.Tensor | None = None  # (B, H, N, N) dense or (B, H, N, K) sparse
 
 
-def dense_attention(
+def dense_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -42,11 +46,7 @@ def dense_attention(
     edge_mask: torch.Tensor | None = None,
     record_attn: bool = False,
 ) -> tuple[torch.Tensor, AttentionStats]:
-    """All-pairs attention. q, k: (N, B, H, d); v: (N, B, H, dv); bias, wiring_weight: (N, N).
-
-    ``edge_mask`` (N, N) bool, optional, restricts each query to the listed keys (used to check the
-    sparse kernel against dense attention on the same edges). Returns (N, B, H, dv) and stats.
-    """
+    """The dense math written plainly with autograd (the specification the fast kernel is tested against)."""
     scale = q.shape[-1] ** -0.5
     qh = q.permute(1, 2, 0, 3)  # (B, H, N, d)
     kh = k.permute(1, 2, 3, 0)  # (B, H, d, N)
@@ -62,6 +62,123 @@ def dense_attention(
     with torch.no_grad():
         entropy = -torch.special.xlogy(attn, attn).sum(-1).mean()
     return out, AttentionStats(wiring, entropy, attn.detach() if record_attn else None)
+
+
+def _to_bhn(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, B, H, d) -> contiguous (B*H, N, d) in ``dtype`` (one copy, cast included)."""
+    N, B, H, d = x.shape
+    out = torch.empty(B, H, N, d, dtype=dtype, device=x.device)
+    out.copy_(x.permute(1, 2, 0, 3))
+    return out.view(B * H, N, d)
+
+
+class _DenseAttention(torch.autograd.Function):
+    """Fused dense attention with the wiring cost and entropy reduced inside the kernel.
+
+    Forward: S = scale * Q K^T + bias (one baddbmm), A = softmax(S), O = A V,
+    wiring = sum_{q,k} W[q,k] * sum_{b,h} A[b,h,q,k] / (B*H*N), entropy = -sum A log A / (B*H*N).
+    Backward: the softmax backward with the wiring gradient folded into dA (no extra (B,H,N,N) maps).
+    Under autocast the three GEMMs run in the autocast dtype; scores, softmax and the statistics in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, wiring_weight, gemm_dtype):
+        N, B, H, d = q.shape
+        dv = v.shape[-1]
+        scale = d**-0.5
+        acc = torch.promote_types(wiring_weight.dtype, q.dtype)  # fp32 (or fp64) statistics
+        qh, kh, vh = _to_bhn(q, gemm_dtype), _to_bhn(k, gemm_dtype), _to_bhn(v, gemm_dtype)
+        if gemm_dtype == acc:
+            if bias is not None:
+                scores = torch.baddbmm(bias.to(acc).expand(B * H, N, N), qh, kh.transpose(1, 2), alpha=scale)
+            else:
+                scores = torch.bmm(qh * scale, kh.transpose(1, 2))
+        else:  # low-precision GEMM, fp32 scores (as autocast: bf16 matmul, then + fp32 bias)
+            scores = torch.bmm(qh * scale, kh.transpose(1, 2))
+            scores = scores.to(acc) if bias is None else torch.add(scores, bias.to(acc))
+        log_attn = torch.log_softmax(scores, dim=-1)  # (BH, N, N)
+        del scores
+        attn = log_attn.exp()
+        denom = B * H * N
+        entropy = -torch.vdot(attn.view(-1), log_attn.view(-1)) / denom
+        del log_attn
+        w = wiring_weight.to(acc)
+        wiring = torch.dot(attn.view(B * H, N * N).sum(0), w.reshape(-1)) / denom
+        attn_g = attn if gemm_dtype == acc else attn.to(gemm_dtype)
+        out = torch.bmm(attn_g, vh)  # (BH, N, dv)
+        ctx.save_for_backward(qh, kh, vh, attn, attn_g, w)
+        ctx.meta = (N, B, H, d, dv, scale, q.dtype, k.dtype, v.dtype, bias is not None)
+        ctx.mark_non_differentiable(entropy, attn)
+        out = out.view(B, H, N, dv).permute(2, 0, 1, 3)  # (N, B, H, dv)
+        return out, wiring, entropy, attn.view(B, H, N, N)
+
+    @staticmethod
+    def backward(ctx, d_out, d_wiring, _d_entropy, _d_attn):
+        qh, kh, vh, attn, attn_g, w = ctx.saved_tensors
+        N, B, H, d, dv, scale, q_dtype, k_dtype, v_dtype, has_bias = ctx.meta
+        gd = qh.dtype
+        dq = dk = dvv = dbias = None
+        if d_out is not None:
+            do = _to_bhn(d_out, gd)  # (BH, N, dv)
+            d_attn = torch.bmm(do, vh.transpose(1, 2))  # (BH, N, N)
+            if ctx.needs_input_grad[2]:
+                dvv = torch.bmm(attn_g.transpose(1, 2), do)
+        else:
+            d_attn = torch.zeros_like(attn)
+        if d_wiring is not None:
+            c = d_wiring / (B * H * N)
+            if d_attn.dtype == attn.dtype:
+                d_attn.add_(w * c)
+            else:
+                d_attn = torch.add(d_attn, w * c)
+        elif d_attn.dtype != attn.dtype:
+            d_attn = d_attn.to(attn.dtype)
+        d_scores = torch._softmax_backward_data(d_attn, attn, -1, attn.dtype)  # A * (dA - sum(A dA))
+        del d_attn
+        if has_bias and ctx.needs_input_grad[3]:
+            dbias = d_scores.sum(0)
+        d_scores = d_scores.to(gd)
+        if ctx.needs_input_grad[0]:
+            dq = torch.bmm(d_scores, kh).mul_(scale)
+            dq = dq.view(B, H, N, d).permute(2, 0, 1, 3).to(q_dtype)
+        if ctx.needs_input_grad[1]:
+            dk = torch.bmm(d_scores.transpose(1, 2), qh).mul_(scale)
+            dk = dk.view(B, H, N, d).permute(2, 0, 1, 3).to(k_dtype)
+        if dvv is not None:
+            dvv = dvv.view(B, H, N, dv).permute(2, 0, 1, 3).to(v_dtype)
+        return dq, dk, dvv, dbias, None, None
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    wiring_weight: torch.Tensor,
+    edge_mask: torch.Tensor | None = None,
+    record_attn: bool = False,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """All-pairs attention. q, k: (N, B, H, d); v: (N, B, H, dv); bias, wiring_weight: (N, N).
+
+    ``edge_mask`` (N, N) bool, optional, restricts each query to the listed keys (used to check the
+    sparse kernel against dense attention on the same edges). Returns (N, B, H, dv) and stats.
+    Without a mask this runs the fused kernel ``_DenseAttention`` (same math as
+    :func:`dense_attention_reference`, fewer passes over the (B, H, N, N) maps).
+    """
+    if edge_mask is not None or wiring_weight.requires_grad:
+        return dense_attention_reference(q, k, v, bias, wiring_weight, edge_mask, record_attn)
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        gemm_dtype = torch.get_autocast_dtype(dev)
+    else:
+        gemm_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        if bias is not None:
+            gemm_dtype = torch.promote_types(gemm_dtype, bias.dtype)
+    prof = torch.autograd._profiler_enabled()
+    with torch.autograd.profiler.record_function("cf::attention") if prof else _NULL:
+        with torch.autocast(dev, enabled=False):
+            out, wiring, entropy, attn = _DenseAttention.apply(q, k, v, bias, wiring_weight, gemm_dtype)
+    return out, AttentionStats(wiring, entropy.detach(), attn.detach() if record_attn else None)
 
 
 def attention(
@@ -135,8 +252,12 @@ class ColumnAttention(nn.Module):
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
         N, B, C = x.shape
         H = self.heads
-        q = self.q(x).view(N, B, H, self.qk_dim)  # (N, B, H, d)
-        k = self.k(x).view(N, B, H, self.qk_dim)  # (N, B, H, d)
+        if isinstance(self.q, UntiedLinear) and isinstance(self.k, UntiedLinear):
+            q, k = untied_linear_fused(x, [self.q, self.k])  # one batched matmul inside a session
+        else:
+            q, k = self.q(x), self.k(x)
+        q = q.view(N, B, H, self.qk_dim)  # (N, B, H, d)
+        k = k.view(N, B, H, self.qk_dim)  # (N, B, H, d)
         v = (self.v(x) if self.v is not None else x).view(N, B, H, C // H)  # (N, B, H, C/H)
         out, stats = attention(q, k, v, self.bias, wiring_weight, edge_index, edge_mask, record_attn)
         out = out.reshape(N, B, C)  # (N, B, C)

@@ -3,15 +3,158 @@
 Activations use the column-major layout ``(N, B, C)`` so an untied linear layer is one
 batched matmul (``baddbmm``) over the N columns, never a Python loop. The tied versions
 (plain ``nn.Linear`` / ``nn.LayerNorm``) act on the same layout, so a block can mix them.
+
+Fast path for unrolled sheets (``untied_session``). A recurrent sheet applies the same untied
+layer T times; plain autograd then computes T weight gradients with M = B rows each. Inside an
+``untied_session`` (entered by ``Columnformer.forward``) every untied layer's weight passes once
+through a *tap* (an identity autograd node, which also casts it once to the autocast dtype and
+concatenates layers that read the same input, e.g. query and key), and each use returns only its
+input gradient, stashing ``(x_t, g_t)``. The tap's backward, which autograd runs after every use's
+backward, computes ``dW = X^T G`` for all steps in one batched matmul with M = T*B rows. The math
+is unchanged: ``sum_t x_t^T g_t``, only summed inside one GEMM.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 INIT_STD = 0.02
+
+_LOCAL = threading.local()
+
+
+class _Session:
+    """Per-forward cache of tapped (cast / concatenated) weights of untied layers."""
+
+    def __init__(self) -> None:
+        self.taps: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None, list]] = {}
+
+
+@contextlib.contextmanager
+def untied_session():
+    """Within this context every untied layer defers its weight gradient to one batched GEMM.
+
+    Enter it once per forward pass of a model that reuses its untied layers (the sheet does).
+    Nesting reuses the outer session.
+    """
+    if getattr(_LOCAL, "session", None) is not None:
+        yield _LOCAL.session
+        return
+    _LOCAL.session = _Session()
+    try:
+        yield _LOCAL.session
+    finally:
+        _LOCAL.session = None
+
+
+def _compute_dtype(ref: torch.Tensor) -> torch.dtype:
+    dev = ref.device.type
+    if torch.is_autocast_enabled(dev) and ref.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return ref.dtype
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the (concatenated, cast) weights; its backward sums all stashed uses at once."""
+
+    @staticmethod
+    def forward(ctx, stash, dtype, splits, n_w, *params):
+        ctx.set_materialize_grads(False)
+        ctx.stash, ctx.splits, ctx.n_w = stash, splits, n_w
+        ctx.w_dtypes = [p.dtype for p in params]
+        weights, biases = params[:n_w], params[n_w:]
+        w = weights[0].to(dtype) if n_w == 1 else torch.cat([p.to(dtype) for p in weights], dim=-1)
+        if w is weights[0]:
+            w = w.view_as(w)  # a custom Function must not return an input as is
+        if biases:
+            b = biases[0].to(dtype) if n_w == 1 else torch.cat([p.to(dtype) for p in biases], dim=-1)
+            if b is biases[0]:
+                b = b.view_as(b)
+        else:
+            b = None
+        return w, b
+
+    @staticmethod
+    def backward(ctx, gw, gb):
+        tid = torch._C._current_graph_task_id()
+        mine = [(x, g) for (t, x, g) in ctx.stash if t == tid]
+        ctx.stash.clear()
+        n_w, splits = ctx.n_w, ctx.splits
+        n_b = len(ctx.w_dtypes) - n_w
+        if not mine:
+            return (None, None, None, None) + (None,) * (n_w + n_b)
+        if len(mine) == 1:
+            x, g = mine[0]
+        else:  # all uses in one GEMM: M = (number of uses) * B
+            x = torch.cat([x for x, _ in mine], dim=1)
+            g = torch.cat([g for _, g in mine], dim=1)
+        dw = torch.bmm(x.transpose(1, 2), g)  # (N, in, out_total)
+        if gw is not None:  # direct use of the tapped weight elsewhere (not done by the library)
+            dw = dw + gw
+        dws = dw.split(splits, dim=-1) if n_w > 1 else (dw,)
+        grads = [d.to(t) for d, t in zip(dws, ctx.w_dtypes[:n_w])]
+        if n_b:
+            db = g.sum(1, dtype=torch.promote_types(g.dtype, torch.float32))
+            if gb is not None:
+                db = db + gb
+            dbs = db.split(splits, dim=-1) if n_w > 1 else (db,)
+            grads += [d.to(t) for d, t in zip(dbs, ctx.w_dtypes[n_w:])]
+        return (None, None, None, None) + tuple(grads)
+
+
+class _UntiedUse(torch.autograd.Function):
+    """``y = x @ W + b`` per column; backward returns dX now and stashes (x, dY) for the tap."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stash):
+        x = x.to(w.dtype)
+        y = torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+        ctx.stash = stash
+        ctx.save_for_backward(x, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ctx.stash.append((torch._C._current_graph_task_id(), x, g))
+        dx = torch.bmm(g, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None
+
+
+def untied_linear_fused(x: torch.Tensor, layers: list["UntiedLinear"]) -> list[torch.Tensor]:
+    """Apply several untied linears to the same input x (N, B, in); one matmul inside a session.
+
+    Returns one (N, B, out_i) tensor per layer (views of one result when fused). Outside an
+    ``untied_session`` this is just ``[layer(x) for layer in layers]``.
+    """
+    session = getattr(_LOCAL, "session", None)
+    has_bias = {layer.bias is not None for layer in layers}
+    if session is None or len(has_bias) > 1:
+        return [layer(x) for layer in layers]
+    for layer in layers:
+        layer._check(x)
+    key = tuple(id(layer) for layer in layers)
+    if key not in session.taps:
+        stash: list = []
+        params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if True in has_bias else [])
+        splits = [layer.out_features for layer in layers]
+        w, b = _Tap.apply(stash, _compute_dtype(layers[0].weight), splits, len(layers), *params)
+        session.taps[key] = (w, b, stash)
+    w, b, stash = session.taps[key]
+    if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+        y = _UntiedUse.apply(x, w, b, stash)
+    else:
+        x = x.to(w.dtype)
+        y = torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+    if len(layers) == 1:
+        return [y]
+    return list(y.split([layer.out_features for layer in layers], dim=-1))
 
 
 class UntiedLinear(nn.Module):
@@ -33,11 +176,16 @@ class UntiedLinear(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if x.shape[0] != self.n or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"UntiedLinear expects input (N={self.n}, B, {self.in_features}), got {tuple(x.shape)}"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(_LOCAL, "session", None) is not None:
+            return untied_linear_fused(x, [self])[0]
+        self._check(x)
         if self.bias is None:
             return torch.bmm(x, self.weight)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)  # (N, B, out)

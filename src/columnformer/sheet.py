@@ -24,7 +24,7 @@ from torch import nn
 from .attention import AttentionStats, ColumnAttention, local_bias_init
 from .connectivity import Connectivity
 from .geometry import Geometry
-from .layers import INIT_STD, Mlp, layer_norm
+from .layers import INIT_STD, Mlp, layer_norm, untied_session
 
 RECORDABLE = ("attn", "features", "qk")
 
@@ -193,6 +193,12 @@ class Columnformer(nn.Module):
         return self.geometry.n
 
     def forward(self, tokens: torch.Tensor, record: Iterable[str] = ()) -> tuple[torch.Tensor, Trace]:
+        # one session per forward: untied weights are tapped (cast, fused) once and their
+        # gradients over all steps are computed in one batched matmul (see layers.py)
+        with untied_session():
+            return self._forward(tokens, record)
+
+    def _forward(self, tokens: torch.Tensor, record: Iterable[str]) -> tuple[torch.Tensor, Trace]:
         record = frozenset(record)
         if not record <= set(RECORDABLE):
             raise ValueError(f"record={sorted(record)}: allowed entries are {RECORDABLE}")
