@@ -200,23 +200,30 @@ def plot(result: RecallResult, path: Path, n: int) -> None:
     cols = min(4, max(1, len(radii)))
     rows_n = math.ceil(len(radii) / cols) if radii else 1
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False, sharey=True)
-    styles = {a: s for a, s in zip(ALGORITHMS, ["o-", "s-", "^-", "x-", "k--", "k:"])}
+    styles = dict(zip(ALGORITHMS, ["o-", "s-", "^-", "x-", "--", ":"]))
+    colors = dict(zip(ALGORITHMS, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:gray", "black"]))
     for ax, d in zip(axes.flat, radii):
         for algo in ALGORITHMS:
             pts = [r for r in result.rows if r["algorithm"] == algo and (r["d"] == d or (algo in RADIUS_FREE))]
             if pts:
                 ax.plot([r["perturbation"] for r in pts], [r["mean_similarity"] for r in pts],
-                        styles[algo], label=algo, markersize=3)
+                        styles[algo], color=colors[algo], label=algo, markersize=3)
         p = theory.hamming_radius_to_fraction(d, n)
         ax.set_title(f"d={d} (p={p:.1e}, beta={theory.fit_beta(n, d):.1f})", fontsize=9)
         ax.set_xlabel("perturbation (bits)")
-        ax.set_ylim(0.4, 1.02)
+        ax.set_ylim(0.0, 1.02)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(radii):]:
         ax.axis("off")
     axes.flat[0].set_ylabel("recall cosine similarity")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    present = [a for a in ALGORITHMS if any(r["algorithm"] == a for r in result.rows)]
+    handles = [
+        plt.Line2D([], [], color=colors[a], marker=styles[a][0] if styles[a][0] in "os^x" else None,
+                   linestyle=styles[a][1:] if styles[a][0] in "os^x" else styles[a])
+        for a in present
+    ]
+    fig.legend(handles, present, loc="lower center", ncol=len(present), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
