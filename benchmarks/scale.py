@@ -1,0 +1,213 @@
+"""Sparse vs dense attention on wide sheets: time and peak memory of one training step against N.
+
+    python benchmarks/scale.py                      # default sweep, prints a markdown table
+    python benchmarks/scale.py --ns 1024 4096 --kinds sparse --json out.json
+
+Model: a 2D grid sheet of N columns (N = 1,024 ... 131,072), untied columns of width 32, one head
+with query/key dimension 16, MLP ratio 1, recurrent, 4 steps; sparse = ``Connectivity.local(k=64)``,
+dense = all pairs. One training step = forward, backward (loss = mean square output + 0.01 wiring)
+and an AdamW step, on a batch of 8 random token sets written into every column.
+
+Every (kind, N) runs in a fresh subprocess; its peak memory is the child's RSS high-water mark
+(``ru_maxrss`` of that child's own rusage, from ``os.wait4``). Dense runs whose predicted memory exceeds
+``--dense-limit-gib`` are refused and reported as such instead of being tried (the child also
+runs under an address-space limit as a safety net). The step time is that of the second step
+(the first allocates optimizer state). Slopes are least-squares fits of log(time), log(memory)
+against log(N) on the sparse runs with N >= 4,096. ``--million`` also times building
+``Connectivity.local(k=64)`` on a 1000 x 1000 grid (10^6 columns) in a child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+GIB = 1 << 30
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    h = 2 ** int(math.floor(math.log2(n) / 2))
+    if n % h:
+        raise SystemExit(f"N={n} is not a power-of-two-friendly grid size")
+    return h, n // h
+
+
+def predict_dense_bytes(n: int, a) -> float:
+    """Rough model of dense peak memory: the (B, H, N, N) attention map is kept per step for
+    backward, ~4 more map-sized temporaries live at once, plus (N, N) bias/distance/wiring/Adam."""
+    maps = a.batch * a.heads * (a.steps + 4)
+    return 4.0 * n * n * (maps + 8) + 4e3 * n * a.width
+
+
+# ---------------------------------------------------------------------- child side
+def child(a) -> dict:
+    import torch
+
+    from columnformer import Columnformer, SheetConfig, grid
+    from columnformer.connectivity import Connectivity
+
+    torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res: dict = {"kind": a.kind, "n": a.n, "threads": torch.get_num_threads()}
+    if a.kind == "baseline":
+        import columnformer.sparse_attention  # noqa: F401  (import cost only)
+        return res
+    if a.kind == "million":
+        t0 = time.perf_counter()
+        conn = Connectivity.local(grid(1000, 1000), a.k)
+        res["build_s"] = time.perf_counter() - t0
+        res["k"] = conn.k
+        return res
+    h, w = grid_shape(a.n)
+    geo = grid(h, w)
+    t0 = time.perf_counter()
+    conn = Connectivity.local(geo, a.k) if a.kind == "sparse" else Connectivity.dense(geo)
+    res["conn_s"] = time.perf_counter() - t0
+    cfg = SheetConfig(width=a.width, steps=a.steps, recurrent=True, heads=a.heads, qk_dim=a.qk_dim,
+                      mlp_ratio=1.0, untied_attn=True, untied_mlp=True, untied_norm=True)
+    model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
+    res["params"] = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randn(a.batch, a.n, a.width)
+    times = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        out, trace = model(tokens)
+        loss = out.square().mean() + 0.01 * trace.wiring_cost
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        res["loss"] = float(loss)
+    res["step_s"] = times[-1]
+    res["first_step_s"] = times[0]
+    return res
+
+
+def run_child(kind: str, n: int, a) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--n", str(n)] + a.passthrough
+    env = dict(os.environ)
+    limit = None
+    if kind == "dense":
+        limit = int((a.dense_limit_gib + 4) * GIB)  # safety net on address space
+
+    def preexec():
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, preexec_fn=preexec)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (stderr or stdout).strip().splitlines()[-1:] or ["?"]
+        return {"kind": kind, "n": n, "error": f"exit {proc.returncode}: {tail[0][:160]}", "wall_s": wall}
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res["peak_rss_gib"] = usage.ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+    res["wall_s"] = wall
+    return res
+
+
+def fit_slope(xs, ys) -> float:
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sum((x - mx) ** 2 for x in lx)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--kinds", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--qk-dim", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="training steps per child; the last is timed")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in children (0: torch default)")
+    p.add_argument("--dense-limit-gib", type=float, default=20.0)
+    p.add_argument("--million", action="store_true", help="also time local(k) on a 10^6-column grid")
+    p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.passthrough = [
+        "--k", str(a.k), "--width", str(a.width), "--heads", str(a.heads), "--qk-dim", str(a.qk_dim),
+        "--batch", str(a.batch), "--steps", str(a.steps), "--repeats", str(a.repeats), "--threads", str(a.threads),
+    ]
+    if a.child:
+        a.kind = a.child
+        print(json.dumps(child(a)))
+        return
+
+    print(f"# sheet: grid, K={a.k}, width {a.width}, heads {a.heads}, qk {a.qk_dim}, MLP 1, batch {a.batch}, "
+          f"{a.steps} recurrent steps, untied; one AdamW training step; fresh process per run", flush=True)
+    results = [run_child("baseline", 0, a)]
+    base = results[0]["peak_rss_gib"]
+    print(f"# baseline RSS (python + torch + columnformer imported): {base:.2f} GiB", flush=True)
+    print("| N | kind | step time (s) | peak RSS (GiB) | note |\n|---:|---|---:|---:|---|", flush=True)
+    for n in sorted(a.ns):
+        for kind in a.kinds:
+            if kind == "dense":
+                pred = predict_dense_bytes(n, a) / GIB
+                if pred > a.dense_limit_gib:
+                    r = {"kind": kind, "n": n, "refused": True, "predicted_gib": pred}
+                    results.append(r)
+                    print(f"| {n:,} | dense | — | — | refused: predicted {pred:.0f} GiB > "
+                          f"{a.dense_limit_gib:.0f} GiB limit (N² maps) |", flush=True)
+                    continue
+            r = run_child(kind, n, a)
+            results.append(r)
+            if "error" in r:
+                print(f"| {n:,} | {kind} | — | — | failed: {r['error']} |", flush=True)
+            else:
+                print(f"| {n:,} | {kind} | {r['step_s']:.2f} | {r['peak_rss_gib']:.2f} | |", flush=True)
+    sparse = [r for r in results if r["kind"] == "sparse" and "step_s" in r and r["n"] >= 4096]
+    if len(sparse) >= 2:
+        ns = [r["n"] for r in sparse]
+        st = fit_slope(ns, [r["step_s"] for r in sparse])
+        sm = fit_slope(ns, [r["peak_rss_gib"] for r in sparse])
+        smb = fit_slope(ns, [max(r["peak_rss_gib"] - base, 1e-3) for r in sparse])
+        big = max(sparse, key=lambda r: r["n"])
+        per_col = (big["peak_rss_gib"] - base) * GIB / big["n"]
+        print(f"\nsparse log-log slope (N >= 4096): time {st:.3f}, peak RSS {sm:.3f} "
+              f"(RSS minus baseline {smb:.3f})")
+        print(f"memory per column at N={big['n']:,}: {per_col / 1024:.1f} KiB -> 10^6 columns ≈ "
+              f"{per_col * 1e6 / GIB:.1f} GiB (same model, batch {a.batch})")
+    for n in (8192, 4096):
+        d = [r for r in results if r["n"] == n and "step_s" in r]
+        if len(d) == 2:
+            ds = {r["kind"]: r for r in d}
+            print(f"speed-up sparse vs dense at N={n:,}: {ds['dense']['step_s'] / ds['sparse']['step_s']:.1f}x, "
+                  f"memory {ds['dense']['peak_rss_gib'] / ds['sparse']['peak_rss_gib']:.1f}x less")
+            break
+    if a.million:
+        r = run_child("million", 10**6, a)
+        results.append(r)
+        if "error" in r:
+            print(f"local(k={a.k}) on a 1000x1000 grid: failed ({r['error']})")
+        else:
+            print(f"local(k={a.k}) on a 1000x1000 grid (10^6 columns): {r['build_s']:.1f} s, "
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
