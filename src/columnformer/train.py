@@ -34,7 +34,6 @@ from .data import EpochSampler, build_datasets
 from .presets import build_model, count_parameters
 from .run import MetricsLog, provenance, write_config
 
-NO_DECAY_KEYWORDS = ("bias", "norm", "embed", "pool_weight")
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,11 +62,20 @@ def seed_everything(seed: int) -> None:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices only; none on biases, norms, embeddings and attention biases."""
+    from torch import nn
+
+    from .layers import UntiedLayerNorm
+
+    no_decay_ids = set()
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            norm = isinstance(module, (nn.LayerNorm, UntiedLayerNorm))
+            if norm or pname in ("bias", "pos_embed", "time_embed", "pool_weight"):
+                no_decay_ids.add(id(p))  # biases (incl. attention biases), norms, embeddings
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if any(k in name for k in NO_DECAY_KEYWORDS) else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in no_decay_ids else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
