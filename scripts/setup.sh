@@ -22,8 +22,13 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install -q --disable-pip-version-check "$spec"
   fi
 fi
-stamp=".venv/.columnformer-setup-$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)"
+stamp=".venv/.columnformer-setup-$( (cat pyproject.toml requirements/*.txt; echo "$extras") | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || ! "$VPY" -c "import columnformer" >/dev/null 2>&1; then
+  if [[ ",$extras," == *",sdm-pretrained,"* ]]; then
+    # hash-pinned, exact set: no resolver run, so nothing can pull in another torch build
+    "$VPY" -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements/sdm-pretrained.txt
+    extras=$(echo ",$extras," | sed 's/,sdm-pretrained,/,/; s/^,//; s/,$//')
+  fi
   target="."
   [ -n "$extras" ] && target=".[$extras]"
   echo "setup: installing columnformer${extras:+ with extras [$extras]}" >&2

@@ -111,6 +111,14 @@ class OptimConfig(_Strict):
     accum_steps: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
 
 
+class RewireConfig(_Strict):
+    """Train, prune, grow: every ``every`` optimizer steps replace the weakest edges of a sparse sheet."""
+
+    every: int | None = Field(None, ge=1, description="optimizer steps between rewirings; None: never")
+    fraction: float = Field(0.1, gt=0, le=1, description="share of each column's edges replaced")
+    batches: int = Field(4, ge=1, description="training batches used to measure mean attention per edge")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -125,6 +133,7 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
     progress: bool = True
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (debugging)")
+    rewire: RewireConfig = Field(default_factory=RewireConfig)
 
 
 class RunConfig(_Strict):
@@ -142,6 +151,10 @@ class RunConfig(_Strict):
     def _check(self) -> "RunConfig":
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 needs a GPU (gradient scaling); use bf16 on CPU")
+        if self.train.rewire.every and self.model.connectivity.kind == "dense":
+            raise ValueError(
+                "train.rewire.every needs a sparse sheet: set model.connectivity.kind to 'local' or 'local_long_range'"
+            )
         return self
 
 

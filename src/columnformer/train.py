@@ -319,10 +319,28 @@ class Trainer:
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", sps=f"{record['samples_per_s']:.0f}")
                 window = {k: 0 for k in window}
+            if tc.rewire.every and self.step % tc.rewire.every == 0:
+                self.rewire()
             if self.step % tc.ckpt_every == 0 and self.batch_in_epoch < self.steps_per_epoch:
                 self.save("last")
         bar.close()
         return True
+
+    def rewire(self) -> int:
+        """Replace the weakest edges of the sparse sheet (by mean attention on a few training batches)."""
+        from .analysis.connectivity import mean_attention
+        from .connectivity import rewire_sheet
+
+        rc = self.cfg.train.rewire
+        loader = self._loader("train", batch_size=self.local_batch)
+        attn = mean_attention(self.model, loader, self.device, max_batches=rc.batches)  # (T, N, K)
+        self.model.train()
+        replaced = rewire_sheet(
+            self.model.sheet, attn.mean(0), rc.fraction, seed=self.cfg.train.seed * 1_000_003 + self.step,
+            optimizer=self.optimizer,
+        )
+        self._log({"type": "rewire", "step": self.step, "epoch": self.epoch + 1, "edges_replaced": replaced})
+        return replaced
 
     def fit(self) -> dict[str, Any]:
         tc = self.cfg.train
