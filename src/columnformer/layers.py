@@ -93,10 +93,11 @@ class _Tap(torch.autograd.Function):
         else:  # all uses in one GEMM: M = (number of uses) * B
             x = torch.cat([x for x, _ in mine], dim=1)
             g = torch.cat([g for _, g in mine], dim=1)
-        dw = torch.bmm(x.transpose(1, 2), g)  # (N, in, out_total)
+        xt = x.transpose(1, 2)
         if gw is not None:  # direct use of the tapped weight elsewhere (not done by the library)
-            dw = dw + gw
-        dws = dw.split(splits, dim=-1) if n_w > 1 else (dw,)
+            dws = (torch.bmm(xt, g) + gw).split(splits, dim=-1)
+        else:  # one GEMM per layer, so every gradient is born contiguous (no copy in AccumulateGrad)
+            dws = [torch.bmm(xt, gs) for gs in g.split(splits, dim=-1)] if n_w > 1 else [torch.bmm(xt, g)]
         grads = [d.to(t) for d, t in zip(dws, ctx.w_dtypes[:n_w])]
         if n_b:
             db = g.sum(1, dtype=torch.promote_types(g.dtype, torch.float32))
@@ -139,10 +140,17 @@ def untied_linear_fused(x: torch.Tensor, layers: list["UntiedLinear"]) -> list[t
         return [layer(x) for layer in layers]
     for layer in layers:
         layer._check(x)
+    if torch.autograd._profiler_enabled():  # a named region for benchmarks/train_step.py's breakdown
+        with torch.autograd.profiler.record_function("cf::untied"):
+            return _fused(x, layers, session, True in has_bias)
+    return _fused(x, layers, session, True in has_bias)
+
+
+def _fused(x: torch.Tensor, layers: list["UntiedLinear"], session: _Session, bias: bool) -> list[torch.Tensor]:
     key = tuple(id(layer) for layer in layers)
     if key not in session.taps:
         stash: list = []
-        params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if True in has_bias else [])
+        params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias else [])
         splits = [layer.out_features for layer in layers]
         w, b = _Tap.apply(stash, _compute_dtype(layers[0].weight), splits, len(layers), *params)
         session.taps[key] = (w, b, stash)
