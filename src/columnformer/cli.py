@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own sub-commands through ``register(subparsers)``.
-_EXTENSIONS: tuple[str, ...] = ("sdm.cli",)
+_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep")
 
 
 def main(argv: list[str] | None = None) -> int:
