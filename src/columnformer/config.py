@@ -97,6 +97,40 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     augment: bool = True
     num_workers: int = Field(0, ge=0)
+    # ---- image sources (hf, folder); see data/hf.py, data/folder.py, data/transforms.py
+    hf_config: str | None = Field(None, description="Hugging Face dataset configuration name (hf)")
+    train_split: str = Field("train", description="split (hf) or sub-folder (folder) to train on")
+    val_split: str | None = Field(
+        None, description="None: 'validation'/'val' if present and not used as test, else val_fraction of train"
+    )
+    test_split: str | None = Field(
+        None, description="None: 'test' if present, else 'validation'/'val', else test_fraction of train"
+    )
+    image_column: str | None = Field(None, description="hf image column; None: 'image'/'img' or the Image feature")
+    label_column: str | None = Field(None, description="hf label column; None: 'label'/'labels' or the ClassLabel feature")
+    bad_images: Literal["skip", "fail"] = Field(
+        "fail", description="an undecodable image: fail with its name, or skip it (replaced by the next one, counted and logged)"
+    )
+    crop_scale: tuple[float, float] = Field((0.35, 1.0), description="random resized crop: area fraction range")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random resized crop: aspect ratio range")
+    eval_crop_frac: float = Field(0.875, gt=0, le=1, description="evaluation: resize to size/frac, centre-crop size")
+    hflip: bool = Field(True, description="random horizontal flip (training)")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength (training)")
+    mean: list[float] | None = Field(None, description="per-channel normalisation mean; None: ImageNet (RGB) or 0.5 (grey)")
+    std: list[float] | None = Field(None, description="per-channel normalisation std; None: ImageNet (RGB) or 0.5 (grey)")
+
+    @model_validator(mode="after")
+    def _check_images(self) -> "DataConfig":
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1 (got {self.crop_scale})")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"data.crop_ratio must satisfy 0 < min <= max (got {self.crop_ratio})")
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
+            raise ValueError("data.mean and data.std must be given together, with one value per channel")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std must be positive (got {self.std})")
+        return self
 
 
 class OptimConfig(_Strict):
@@ -134,6 +168,14 @@ class TrainConfig(_Strict):
     progress: bool = True
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (debugging)")
     rewire: RewireConfig = Field(default_factory=RewireConfig)
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: replicate (DDP) or shard parameters/gradients/optimizer state (FSDP2)"
+    )
+    tracking: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="extra trackers besides metrics.jsonl (pip install 'columnformer[tracking]')"
+    )
+    wandb_project: str = "columnformer"
+    wandb_entity: str | None = None
 
 
 class RunConfig(_Strict):
