@@ -1,0 +1,284 @@
+"""`columnformer analyze RUN_DIR`: what did the sheet learn?
+
+One streaming pass over a data split (default ``val``) of the trained model, and one of the same
+model at initialisation (built from the run's config with the run's seed, as the trainer does),
+give:
+
+* connectivity: mean attention per edge per step, attention vs distance, mean wiring length
+  (``sum A*d``), locality index (share of attention mass within ``radius``), the flow between
+  layers of stacked sheets (feed-forward / lateral / feedback), and graph summaries of the strong
+  connections (degrees, Louvain modularity, clustering, path length, small-world sigma vs
+  degree-matched random graphs);
+* topography: per-class mean response of each column at the final step (the norm of its state by
+  default), d' selectivity per column per class, tuning smoothness vs distance with a shuffled-position
+  control, and for untied sheets the similarity of the columns' weights vs distance.
+
+Writes ``RUN_DIR/analysis.json`` (all numbers), ``RUN_DIR/analysis_arrays.npz`` (per-column
+arrays, top-M incoming edges per column per step) and ``RUN_DIR/figures/analysis/*.png``.
+Pair metrics use a seeded sample of pairs above ``max_pairs`` (the sample size is recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .connectivity import (
+    attention_vs_distance,
+    column_wiring_length,
+    edge_distances,
+    edge_mask,
+    edge_sources,
+    layer_flow,
+    locality_index,
+    top_incoming,
+    wiring_length,
+)
+from .graph import strong_graph_summary
+from .stream import collect, to_builtin
+from .topography import smoothness, weight_similarity
+
+ANALYSIS_SCHEMA_VERSION = 1
+JSON_TOP_INCOMING_MAX_N = 4096  # above this the top-M edges live only in analysis_arrays.npz
+JSON_PER_COLUMN_MAX_N = 4096
+
+
+@dataclass
+class AnalysisOptions:
+    split: str = "val"
+    max_batches: int | None = None
+    batch_size: int | None = None  # None: the run's eval batch size
+    radius: float = 1.5  # locality radius and "near" radius of the smoothness index (geometry units)
+    bins: int = 12
+    max_pairs: int = 20_000
+    n_shuffles: int = 20
+    edges_per_column: float = 4.0  # strong graph: round(edges_per_column * N) heaviest directed edges
+    n_random: int = 3  # random reference graphs for small-world sigma
+    top_m: int = 16
+    seed: int = 0
+    init: bool = True  # also analyse the untrained model
+    response: str = "norm"
+    checkpoint: str = "best"
+    figures: bool = True
+
+
+def _mean(x) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.nanmean(x)) if x.size and np.isfinite(x).any() else None
+
+
+def analyze_model(model, loader, num_classes: int, opts: AnalysisOptions, device: str = "cpu") -> tuple[dict, dict]:
+    """All metrics of one model on one loader. Returns (JSON-ready results, per-column arrays)."""
+    t0 = time.perf_counter()
+    col = collect(model, loader, num_classes, device, opts.max_batches, opts.response)
+    sheet = model.sheet
+    geometry = sheet.geometry
+    A = col.mean_attn  # (T, N, E)
+    dist, mask, sources = edge_distances(sheet), edge_mask(sheet), edge_sources(sheet)
+    sparse = sheet.edge_index is not None
+    mask_arg = mask if sparse else None
+    T, N, E = A.shape
+
+    wl = wiring_length(A, dist, mask_arg)
+    loc = locality_index(A, dist, opts.radius, mask_arg)
+    prof = attention_vs_distance(A, dist, mask, bins=opts.bins)
+    conn = {
+        "steps": T,
+        "kind": "sparse" if sparse else "dense",
+        "edges_per_column": int(mask.sum(1).mean()),
+        "wiring_length": {"per_step": wl, "mean": _mean(wl), "units": "geometry distance, sum_k A[q,k] d(q,k) averaged over queries"},
+        "wiring_cost_normalised": {
+            "per_step": wl / geometry.mean_distance_power(1.0),
+            "note": "wiring length / mean(D) (the training wiring cost for p=1)",
+        },
+        "locality": {"radius": opts.radius, "per_step": loc, "mean": _mean(loc)},
+        "attention_vs_distance": prof,
+    }
+    if geometry.num_layers > 1:
+        flow = layer_flow(A, geometry.layer, sources, mask_arg)
+        conn["layer_flow"] = {
+            **flow,
+            "mean": {k: _mean(flow[k]) for k in ("feedforward", "lateral", "feedback")},
+            "convention": "matrix[t, Lq, Lk]: share of step-t attention mass of queries in layer Lq reading keys in "
+            "layer Lk; feed-forward Lk < Lq, lateral Lk == Lq, feedback Lk > Lq",
+        }
+    conn["graph"] = strong_graph_summary(A.mean(0), sources, mask_arg, opts.edges_per_column, opts.seed, opts.n_random)
+
+    stats = col.responses
+    dprime = stats.dprime()  # (K, N)
+    class_means = stats.class_means  # (K, N)
+    with np.errstate(all="ignore"):
+        best = np.nanmax(np.where(np.isfinite(dprime), dprime, -np.inf), axis=0)
+        pref = np.nanargmax(np.where(np.isfinite(dprime), dprime, -np.inf), axis=0)
+    best = np.where(np.isfinite(best), best, np.nan)
+    pair_kw = dict(max_pairs=opts.max_pairs, seed=opts.seed, near=opts.radius, n_shuffles=opts.n_shuffles, bins=opts.bins)
+    topo = {
+        "response": f"{opts.response} of each column's state at the final step",
+        "samples": col.samples,
+        "num_classes": num_classes,
+        "dprime": {
+            "mean_abs": _mean(np.abs(dprime)),
+            "max_per_column_mean": _mean(best),
+            "fraction_columns_max_above_1": float(np.mean(best > 1.0)) if N else None,
+            "preferred_class_histogram": np.bincount(pref, minlength=num_classes)[:num_classes],
+        },
+        "smoothness": smoothness(class_means.T, geometry, **pair_kw),
+        "weight_similarity": weight_similarity(sheet, **pair_kw),
+    }
+    if N <= JSON_PER_COLUMN_MAX_N:
+        topo["dprime"]["per_class_per_column"] = dprime
+        topo["class_means"] = class_means
+    top_src, top_w = top_incoming(A, sources, opts.top_m, mask)
+    arrays = {
+        "top_src": top_src.astype(np.int32),
+        "top_weight": top_w,
+        "column_wiring_length": column_wiring_length(A, dist, mask_arg).astype(np.float32),  # (T, N)
+        "dprime": dprime.astype(np.float32),
+        "class_means": class_means.astype(np.float32),
+        "preferred_class": pref.astype(np.int32),
+        "max_dprime": best.astype(np.float32),
+    }
+    results = {
+        "data": {"samples": col.samples, "batches": col.batches, "accuracy": col.accuracy},
+        "connectivity": conn,
+        "topography": topo,
+        "seconds": time.perf_counter() - t0,
+    }
+    return results, arrays
+
+
+def init_model(cfg):
+    """The run's model at initialisation: same config and seed, same construction order as the trainer."""
+    from ..data import build_datasets
+    from ..presets import build_model
+    from ..train import seed_everything
+
+    seed_everything(cfg.train.seed)
+    build_datasets(cfg.data, cfg.model, seed=cfg.train.seed)  # the trainer builds the data first
+    model = build_model(cfg.model)
+    model.eval()
+    return model
+
+
+def _loader(cfg, split: str, batch_size: int | None):
+    from torch.utils.data import DataLoader
+
+    from ..data import build_datasets
+
+    sets = build_datasets(cfg.data, cfg.model, seed=cfg.train.seed)
+    if split not in sets:
+        raise ValueError(f"split {split!r} not in this dataset; available: {', '.join(sets)}")
+    return DataLoader(sets[split], batch_size=batch_size or cfg.train.eval_batch_size, shuffle=False)
+
+
+def analyze_run(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet: bool = False) -> dict:
+    """Analyse a run directory; write analysis.json, analysis_arrays.npz and figures; return the results."""
+    from ..config import config_to_dict
+    from ..presets import count_parameters
+    from ..run import load_run
+
+    opts = opts or AnalysisOptions()
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, checkpoint=opts.checkpoint)
+    cfg = run.config
+    torch.manual_seed(opts.seed)
+    loader = _loader(cfg, opts.split, opts.batch_size)
+    num_classes = cfg.model.num_classes
+    model = run.model
+    sheet = model.sheet
+    from .layout import sheet_layout
+
+    layout = sheet_layout(sheet.geometry)
+    trained, arrays = analyze_model(model, loader, num_classes, opts)
+    out = {
+        "schema_version": ANALYSIS_SCHEMA_VERSION,
+        "run": str(run_dir),
+        "name": cfg.name,
+        "checkpoint": run.checkpoint,
+        "split": opts.split,
+        "options": asdict(opts),
+        "model": {
+            "num_params": count_parameters(model),
+            "columns": sheet.n,
+            "geometry": sheet.geometry.to_dict(),
+            "connectivity": sheet.connectivity.kind,
+            "steps": sheet.cfg.steps,
+            "recurrent": sheet.cfg.recurrent,
+            "untied": bool(sheet.cfg.untied_attn or sheet.cfg.untied_mlp),
+            "wiring_lambda": cfg.train.wiring_lambda,
+            "layout": layout.to_dict(),
+        },
+        "summary": run.summary,
+        "trained": trained,
+    }
+    init_arrays = None
+    if opts.init:
+        init_results, init_arrays = analyze_model(init_model(cfg), loader, num_classes, opts)
+        out["init"] = init_results
+        out["init"]["note"] = "model built from the run's config with train.seed (untrained weights)"
+    out["headline"] = headline(out)
+    if sheet.n <= JSON_TOP_INCOMING_MAX_N:
+        out["top_incoming"] = {
+            "m": int(arrays["top_src"].shape[-1]),
+            "src": arrays["top_src"],
+            "weight": arrays["top_weight"],
+            "layout": "[step][column][rank], strongest first; src -1 = no edge",
+        }
+    else:
+        out["top_incoming"] = {"m": int(arrays["top_src"].shape[-1]), "file": "analysis_arrays.npz"}
+    npz = {k: v for k, v in arrays.items()}
+    if init_arrays is not None:
+        npz.update({f"init_{k}": v for k, v in init_arrays.items()})
+    np.savez_compressed(run_dir / "analysis_arrays.npz", **npz)
+    out["config"] = config_to_dict(cfg)
+    if opts.figures:
+        from .figures import analysis_figures
+
+        out["figures"] = analysis_figures(out, npz, layout, run_dir / "figures" / "analysis")
+    data = to_builtin(out)
+    tmp = run_dir / "analysis.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(run_dir / "analysis.json")
+    if not quiet:
+        print(format_headline(data))
+    return data
+
+
+def headline(out: dict) -> dict:
+    """The few numbers `compare` and the report put first."""
+    t = out["trained"]
+    c, g, topo = t["connectivity"], t["connectivity"]["graph"], t["topography"]
+    h = {
+        "test_acc": (out.get("summary") or {}).get("test_acc"),
+        "split_acc": t["data"]["accuracy"],
+        "num_params": out["model"]["num_params"],
+        "wiring_length": c["wiring_length"]["mean"],
+        "locality": c["locality"]["mean"],
+        "smoothness": topo["smoothness"].get("smoothness"),
+        "smoothness_shuffled": topo["smoothness"].get("shuffled_mean"),
+        "weight_smoothness": (topo["weight_similarity"] or {}).get("smoothness"),
+        "modularity": g["modularity"],
+        "small_world_sigma": g["small_world"]["sigma"],
+        "mean_abs_dprime": topo["dprime"]["mean_abs"],
+    }
+    if "layer_flow" in c:
+        h.update({f"flow_{k}": v for k, v in c["layer_flow"]["mean"].items()})
+    if "init" in out:
+        ic = out["init"]["connectivity"]
+        h["init_wiring_length"] = ic["wiring_length"]["mean"]
+        h["init_locality"] = ic["locality"]["mean"]
+        h["init_modularity"] = ic["graph"]["modularity"]
+    return h
+
+
+def format_headline(data: dict) -> str:
+    lines = [f"analysis of {data['run']} ({data['split']} split, {data['trained']['data']['samples']} samples)"]
+    for k, v in data["headline"].items():
+        lines.append(f"  {k:<22} {v:.4g}" if isinstance(v, float) else f"  {k:<22} {v}")
+    lines.append(f"  wrote {Path(data['run']) / 'analysis.json'}")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""One streaming pass over a data split: mean attention per edge per step + per-class column responses.
+
+Only running sums are kept: a (T, N, E) sum of attention (E = N dense, K sparse), and per-class
+count / sum / sum-of-squares of each column's scalar response at the final step. Each batch's
+attention maps and features are dropped after being added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .topography import ResponseStats, feature_response
+
+
+@dataclass
+class Collected:
+    mean_attn: torch.Tensor  # (T, N, E) float32, averaged over samples and heads
+    responses: ResponseStats  # final-step response per class per column
+    samples: int
+    batches: int
+    accuracy: float
+    response_kind: str
+
+
+@torch.no_grad()
+def collect(
+    model, loader, num_classes: int, device: str = "cpu", max_batches: int | None = None, response: str = "norm"
+) -> Collected:
+    model.eval()
+    n = model.sheet.n
+    total, count, correct, batches = None, 0, 0, 0
+    stats = ResponseStats(num_classes, n)
+    # float64 sums while they are small; float32 above ~64M entries (a 4-step 4096^2 dense map)
+    for i, (images, labels) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits, trace = model(images.to(device), record=("attn", "features"))
+        maps = torch.stack([a.float().sum(dim=(0, 1)) for a in trace.attn]).cpu()  # (T, N, E)
+        if total is None:
+            dtype = torch.float64 if maps.numel() <= (1 << 26) else torch.float32
+            total = torch.zeros(maps.shape, dtype=dtype)
+        total += maps.to(total.dtype)
+        count += images.shape[0] * trace.attn[0].shape[1]
+        stats.add(feature_response(trace.features[-1].cpu(), response), labels)
+        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        batches += 1
+        del trace, maps
+    if total is None:
+        raise ValueError("the data loader yielded no batches; nothing to analyse")
+    samples = int(stats.count.sum())
+    return Collected((total / count).float(), stats, samples, batches, correct / max(samples, 1), response)
+
+
+def to_builtin(x):
+    """numpy / torch values -> JSON-ready Python (NaN/inf -> None)."""
+    if isinstance(x, dict):
+        return {str(k): to_builtin(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_builtin(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind in "fc":
+            return to_builtin(x.astype(np.float64).tolist())
+        return x.tolist()
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if np.isfinite(v) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    return x
