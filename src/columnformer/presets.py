@@ -59,6 +59,20 @@ PRESETS: dict[str, dict] = {
         geometry=dict(kind="stacked", layers=[(8, 8)] * 6, spacing=2.0),
         sheet=dict(_UNTIED_COLUMNS, width=384, steps=6, recurrent=True, attn_residual=False),
     ),
+    # Wide sparse sheet on digits: a 4x4 input layer (the 2x2 patches of an 8x8 digit) under a
+    # 128x128 sheet (16,384 columns, read by the head), 16,400 columns in all. Each column reads its
+    # 48 nearest columns plus 16 long-range ones drawn from p ~ exp(-d/16): sparse attention, K = 64.
+    "scale": dict(
+        image_size=(8, 8), in_chans=1, patch=2, num_classes=10, pool="avg",
+        input_area="bottom", output_area="top",
+        geometry=dict(kind="stacked", layers=[(4, 4), (128, 128)], spacing=1.0),
+        connectivity=dict(kind="local_long_range", k=48, k_long=16, long_range_scale=16.0, seed=0),
+        sheet=dict(
+            width=32, steps=4, recurrent=True, heads=1, qk_dim=16, value_proj=False, mlp_ratio=1.0,
+            attn_bias="local", bias_sigma=2.0, untied_attn=True, untied_mlp=True, untied_norm=True,
+            pos_embed=True, time_embed=True,
+        ),
+    ),
 }
 
 
