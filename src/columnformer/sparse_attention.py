@@ -46,7 +46,7 @@ def _chunk_size(n: int, per_column: int) -> int:
 
 
 _REVERSE_CACHE: list = []  # [(index, mask, versions, (rev, qry))], most recent last
-_REVERSE_CACHE_SIZE = 8
+_REVERSE_CACHE_SIZE = 2  # entries hold (N, K) tensors: keep few
 
 
 def reverse_edges(index: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
