@@ -8,6 +8,14 @@ biases, norms, embeddings and attention biases; linear warm-up then cosine decay
 clipping and accumulation. Data order and augmentation are keyed by (seed, epoch, index), and the
 checkpoint stores the position inside the epoch, so a resumed run replays exactly the batches an
 uninterrupted run would have seen.
+
+Under ``torchrun`` (see ``distributed.py``) the global batch ``train.batch_size`` is split over the
+ranks and the loss of every batch is normalised by its *global* sample count, so W processes take
+the same optimizer steps as one (up to float summation order) — including the last, smaller batch of
+an epoch, whose missing samples on some ranks are left out (a rank with none runs one sample with
+weight 0). ``train.precision``: fp32, bf16 autocast (CPU or GPU), fp16 autocast with gradient
+scaling (CUDA only); ``train.compile`` wraps the training module in ``torch.compile``;
+``train.tracking`` adds TensorBoard / W&B next to metrics.jsonl (see ``tracking.py``).
 """
 
 from __future__ import annotations
@@ -164,7 +172,16 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * tc.epochs
         if tc.max_steps:
             self.total_steps = min(self.total_steps, tc.max_steps)
+        if tc.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(
+                f"train.precision=fp16 needs a CUDA GPU (fp16 autocast with gradient scaling); this run is on "
+                f"{self.device}. Use train.precision=bf16 on CPU"
+            )
         self.train_module = self.model if dist is None else dist.wrap(self.model)
+        self.wrapped = self.train_module  # DDP / FSDP module (no_sync), before torch.compile
+        if tc.compile:
+            self.train_module = torch.compile(self.train_module)
+        self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
         )
@@ -175,10 +192,14 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_acc, self.train_time = -1.0, 0.0
+        from .tracking import build_trackers, check_available
+
+        check_available(tc.tracking)  # before any work: a missing extra fails fast on every rank
         if resume:
             self._restore(self.ckpt_dir / "last.pt")
         elif self.is_main:
             self._create_run_dir()
+        self.trackers = build_trackers(cfg, self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
 
     # -------------------------------------------------------------- run directory
     def _create_run_dir(self) -> None:
@@ -189,10 +210,27 @@ class Trainer:
         )
         self.metrics.path.write_text("")
 
+    @property
+    def world_size(self) -> int:
+        return 1 if self.dist is None else self.dist.world_size
+
+    @property
+    def _sharded(self) -> bool:
+        return self.dist is not None and getattr(self.dist, "sharded", False)
+
     def _state(self) -> dict[str, Any]:
+        """The checkpoint state (under FSDP a collective: call it on every rank; complete on rank 0)."""
+        if self.dist is not None and hasattr(self.dist, "model_state_dict"):
+            model_state = self.dist.model_state_dict(self.model)
+            optim_state = self.dist.optimizer_state_dict(self.model, self.optimizer)
+        else:
+            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "world_size": self.world_size,
+            "parallel": getattr(self.dist, "parallel", None),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
             "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
@@ -203,8 +241,20 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        if self.is_main:
-            save_checkpoint(self._state(), self.ckpt_dir / f"{name}.pt")
+        if self.is_main or self._sharded:
+            state = self._state()
+            if self.is_main:
+                save_checkpoint(state, self.ckpt_dir / f"{name}.pt")
+        if self.dist is not None:
+            self.dist.barrier()  # the other ranks may read it next (best model, resume)
+
+    def _load_model(self, state_dict: dict, source: str) -> None:
+        if self._sharded:
+            ref = build_model(self.cfg.model)  # names and shapes, checked on an unsharded copy
+            load_model_state(ref, state_dict, source=source)
+            self.dist.load_model_state(self.model, state_dict)
+        else:
+            load_model_state(self.model, state_dict, source=source)
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -213,11 +263,25 @@ class Trainer:
                 f"checkpoint {str(path)!r} was written for a different model config than {self.run_dir}/config.yaml; "
                 "restore the original config.yaml or start a new run"
             )
-        load_model_state(self.model, state["model"], source=str(path))
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written by a run on {saved_world} process(es) but this run has "
+                f"{self.world_size}; resume with the same number of processes (e.g. torchrun --nproc_per_node={saved_world} "
+                "... for one node)" if saved_world > 1 else
+                f"checkpoint {str(path)!r} was written by a single-process run but this run has {self.world_size} "
+                "processes; resume it without torchrun"
+            )
+        self._load_model(state["model"], str(path))
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self._sharded:
+                self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (ValueError, KeyError) as exc:
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"optimizer/scheduler state in {str(path)!r} does not match: {exc}") from None
         torch.set_rng_state(state["rng"]["torch"])
         pos = state["position"]
@@ -240,10 +304,34 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.is_main:
             self.metrics.write(record)
+            self.trackers.log(record)
+
+    def _bad_images(self) -> dict[str, int] | None:
+        """Distinct undecodable images skipped so far per split (image datasets only; union over ranks)."""
+        if not all(hasattr(ds, "bad") for ds in self.sets.values()):
+            return None
+        out = {}
+        for split, ds in self.sets.items():
+            mask = ds.bad.to(torch.int32)
+            if self.dist is not None:
+                mask = self.dist.all_reduce_sum(mask)
+            out[split] = int((mask > 0).sum())
+        return out
+
+    def _valid_in_batch(self, micro_index: int, local_len: int) -> tuple[int, int]:
+        """(samples of this rank's micro-batch that are real, not padding; samples in the global batch)."""
+        n, big = len(self.sets["train"]), self.cfg.train.batch_size
+        world, rank = self.dist.world_size, self.dist.rank
+        m = min(big, n - micro_index * big)
+        valid = min(local_len, max(0, -(-(m - rank) // world)))
+        return valid, m
 
     def _eval_split(self, split: str) -> dict[str, float]:
         loader = self._loader(split)
-        return evaluate(self.model, loader, self.device, self.cfg.train.precision)
+        result = evaluate(self.model, loader, self.device, self.cfg.train.precision)
+        if self._sharded and hasattr(self.model, "reshard"):
+            self.model.reshard()  # FSDP2 leaves the root's parameters gathered after a forward without backward
+        return result
 
     def train_epoch(self) -> bool:
         """Train from the current position to the end of the epoch; False when max_steps stopped it."""
@@ -266,14 +354,28 @@ class Trainer:
             t0 = time.perf_counter()
             for micro in range(accum):
                 images, labels = next(batches)
+                valid = None
+                if self.dist is not None:  # leave out the padding of the last, smaller global batch
+                    valid, global_n = self._valid_in_batch(self.batch_in_epoch * accum + micro, len(labels))
+                    if valid < len(labels):
+                        images, labels = images[: max(valid, 1)], labels[: max(valid, 1)]
                 images, labels = images.to(self.device), labels.to(self.device)
-                sync = self.dist.no_sync(self.train_module) if (self.dist and micro < accum - 1) else nullcontext()
+                sync = self.dist.no_sync(self.wrapped) if (self.dist and micro < accum - 1) else nullcontext()
                 with sync:
                     with autocast_context(tc.precision, self.device):
                         logits, trace = self.train_module(images)
-                    task_loss = F.cross_entropy(logits.float(), labels)
                     wiring = trace.wiring_cost.float()
-                    loss = task_loss + tc.wiring_lambda * wiring
+                    if valid is None:
+                        b = len(labels)
+                        task_loss = F.cross_entropy(logits.float(), labels)
+                        loss = task_loss + tc.wiring_lambda * wiring
+                        objective = loss / accum
+                    else:  # sum over this rank's samples / global count * world: DDP's mean gives the global mean
+                        b = valid
+                        ce_sum = F.cross_entropy(logits.float(), labels, reduction="sum") * (1.0 if b else 0.0)
+                        task_loss = ce_sum / max(b, 1)
+                        loss = task_loss + tc.wiring_lambda * wiring
+                        objective = (ce_sum + tc.wiring_lambda * wiring * b) * (self.dist.world_size / global_n) / accum
                     if not torch.isfinite(loss):
                         bar.close()
                         raise TrainingDiverged(
@@ -281,23 +383,29 @@ class Trainer:
                             f"the last good checkpoint is kept in {self.ckpt_dir}. Lower optim.lr, enable "
                             "optim.grad_clip, or use train.precision=fp32"
                         )
-                    (loss / accum).backward()
-                b = len(labels)
+                    (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
                 window["loss"] += loss.item() * b
                 window["task_loss"] += task_loss.item() * b
                 window["wiring_cost"] += wiring.item() * b
                 window["attn_entropy"] += trace.attn_entropy.item() * b
-                window["correct"] += (logits.argmax(-1) == labels).sum().item()
+                window["correct"] += (logits[:b].argmax(-1) == labels[:b]).sum().item()
                 window["n"] += b
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             grad_norm = None
             if cfg.optim.grad_clip:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip))
-            if grad_norm is not None and not math.isfinite(grad_norm):
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            if grad_norm is not None and not math.isfinite(grad_norm) and self.scaler is None:
                 bar.close()
                 raise TrainingDiverged(
                     f"non-finite gradient norm at step {self.step}; the last good checkpoint is kept in {self.ckpt_dir}"
                 )
-            self.optimizer.step()
+            if self.scaler is not None:  # skips the step when fp16 gradients overflowed, then lowers the scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -307,14 +415,18 @@ class Trainer:
             window["time"] += dt
             bar.update(1)
             if self.step % tc.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
-                n = max(1, window["n"])
                 world = 1 if self.dist is None else self.dist.world_size
+                if self.dist is not None:  # metrics over all ranks' samples
+                    keys = ("loss", "task_loss", "wiring_cost", "attn_entropy", "correct", "n")
+                    total = self.dist.all_reduce_sum(torch.tensor([float(window[k]) for k in keys], dtype=torch.float64))
+                    window.update({k: v for k, v in zip(keys, total.tolist())})
+                n = max(1, window["n"])
                 record = {
                     "type": "step", "step": self.step, "epoch": self.epoch + 1,
                     "loss": window["loss"] / n, "task_loss": window["task_loss"] / n,
                     "wiring_cost": window["wiring_cost"] / n, "attn_entropy": window["attn_entropy"] / n,
                     "acc": window["correct"] / n, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "samples_per_s": n * world / max(window["time"], 1e-9),
+                    "samples_per_s": (n if self.dist is not None else n * world) / max(window["time"], 1e-9),
                 }
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", sps=f"{record['samples_per_s']:.0f}")
@@ -350,7 +462,11 @@ class Trainer:
             if not finished:
                 break
             val = self._eval_split("val")
-            self._log({"type": "epoch", "epoch": self.epoch + 1, "step": self.step, **{f"val_{k}": v for k, v in val.items()}})
+            record = {"type": "epoch", "epoch": self.epoch + 1, "step": self.step, **{f"val_{k}": v for k, v in val.items()}}
+            bad = self._bad_images()
+            if bad is not None:
+                record["bad_images"] = bad
+            self._log(record)
             self.epoch += 1
             self.batch_in_epoch = 0
             if val["acc"] > self.best_acc:
@@ -366,7 +482,7 @@ class Trainer:
         best_path = self.ckpt_dir / "best.pt"
         best_test = final_test
         if best_path.exists():
-            load_model_state(self.model, load_checkpoint(best_path)["model"], source=str(best_path))
+            self._load_model(load_checkpoint(best_path)["model"], str(best_path))
             best_test = self._eval_split("test")
         trained = self.step * self.cfg.train.batch_size * self.cfg.optim.accum_steps
         summary = {
@@ -384,7 +500,18 @@ class Trainer:
             "train_time_s": self.train_time,
             "wall_time_s": wall_time,
             "train_samples_per_s": trained / max(self.train_time, 1e-9),
+            "world_size": self.world_size,
+            "precision": self.cfg.train.precision,
         }
+        bad = self._bad_images()
+        if bad is not None:
+            summary["bad_images"] = bad
+        figure_model = self.model
+        if self._sharded:  # figures run on rank 0 alone: give it an unsharded copy (gathering is collective)
+            full = self.dist.model_state_dict(self.model)
+            if self.is_main:
+                figure_model = build_model(self.cfg.model).to(self.device)
+                figure_model.load_state_dict(full)
         if self.is_main:
             if self.cfg.data.name == "digits":
                 summary["baseline"] = logistic_regression_baseline(self.sets)
@@ -392,9 +519,11 @@ class Trainer:
             try:
                 from .figures import run_figures
 
-                run_figures(self.run_dir, self.model, self._loader("val"), self.device)
+                run_figures(self.run_dir, figure_model, self._loader("val"), self.device)
             except Exception as exc:  # figures must never lose a finished run
                 print(f"warning: figures could not be written: {exc}", file=sys.stderr)
+            self.trackers.log({"type": "summary", "step": self.step, **{k: v for k, v in summary.items() if k != "baseline"}})
+            self.trackers.close()
         return summary
 
 
