@@ -32,7 +32,9 @@ import math
 import os
 import re
 import subprocess
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -184,10 +186,21 @@ def run_overrides(grid: Grid, config: GridConfig, seed: int, threads: int | None
     return out
 
 
-def validate_grid(grid: Grid) -> None:
-    """Build every run's config (and count each config's parameters); raise one error listing all problems."""
+def _count_params(model_cfg) -> int:
+    """Parameter count of a model config, built on the meta device (no memory, no initialisation)."""
+    import torch
+
     from .presets import build_model, count_parameters
 
+    try:
+        with torch.device("meta"):
+            return count_parameters(build_model(model_cfg))
+    except (RuntimeError, NotImplementedError):  # an op without a meta kernel: build it for real
+        return count_parameters(build_model(model_cfg))
+
+
+def validate_grid(grid: Grid) -> None:
+    """Build every run's config (and count each config's parameters); raise one error listing all problems."""
     errors = []
     for config in grid.configs:
         for seed in grid.seeds:
@@ -198,7 +211,7 @@ def validate_grid(grid: Grid) -> None:
                 break  # the same problem would repeat for every seed
         else:
             try:
-                grid.params[config.name] = count_parameters(build_model(cfg.model))
+                grid.params[config.name] = _count_params(cfg.model)
             except (ValueError, ConfigError) as exc:
                 errors.append(f"  {config.name}: model cannot be built: {exc}")
     if errors:
@@ -232,8 +245,35 @@ def _run_one(grid: Grid, config: GridConfig, seed: int, parallel: int, base_file
     with open(log_dir / f"{run}.log", "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with _LOCK:
+            if _STOP.is_set():
+                return {"run": run, "rc": None, "seconds": 0.0}
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            _LIVE.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            with _LOCK:
+                _LIVE.discard(proc)
     return {"run": run, "rc": rc, "seconds": time.perf_counter() - t0}
+
+
+_LOCK = threading.Lock()
+_LIVE: set[subprocess.Popen] = set()  # running child processes, ended if the sweep is interrupted
+_STOP = threading.Event()
+
+
+def _stop_children() -> None:
+    with _LOCK:
+        _STOP.set()
+        procs = list(_LIVE)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def run_grid(grid: Grid, parallel: int = 1, echo=print) -> list[dict]:
@@ -254,14 +294,23 @@ def run_grid(grid: Grid, parallel: int = 1, echo=print) -> list[dict]:
     def task(item):
         config, seed = item
         rec = _run_one(grid, config, seed, parallel, base_file)
+        if rec["rc"] is None:  # the sweep was stopped before this run started
+            return rec
         done.append(rec)
         status = "ok" if rec["rc"] == 0 else f"FAILED (exit {rec['rc']}, see {grid.out_dir / 'logs' / (rec['run'] + '.log')})"
         echo(f"[{len(done)}/{total}] {rec['run']}: {status} in {rec['seconds']:.0f}s")
         return rec
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    _STOP.clear()
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
         records = list(pool.map(task, todo))
-    return records
+    except BaseException:  # Ctrl-C / SIGTERM: end the running children, start no more
+        _stop_children()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [r for r in records if r["rc"] is not None]
 
 
 # ------------------------------------------------------------------ tabulating
@@ -354,7 +403,17 @@ def _cmd_sweep(args) -> int:
         return 0
     failed = []
     if not args.report:
-        records = run_grid(grid, parallel=args.parallel)
+        def _on_term(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, _on_term)
+        try:
+            records = run_grid(grid, parallel=args.parallel)
+        except KeyboardInterrupt:
+            print("sweep interrupted; running runs were stopped. Run the same command again to resume.", file=sys.stderr)
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         failed = [r["run"] for r in records if r["rc"] != 0]
     md, csv_path = write_report(grid)
     print(md.read_text())
