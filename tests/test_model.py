@@ -412,10 +412,6 @@ def test_tokens_of_wrong_shape_raise(shape):
         model(torch.randn(*shape))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Columnformer.forward unpacks tokens.shape before checking ndim; remove this marker once fixed",
-)
 @pytest.mark.parametrize("shape", [(4, 8), (1, 2, 4, 8)])
 def test_tokens_of_wrong_rank_raise_clear_error(shape):
     model = Columnformer(SheetConfig(**BASE), _stack())

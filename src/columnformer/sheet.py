@@ -202,12 +202,12 @@ class Columnformer(nn.Module):
         record = frozenset(record)
         if not record <= set(RECORDABLE):
             raise ValueError(f"record={sorted(record)}: allowed entries are {RECORDABLE}")
-        B, n_in, C = tokens.shape
-        if n_in != len(self.input_idx) or C != self.cfg.width:
+        if tokens.ndim != 3 or tokens.shape[1] != len(self.input_idx) or tokens.shape[2] != self.cfg.width:
             raise ValueError(
                 f"tokens have shape {tuple(tokens.shape)} but the sheet expects (B, {len(self.input_idx)}, "
                 f"{self.cfg.width}): one token per input-area column, width {self.cfg.width}"
             )
+        B, n_in, C = tokens.shape
         inp = tokens.transpose(0, 1)  # (n_in, B, C)
         x = tokens.new_zeros(self.n, B, C).index_add(0, self.input_idx, inp)  # (N, B, C)
         if self.pos_embed is not None:
