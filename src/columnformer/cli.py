@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own sub-commands through ``register(subparsers)``.
-_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep")
+_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep", "analysis.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
