@@ -266,7 +266,10 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
         node[path[-1]] = value
     preset = raw.get("preset")
     if preset is not None:
-        raw["model"] = deep_merge(get_preset(preset), raw.get("model") or {})
+        model = raw.get("model") or {}
+        if not isinstance(model, dict):
+            raise ConfigError(f"config key 'model' must be a section of model settings, got {model!r}")
+        raw["model"] = deep_merge(get_preset(preset), model)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
