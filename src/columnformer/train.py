@@ -147,6 +147,13 @@ def logistic_regression_baseline(sets) -> dict[str, float] | None:
 
 
 # ------------------------------------------------------------------ the loop
+_WINDOW_SUMS = ("loss", "task_loss", "wiring_cost", "attn_entropy", "correct", "n")
+
+
+def _empty_window() -> dict[str, float]:
+    return {"loss": 0.0, "task_loss": 0.0, "wiring_cost": 0.0, "attn_entropy": 0.0, "correct": 0, "n": 0, "time": 0.0}
+
+
 class Trainer:
     """Holds the state of one run; ``fit()`` trains, evaluates and writes the run directory."""
 
@@ -154,6 +161,9 @@ class Trainer:
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist
         self.is_main = dist is None or dist.rank == 0
         tc = cfg.train
+        from .tracking import build_trackers, check_available
+
+        check_available(tc.tracking)  # before any work: a missing extra fails fast, on every rank
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = resolve_device(tc.device) if dist is None else dist.device
@@ -192,9 +202,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_acc, self.train_time = -1.0, 0.0
-        from .tracking import build_trackers, check_available
-
-        check_available(tc.tracking)  # before any work: a missing extra fails fast on every rank
+        self.window, self._resumed_window = _empty_window(), None
         if resume:
             self._restore(self.ckpt_dir / "last.pt")
         elif self.is_main:
@@ -241,8 +249,14 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        window = dict(self.window)
+        if self.dist is not None:  # the window over all ranks (a collective: every rank calls save)
+            keys = _WINDOW_SUMS
+            total = self.dist.all_reduce_sum(torch.tensor([float(window[k]) for k in keys], dtype=torch.float64))
+            window.update(zip(keys, total.tolist()))
         if self.is_main or self._sharded:
             state = self._state()
+            state["window"] = window
             if self.is_main:
                 save_checkpoint(state, self.ckpt_dir / f"{name}.pt")
         if self.dist is not None:
@@ -286,6 +300,8 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         pos = state["position"]
         self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+        if state.get("window") and self.is_main:  # other ranks restart from zero: rank 0 holds the sums
+            self._resumed_window = {**_empty_window(), **state["window"]}
         self.best_acc, self.train_time = state["best_acc"], state["train_time"]
         if self.is_main:
             self.metrics.truncate(state["metrics_lines"])
@@ -341,7 +357,9 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.local_batch * accum)
         loader = self._loader("train", sampler=self.sampler, batch_size=self.local_batch)
         batches = iter(loader)
-        window = {"loss": 0.0, "task_loss": 0.0, "wiring_cost": 0.0, "attn_entropy": 0.0, "correct": 0, "n": 0, "time": 0.0}
+        # the metrics window; after a resume it continues the checkpointed one, so logged lines equal an uninterrupted run's
+        self.window = self._resumed_window or _empty_window()
+        self._resumed_window = None
         bar = tqdm(
             total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
             disable=not (tc.progress and self.is_main), leave=False, file=sys.stderr, dynamic_ncols=True,
@@ -384,12 +402,12 @@ class Trainer:
                             "optim.grad_clip, or use train.precision=fp32"
                         )
                     (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
-                window["loss"] += loss.item() * b
-                window["task_loss"] += task_loss.item() * b
-                window["wiring_cost"] += wiring.item() * b
-                window["attn_entropy"] += trace.attn_entropy.item() * b
-                window["correct"] += (logits[:b].argmax(-1) == labels[:b]).sum().item()
-                window["n"] += b
+                self.window["loss"] += loss.item() * b
+                self.window["task_loss"] += task_loss.item() * b
+                self.window["wiring_cost"] += wiring.item() * b
+                self.window["attn_entropy"] += trace.attn_entropy.item() * b
+                self.window["correct"] += (logits[:b].argmax(-1) == labels[:b]).sum().item()
+                self.window["n"] += b
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             grad_norm = None
@@ -412,25 +430,25 @@ class Trainer:
             self.batch_in_epoch += 1
             dt = time.perf_counter() - t0
             self.train_time += dt
-            window["time"] += dt
+            self.window["time"] += dt
             bar.update(1)
             if self.step % tc.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
                 world = 1 if self.dist is None else self.dist.world_size
                 if self.dist is not None:  # metrics over all ranks' samples
-                    keys = ("loss", "task_loss", "wiring_cost", "attn_entropy", "correct", "n")
-                    total = self.dist.all_reduce_sum(torch.tensor([float(window[k]) for k in keys], dtype=torch.float64))
-                    window.update({k: v for k, v in zip(keys, total.tolist())})
-                n = max(1, window["n"])
+                    keys = _WINDOW_SUMS
+                    total = self.dist.all_reduce_sum(torch.tensor([float(self.window[k]) for k in keys], dtype=torch.float64))
+                    self.window.update({k: v for k, v in zip(keys, total.tolist())})
+                n = max(1, self.window["n"])
                 record = {
                     "type": "step", "step": self.step, "epoch": self.epoch + 1,
-                    "loss": window["loss"] / n, "task_loss": window["task_loss"] / n,
-                    "wiring_cost": window["wiring_cost"] / n, "attn_entropy": window["attn_entropy"] / n,
-                    "acc": window["correct"] / n, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "samples_per_s": (n if self.dist is not None else n * world) / max(window["time"], 1e-9),
+                    "loss": self.window["loss"] / n, "task_loss": self.window["task_loss"] / n,
+                    "wiring_cost": self.window["wiring_cost"] / n, "attn_entropy": self.window["attn_entropy"] / n,
+                    "acc": self.window["correct"] / n, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "samples_per_s": (n if self.dist is not None else n * world) / max(self.window["time"], 1e-9),
                 }
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-                window = {k: 0 for k in window}
+                self.window = _empty_window()
             if tc.rewire.every and self.step % tc.rewire.every == 0:
                 self.rewire()
             if self.step % tc.ckpt_every == 0 and self.batch_in_epoch < self.steps_per_epoch:
