@@ -92,3 +92,27 @@ def test_missing_tracker_package_names_the_extra(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "nowandb" / "checkpoints").exists()
     with pytest.raises(ConfigError, match="train.tracking"):
         build_config({}, ["train.tracking=[mlflow]"])
+
+
+@pytest.mark.skipif(not _has("wandb"), reason="wandb not installed")
+def test_wandb_falls_back_to_offline_when_online_init_fails(tmp_path, monkeypatch):
+    import wandb
+
+    from columnformer.tracking import WandbTracker
+
+    modes = []
+
+    class FakeRun:
+        id = "abc123"
+
+    def fake_init(mode=None, **kw):
+        modes.append(mode)
+        if mode == "online":
+            raise ConnectionError("no route to api.wandb.ai")
+        return FakeRun()
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # looks configured, but the network is down
+    monkeypatch.setattr(wandb, "init", fake_init)
+    WandbTracker(tiny(tmp_path), tmp_path)
+    assert modes == ["online", "offline"] and (tmp_path / "wandb_id.txt").read_text() == "abc123"

@@ -6,8 +6,9 @@ tracker as scalars named ``<type>/<key>`` at the record's optimizer step. Only r
 
 * TensorBoard: event files in ``<run_dir>/tensorboard/``; on resume, events after the resumed step
   are purged (``purge_step``) so curves do not double back.
-* W&B: files in ``<run_dir>/wandb/``. Offline mode when ``WANDB_MODE=offline`` (or ``disabled``), or
-  when no API key is configured (no ``WANDB_API_KEY``, no ``~/.netrc`` entry); sync later with
+* W&B: files in ``<run_dir>/wandb/``. Offline mode when ``WANDB_MODE=offline`` (or ``disabled``),
+  when no API key is configured (no ``WANDB_API_KEY``, no ``~/.netrc`` entry), or when the online
+  init fails (no network: after wandb's init timeout, ``WANDB_INIT_TIMEOUT``); sync later with
   ``wandb sync <run_dir>/wandb/offline-run-*``. The W&B run id is kept in ``<run_dir>/wandb_id.txt``
   so a resumed run continues the same W&B run.
 """
@@ -103,11 +104,19 @@ class WandbTracker:
         if mode == "offline" and not os.environ.get("WANDB_MODE"):
             print(f"wandb: no API key configured; logging offline to {run_dir / 'wandb'} "
                   "(sync later with `wandb sync`)", file=sys.stderr)
-        self.run = wandb.init(
+        kwargs = dict(
             project=cfg.train.wandb_project, entity=cfg.train.wandb_entity, name=cfg.name, dir=str(run_dir),
-            config=cfg.model_dump(mode="json"), mode=mode, id=run_id, resume="allow" if run_id else None,
+            config=cfg.model_dump(mode="json"), id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(console="off", silent=True),
         )
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as exc:  # no network / server unreachable / bad key: keep the run, log offline
+            if mode != "online":
+                raise
+            print(f"wandb: online init failed ({type(exc).__name__}: {str(exc)[:200]}); logging offline to "
+                  f"{run_dir / 'wandb'} instead", file=sys.stderr)
+            self.run = wandb.init(mode="offline", **kwargs)
         if self.run is not None and getattr(self.run, "id", None):
             id_file.write_text(self.run.id)
 
