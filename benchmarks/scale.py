@@ -2,6 +2,11 @@
 
     python benchmarks/scale.py                      # default sweep, prints a markdown table
     python benchmarks/scale.py --ns 1024 4096 --kinds sparse --json out.json
+    python benchmarks/scale.py --ns 1024 2048 4096 8192 16384 32768 65536 --threads 1 --repeats 1 --million
+                                                    # the run recorded in BENCHMARKS.md
+
+``--threads 1`` is advisable on a shared/oversubscribed machine: with 2+ threads per child, OpenMP
+barriers stall when other jobs hold the cores, and small per-chunk ops pay tens of ms each.
 
 Model: a 2D grid sheet of N columns (N = 1,024 ... 131,072), untied columns of width 32, one head
 with query/key dimension 16, MLP ratio 1, recurrent, 4 steps; sparse = ``Connectivity.local(k=64)``,
