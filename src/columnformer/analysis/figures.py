@@ -95,6 +95,8 @@ def layer_flow(trained: dict, init: dict | None, path: Path) -> str | None:
     im = axes[1].imshow(m, cmap="magma", vmin=0, vmax=1)
     for (i, j), v in np.ndenumerate(m):
         axes[1].text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    axes[1].set_xticks(range(m.shape[1]))
+    axes[1].set_yticks(range(m.shape[0]))
     axes[1].set_xlabel("key layer Lk (read)")
     axes[1].set_ylabel("query layer Lq (reader)")
     axes[1].set_title("mass by layer pair (rows sum to 1, mean over steps)")
