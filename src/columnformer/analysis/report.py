@@ -156,13 +156,14 @@ function baseColours(){
 }
 function incoming(i,t){const out=[];const base=(t*N+i)*M;
   for(let r=0;r<M;r++){const off=A.src_offset[base+r];if(off===-2147483648)continue;out.push([i+off,A.weight[base+r]]);}return out;}
-let lit=[];
+let lit=[], greyed=false;
 function render(){
   label.textContent='step '+step()+' / '+T;
-  for(const j of lit)rects[j].classList.remove('src');lit=[];
-  if(selected<0){baseColours();return;}
+  const prev=lit;lit=[];for(const j of prev)rects[j].classList.remove('src');
+  if(selected<0){greyed=false;baseColours();return;}
   const t=step()-1, inc=incoming(selected,t);
-  for(let i=0;i<N;i++)rects[i].setAttribute('fill','#e3e3e3');
+  if(!greyed){for(let i=0;i<N;i++)rects[i].setAttribute('fill','#e3e3e3');greyed=true;}
+  else{for(const j of prev)rects[j].setAttribute('fill','#e3e3e3');}
   const wmax=inc.length?inc[0][1]:1;
   for(const [j,w] of inc){rects[j].setAttribute('fill',ramp(w/(wmax||1)));rects[j].classList.add('src');lit.push(j);}
   for(const r of svg.querySelectorAll('rect.sel'))r.classList.remove('sel');
@@ -195,7 +196,7 @@ async function init(){
     r.setAttribute('width',s);r.setAttribute('height',s);r.setAttribute('data-col',i);rects.push(r);frag.appendChild(r);}
   svg.appendChild(frag);
   svg.addEventListener('click',e=>{const r=e.target.closest('[data-col]');if(r)select(parseInt(r.getAttribute('data-col'),10));});
-  slider.addEventListener('input',render);slider.addEventListener('change',render);mode.addEventListener('change',render);
+  slider.addEventListener('input',render);slider.addEventListener('change',render);mode.addEventListener('change',()=>{greyed=false;if(selected>=0){selected=-1;panel.innerHTML='<p class="muted">click a column</p>';delete panel.dataset.col;}render();});
   document.getElementById('clear-sel').addEventListener('click',()=>{selected=-1;for(const r of svg.querySelectorAll('rect.sel'))r.classList.remove('sel');panel.innerHTML='<p class="muted">click a column</p>';delete panel.dataset.col;render();});
   render();
   window.columnformerExplorer={select,render,incoming:(i,s)=>incoming(i,s-1),n:N,steps:T,m:M};
