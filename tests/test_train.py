@@ -252,3 +252,16 @@ def test_resume_of_finished_run_only_re_evaluates(tmp_path):
     summary = train(tiny_cfg(tmp_path, "name=done", "train.max_steps=6"))
     again = resume(tmp_path / "done")
     assert again["steps"] == summary["steps"] and again["test_acc"] == summary["test_acc"]
+
+
+def test_label_smoothing_changes_only_the_training_loss(tmp_path):
+    plain = Trainer(tiny_cfg(tmp_path, "name=ls0", "train.max_steps=1", "train.log_every=1"), tmp_path / "ls0")
+    smooth = Trainer(
+        tiny_cfg(tmp_path, "name=ls1", "train.max_steps=1", "train.log_every=1", "train.label_smoothing=0.3"),
+        tmp_path / "ls1",
+    )
+    plain.train_epoch()
+    smooth.train_epoch()
+    a, b = plain.metrics.read()[0], smooth.metrics.read()[0]
+    assert a["acc"] == b["acc"]  # same first batch, same initial model
+    assert b["task_loss"] != pytest.approx(a["task_loss"], rel=1e-3)

@@ -159,6 +159,7 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(256, ge=1)
     seed: int = 0
     wiring_lambda: float = Field(0.0, ge=0, description="weight of the wiring cost in the loss")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training cross-entropy")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics lines")
     ckpt_every: int = Field(50, ge=1, description="optimizer steps between 'last' checkpoints (also each epoch)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -385,12 +385,14 @@ class Trainer:
                     wiring = trace.wiring_cost.float()
                     if valid is None:
                         b = len(labels)
-                        task_loss = F.cross_entropy(logits.float(), labels)
+                        task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
                         loss = task_loss + tc.wiring_lambda * wiring
                         objective = loss / accum
                     else:  # sum over this rank's samples / global count * world: DDP's mean gives the global mean
                         b = valid
-                        ce_sum = F.cross_entropy(logits.float(), labels, reduction="sum") * (1.0 if b else 0.0)
+                        ce_sum = F.cross_entropy(
+                            logits.float(), labels, reduction="sum", label_smoothing=tc.label_smoothing
+                        ) * (1.0 if b else 0.0)
                         task_loss = ce_sum / max(b, 1)
                         loss = task_loss + tc.wiring_lambda * wiring
                         objective = (ce_sum + tc.wiring_lambda * wiring * b) * (self.dist.world_size / global_n) / accum
