@@ -101,7 +101,7 @@ def _resolve_base(base: Any, grid_path: Path) -> Path:
     candidates = [grid_path.parent / base, Path(base)]
     for c in candidates:
         if c.is_file():
-            return c
+            return Path(os.path.normpath(c))
     raise ConfigError(
         f"grid {str(grid_path)!r}: base config {base!r} does not exist "
         f"(looked in {', '.join(repr(str(c)) for c in candidates)})"
@@ -330,8 +330,12 @@ def collect(grid: Grid) -> list[dict]:
         sums = []
         for seed in grid.seeds:
             p = grid.out_dir / grid.run_name(config.name, seed) / "summary.json"
-            if p.exists():
+            try:
                 sums.append(json.loads(p.read_text()))
+            except FileNotFoundError:
+                pass
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                print(f"warning: unreadable {p} (being written?); left out of the table", file=sys.stderr)
         row: dict[str, Any] = {"config": config.name, "note": config.note, "seeds": len(sums),
                                "num_params": sums[0]["num_params"] if sums else grid.params.get(config.name)}
         for key, col in (("test_acc", "test_acc"), ("best_val_acc", "val_acc"),
