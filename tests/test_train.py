@@ -238,7 +238,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     assert proc.wait(timeout=300) == 0
     assert kills >= 2, "the run finished before it could be killed twice; the test lost its point"
     resumed = json.loads((run_dir / "summary.json").read_text())
-    for key in ("steps", "epochs", "best_val_acc", "test_acc", "final_test_acc"):
+    for key in ("steps", "epochs", "best_val_acc", "test_acc", "best_val_test_acc"):
         assert resumed[key] == reference[key], key
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
     _assert_same_metrics(_metrics(run_dir), _metrics(tmp_path / "whole"))

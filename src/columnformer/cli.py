@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run on a split", description="Evaluate a run's checkpoint on a data split; prints JSON.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", default="test", help="data split (default: test)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint (default: best)")
+    p.add_argument(
+        "--checkpoint", default="last", choices=("best", "last"),
+        help="which checkpoint: the final model (last, default; summary.json's test_acc) or the best on validation",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts", description="List named model presets, their parameter counts and geometries.")

@@ -122,8 +122,8 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     return load_config(cfg_path)
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
-    """Load a run directory: the model with its ``best`` (or ``last``) weights, config and metrics."""
+def load_run(run_dir: str | Path, checkpoint: str = "last") -> Run:
+    """Load a run directory: the model with its final (``last``) or ``best``-on-validation weights, config, metrics."""
     from .presets import build_model
 
     run_dir = Path(run_dir)

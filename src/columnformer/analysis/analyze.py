@@ -63,7 +63,7 @@ class AnalysisOptions:
     seed: int = 0
     init: bool = True  # also analyse the untrained model
     response: str = "norm"
-    checkpoint: str = "best"
+    checkpoint: str = "last"
     figures: bool = True
 
 

@@ -17,7 +17,7 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edges-per-column", type=float, default=4.0, help="strong graph keeps round(x*N) heaviest edges (default 4)")
     p.add_argument("--top-m", type=int, default=16, help="strongest incoming edges kept per column per step (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of pair samples, shuffles and random graphs")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--checkpoint", default="last", choices=("best", "last"), help="final model (last, default) or best on validation")
     p.add_argument("--no-init", action="store_true", help="skip the comparison with the untrained model")
     p.add_argument("--no-figures", action="store_true", help="write numbers only")
 
