@@ -265,3 +265,26 @@ def test_label_smoothing_changes_only_the_training_loss(tmp_path):
     a, b = plain.metrics.read()[0], smooth.metrics.read()[0]
     assert a["acc"] == b["acc"]  # same first batch, same initial model
     assert b["task_loss"] != pytest.approx(a["task_loss"], rel=1e-3)
+
+
+def test_rewiring_during_training_is_logged_and_changes_edges(tmp_path):
+    cfg = tiny_cfg(
+        tmp_path, "name=rw", "train.max_steps=6", "model.connectivity.kind=local", "model.connectivity.k=12",
+        "train.rewire.every=3", "train.rewire.fraction=0.25",
+    )
+    trainer = Trainer(cfg, tmp_path / "rw")
+    before = trainer.model.sheet.edge_index.clone()
+    trainer.fit()
+    records = [m for m in trainer.metrics.read() if m["type"] == "rewire"]
+    assert [r["step"] for r in records] == [3, 6]
+    assert all(r["edges_replaced"] > 0 for r in records)
+    after = trainer.model.sheet.edge_index
+    assert after.shape == before.shape and (after != before).any()
+    assert trainer.model.sheet.edge_mask.all()
+    # the rewired edges are part of the checkpoint, so a loaded run has the trained wiring
+    assert torch.equal(load_run(tmp_path / "rw").model.sheet.edge_index, after)
+
+
+def test_rewire_needs_a_sparse_sheet():
+    with pytest.raises(ConfigError, match="train.rewire.every needs a sparse sheet"):
+        build_config({}, ["preset=digits", "train.rewire.every=10"])
