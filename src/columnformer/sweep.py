@@ -365,8 +365,8 @@ def markdown_table(grid: Grid, rows: list[dict]) -> str:
     lines = [
         f"Sweep `{grid.name}` ({grid.path}); base `{grid.base}`; seeds {grid.seeds}; "
         f"common overrides: `{' '.join(grid.common) or '(none)'}`.",
-        "Accuracy in %, mean ± sample standard deviation over seeds; test accuracy of the best-on-validation "
-        "checkpoint; wiring cost on the test split (unscaled by lambda); throughput = training samples/s.",
+        "Accuracy in %, mean ± sample standard deviation over seeds; test accuracy of the final model "
+        "(summary.json test_acc); val acc = best validation accuracy; wiring cost on the test split (unscaled by lambda); throughput = training samples/s.",
         "",
         "| config | params | seeds | test acc (%) | val acc (%) | wiring cost | samples/s | wall time (s) | note |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
