@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .analysis.connectivity import attention_vs_distance, edge_distances, edge_mask, mean_attention  # noqa: E402
+from .analysis.figures import attention_vs_distance as attention_vs_distance_figure  # noqa: E402
 
 
 def learning_curves(metrics: list[dict], path: Path) -> None:
@@ -33,20 +34,6 @@ def learning_curves(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def attention_distance_figure(profile: dict, path: Path, title: str = "") -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for t, w in enumerate(profile["weight"]):
-        ax.plot(profile["bin_centers"], w, "o-", ms=3, label=f"step {t + 1}")
-    ax.set_yscale("log")
-    ax.set_xlabel("distance between columns")
-    ax.set_ylabel("mean attention weight per connection")
-    ax.set_title(title or "attention vs distance")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_figures(run_dir: Path, model, loader, device="cpu", max_batches: int = 8) -> dict:
     """Write figures/learning_curves.png and figures/attention_vs_distance.png; return the profile."""
     run_dir = Path(run_dir)
@@ -57,5 +44,8 @@ def run_figures(run_dir: Path, model, loader, device="cpu", max_batches: int = 8
     sheet = model.sheet
     mean_attn = mean_attention(model, loader, device, max_batches=max_batches)
     profile = attention_vs_distance(mean_attn, edge_distances(sheet), edge_mask(sheet))
-    attention_distance_figure(profile, fig_dir / "attention_vs_distance.png", f"{sheet.geometry.name}")
+    # the same plot `columnformer analyze` draws (without the initialisation overlay)
+    attention_vs_distance_figure(
+        {"connectivity": {"attention_vs_distance": profile}}, None, fig_dir / "attention_vs_distance.png", sheet.geometry.name
+    )
     return profile
