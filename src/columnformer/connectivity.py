@@ -156,7 +156,7 @@ class Connectivity:
     def _from_index(cls, geometry, index: np.ndarray, mask: np.ndarray, kind: str, scale=None) -> "Connectivity":
         rows = np.arange(geometry.n, dtype=np.int64)[:, None]
         index = np.where(mask, index, rows)  # padding points at the column itself
-        dist = _edge_distances(geometry, index)
+        dist = edge_lengths(geometry, index)
         dist[~mask] = 0.0
         return cls(
             geometry=geometry,
@@ -238,10 +238,12 @@ def _as_edge_matrix(attn_mean, shape: tuple[int, int]) -> np.ndarray:
     return a.numpy()
 
 
-def _edge_distances(geometry: Geometry, index: np.ndarray, rows_per_chunk: int = 1 << 15) -> np.ndarray:
-    """(N, K) float32 distances from each column to its sources, in chunks of rows."""
+def edge_lengths(
+    geometry: Geometry, index: np.ndarray, rows_per_chunk: int = 1 << 15, dtype=np.float32
+) -> np.ndarray:
+    """(N, K) distances from each column to its sources ``index``, computed in chunks of rows."""
     n = index.shape[0]
-    out = np.empty(index.shape, dtype=np.float32)
+    out = np.empty(index.shape, dtype=dtype)
     for s in range(0, n, rows_per_chunk):
         e = min(n, s + rows_per_chunk)
         out[s:e] = geometry.pair_distances(np.arange(s, e)[:, None], index[s:e])

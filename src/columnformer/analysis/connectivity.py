@@ -11,9 +11,9 @@ def edge_distances(sheet) -> np.ndarray:
     geometry = sheet.geometry
     if sheet.edge_index is None:
         return sheet.connectivity.dist.double().numpy()
-    src = sheet.edge_index.cpu().numpy()
-    dst = np.broadcast_to(np.arange(geometry.n)[:, None], src.shape)
-    return geometry.pair_distances(dst, src)
+    from ..connectivity import edge_lengths
+
+    return edge_lengths(geometry, sheet.edge_index.cpu().numpy(), dtype=np.float64)
 
 
 def edge_mask(sheet) -> np.ndarray:
