@@ -423,8 +423,6 @@ def rewire_sheet(
     ``attn_mean``: (N, K) mean attention per edge, or any tensor with (N, K) as last dims (e.g. the
     stacked ``trace.attn`` of shape (T, B, H, N, K)), averaged over the leading dims.
     """
-    from .attention import local_bias_init
-
     if getattr(sheet, "edge_index", None) is None:
         raise ConnectivityError("rewire_sheet() needs a sheet built with a sparse connectivity")
     old = Connectivity.from_index(
@@ -437,13 +435,8 @@ def rewire_sheet(
     with torch.no_grad():
         sheet.edge_index.copy_(new.index.to(device))
         sheet.edge_mask.copy_(new.mask.to(device))
-        p = sheet.cfg.wiring_p
-        w = new.dist.double() ** p / sheet.geometry.mean_distance_power(p)
-        sheet.wiring_weight.copy_(w.to(sheet.wiring_weight))
-        if sheet.cfg.attn_bias == "local":
-            init = local_bias_init(new.dist, sheet.cfg.bias_sigma, sheet.cfg.bias_min)
-        else:
-            init = torch.zeros_like(new.dist)
+        sheet.wiring_weight.copy_(sheet.wiring_weights(new.dist).to(sheet.wiring_weight))
+        init = sheet.bias_init(new.dist)
         for block in sheet.blocks:
             bias = block.attn.bias
             if bias is None:

@@ -166,8 +166,7 @@ class Columnformer(nn.Module):
         n, c = geometry.n, cfg.width
         self.register_buffer("input_idx", torch.from_numpy(_area(geometry, input_area, "input_area")), persistent=False)
         self.register_buffer("output_idx", torch.from_numpy(_area(geometry, output_area, "output_area")), persistent=False)
-        w = self.connectivity.dist.double() ** cfg.wiring_p / geometry.mean_distance_power(cfg.wiring_p)
-        self.register_buffer("wiring_weight", w.float(), persistent=False)  # (N, N) or (N, K)
+        self.register_buffer("wiring_weight", self.wiring_weights(self.connectivity.dist), persistent=False)
         # sparse edges travel with the model (and its checkpoints: rewiring changes them)
         conn = self.connectivity
         self.register_buffer("edge_index", None if conn.is_dense else conn.index.clone())
@@ -183,10 +182,21 @@ class Columnformer(nn.Module):
         for emb in (self.pos_embed, self.time_embed):
             if emb is not None:
                 nn.init.trunc_normal_(emb, std=INIT_STD)
-        if self.cfg.attn_bias == "local":
-            init = local_bias_init(self.connectivity.dist, self.cfg.bias_sigma, self.cfg.bias_min)
+        if self.cfg.attn_bias != "none":
+            init = self.bias_init(self.connectivity.dist)
             for block in self.blocks:
                 block.attn.bias.data.copy_(init)
+
+    def wiring_weights(self, dist: torch.Tensor) -> torch.Tensor:
+        """``W = D^p / mean(D^p)`` for edges of length ``dist``, (N, N) or (N, K), float32."""
+        p = self.cfg.wiring_p
+        return (dist.double() ** p / self.geometry.mean_distance_power(p)).float()
+
+    def bias_init(self, dist: torch.Tensor) -> torch.Tensor:
+        """Initial attention bias of edges of length ``dist``: ``clamp(-d^2 / 2 sigma^2, min)`` or zeros."""
+        if self.cfg.attn_bias == "local":
+            return local_bias_init(dist, self.cfg.bias_sigma, self.cfg.bias_min)
+        return torch.zeros_like(dist)
 
     @property
     def n(self) -> int:
