@@ -91,3 +91,38 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
             "was the config changed after the run was created?"
         )
     model.load_state_dict(state_dict)
+
+
+HEAD_PREFIXES = ("head.", "mask_token")
+
+
+def load_pretrained(model: torch.nn.Module, run_dir: str | Path, head_prefixes: tuple[str, ...] = HEAD_PREFIXES) -> dict:
+    """Initialise ``model`` from the final weights of another run (fine-tuning: weights only).
+
+    The backbone (patch embedding, sheet) must match exactly; a clear :class:`CheckpointError` names
+    what differs. Task-head tensors (``head.*``, the mask token) that are absent or shaped differently
+    keep their fresh initialisation. Returns ``{"source", "loaded", "skipped", "unused"}`` (key lists).
+    """
+    ckpt = Path(run_dir) / "checkpoints" / "last.pt"
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise CheckpointError(f"init_from={str(run_dir)!r} is not a run directory (no config.yaml); pass runs/<name>")
+    source = load_checkpoint(ckpt)["model"]
+    own = model.state_dict()
+    is_head = lambda k: k.startswith(head_prefixes)  # noqa: E731
+    skipped = sorted(k for k in own if is_head(k) and (k not in source or source[k].shape != own[k].shape))
+    backbone_missing = sorted(k for k in own if not is_head(k) and k not in source)
+    backbone_shapes = [
+        f"{k}: {tuple(source[k].shape)} in {ckpt} vs {tuple(v.shape)} here"
+        for k, v in own.items()
+        if not is_head(k) and k in source and source[k].shape != v.shape
+    ]
+    if backbone_missing or backbone_shapes:
+        detail = "; ".join([*(f"missing {k}" for k in backbone_missing[:5]), *backbone_shapes[:5]])
+        raise CheckpointError(
+            f"init_from={str(run_dir)!r}: its sheet / patch embedding does not match this model ({detail}); "
+            "use the same model settings as the pre-training run (only the task head may differ)"
+        )
+    loaded = sorted(k for k in own if k not in skipped)
+    model.load_state_dict({**own, **{k: source[k] for k in loaded}})
+    unused = sorted(set(source) - set(own))
+    return {"source": str(run_dir), "loaded": len(loaded), "skipped": skipped, "unused": unused}

@@ -42,15 +42,16 @@ def _cmd_eval(args) -> int:
 
     from .data import build_datasets
     from .run import load_run
-    from .train import evaluate
+    from .tasks import build_task, evaluate
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint)
     cfg = run.config
+    task = build_task(cfg.task, cfg.model)
     sets = build_datasets(cfg.data, cfg.model, seed=cfg.train.seed)
     if args.split not in sets:
         raise ValueError(f"split {args.split!r} not in this dataset; available: {', '.join(sets)}")
-    loader = DataLoader(sets[args.split], batch_size=cfg.train.eval_batch_size)
-    result = evaluate(run.model, loader, "cpu")
+    loader = DataLoader(task.dataset(sets[args.split], args.split, seed=cfg.train.seed), batch_size=cfg.train.eval_batch_size)
+    result = evaluate(task, run.model, loader, "cpu")
     result = {"run": str(run.path), "checkpoint": run.checkpoint, "split": args.split, **result}
     print(json.dumps(result, indent=2))
     return 0
@@ -69,8 +70,10 @@ def _cmd_presets(args) -> int:
 
 def _print_summary(summary: dict, dist) -> None:
     if dist is None or dist.rank == 0:
-        keys = ("name", "num_params", "steps", "best_val_acc", "test_acc", "wall_time_s", "train_samples_per_s", "baseline")
-        print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+        head = ("name", "task", "num_params", "steps")
+        scores = [k for k in summary if k.startswith("best_val_") or k in ("test_acc", "test_loss")]
+        keys = (*head, *scores, "wall_time_s", "train_samples_per_s", "baseline")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
 
 
 def _maybe_distributed(cfg):

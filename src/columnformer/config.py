@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .sheet import SheetConfig
+from .tasks import ClassifyConfig, MimConfig
+
+_TASK_CLASSES = {"classify": ClassifyConfig, "mim": MimConfig}
+TaskSection = Annotated[Union[ClassifyConfig, MimConfig], Field(discriminator="name")]
 
 CONFIG_SCHEMA_VERSION = 1
 
@@ -81,10 +85,16 @@ class ModelConfig(_Strict):
     num_classes: int = Field(10, ge=1)
     pool: Literal["avg", "spatial"] = "avg"
     input_area: Literal["bottom", "all"] = "bottom"
-    output_area: Literal["top", "all"] = "top"
+    output_area: Literal["top", "all", "bottom"] = Field("top", description="columns the task head reads (MIM: the read-out area)")
     geometry: GeometryConfig = Field(default_factory=GeometryConfig)
     connectivity: ConnectivityConfig = Field(default_factory=ConnectivityConfig)
     sheet: SheetConfig = Field(default_factory=SheetConfig)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Patches per image along (height, width)."""
+        stride = self.stride or self.patch
+        return tuple((s - self.patch) // stride + 1 for s in self.image_size)
 
 
 class DataConfig(_Strict):
@@ -97,6 +107,14 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     augment: bool = True
     num_workers: int = Field(0, ge=0)
+    labels_fraction: float = Field(
+        1.0, gt=0, le=1, description="train on a class-balanced share of the training split (label-efficiency studies)"
+    )
+    labels_holdout: float = Field(
+        0.0, ge=0, lt=1,
+        description="hold out this class-balanced share of the training labels as the validation split (0: the val split)",
+    )
+    labels_seed: int = Field(0, description="seed of the labelled subset and its hold-out")
     # ---- image sources (hf, folder); see data/hf.py, data/folder.py, data/transforms.py
     hf_config: str | None = Field(None, description="Hugging Face dataset configuration name (hf)")
     train_split: str = Field("train", description="split (hf) or sub-folder (folder) to train on")
@@ -159,7 +177,6 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(256, ge=1)
     seed: int = 0
     wiring_lambda: float = Field(0.0, ge=0, description="weight of the wiring cost in the loss")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training cross-entropy")
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics lines")
     ckpt_every: int = Field(50, ge=1, description="optimizer steps between 'last' checkpoints (also each epoch)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -185,6 +202,10 @@ class RunConfig(_Strict):
     name: str = "digits"
     out_dir: str = "runs"
     preset: str | None = Field(None, description="named model preset the 'model' section starts from")
+    init_from: str | None = Field(
+        None, description="run directory whose final weights initialise this run (fine-tuning; a new optimiser)"
+    )
+    task: TaskSection = Field(default_factory=ClassifyConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -194,6 +215,11 @@ class RunConfig(_Strict):
     def _check(self) -> "RunConfig":
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 needs a GPU (gradient scaling); use bf16 on CPU")
+        if self.task.name == "mim":
+            from .tasks.mim import num_masked
+
+            gh, gw = self.model.patch_grid
+            num_masked(self.task.mask_fraction, gh * gw)
         if self.train.rewire.every and self.model.connectivity.kind == "dense":
             raise ValueError(
                 "train.rewire.every needs a sparse sheet: set model.connectivity.kind to 'local' or 'local_long_range'"
@@ -205,23 +231,27 @@ class RunConfig(_Strict):
 def _format_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        loc = tuple(e["loc"])
+        if len(loc) > 1 and loc[0] == "task" and loc[1] in _TASK_CLASSES:  # drop the union's tag from the key
+            loc = ("task", *loc[2:])
+            e = {**e, "loc": loc, "task": loc and e["loc"][1]}
+        key = ".".join(str(p) for p in loc if p != "__root__")
         key = f"{prefix}{key}" if key else prefix.rstrip(".") or "(config)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{key}'{_allowed_hint(e['loc'])}")
+            lines.append(f"unknown config key '{key}'{_allowed_hint(e['loc'], e.get('task'))}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 
-def _allowed_hint(loc: tuple) -> str:
+def _allowed_hint(loc: tuple, task: str | None = None) -> str:
     model: Any = RunConfig
     for part in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return ""
-        model = field.annotation
+        model = _TASK_CLASSES[task] if (part == "task" and task) else field.annotation
     fields = getattr(model, "model_fields", None)
     return f"; allowed keys here: {', '.join(fields)}" if fields else ""
 
@@ -257,14 +287,20 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
     raw = copy.deepcopy(raw or {})
     if not isinstance(raw, dict):
         raise ConfigError("a config file must hold a mapping of sections (model, data, optim, train)")
+    _normalise_task(raw)
     for item in overrides:
         path, value = parse_override(item)
+        if path == ["task"] and isinstance(value, str) and isinstance(raw.get("task"), dict):
+            raw["task"]["name"] = value  # `task=mim` keeps task options given before it
+            continue
+        _normalise_task(raw)
         node = raw
         for p in path[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{p}' is not a section")
         node[path[-1]] = value
+    _normalise_task(raw)
     preset = raw.get("preset")
     if preset is not None:
         model = raw.get("model") or {}
@@ -275,6 +311,27 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+
+
+def _normalise_task(raw: dict) -> None:
+    """``task: mim`` -> ``task: {name: mim}``; the former ``train.label_smoothing`` -> ``task.label_smoothing``."""
+    task = raw.get("task")
+    if isinstance(task, str):
+        raw["task"] = {"name": task}
+    elif isinstance(task, dict):
+        task.setdefault("name", "classify")
+    elif task is not None and not isinstance(task, dict):
+        raise ConfigError(f"config key 'task' must be a task name (classify, mim) or a section, got {task!r}")
+    train = raw.get("train")
+    if isinstance(train, dict) and "label_smoothing" in train:
+        smoothing = train.pop("label_smoothing")
+        task = raw.setdefault("task", {"name": "classify"})
+        if task.get("name", "classify") != "classify" and smoothing:
+            raise ConfigError("train.label_smoothing belongs to classification; it cannot be set for task "
+                              f"{task.get('name')!r}")
+        if task.get("name", "classify") == "classify":
+            task.setdefault("name", "classify")
+            task.setdefault("label_smoothing", smoothing)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -21,8 +21,12 @@ def learning_curves(metrics: list[dict], path: Path) -> None:
     axes[0].plot([m["step"] for m in steps], [m["task_loss"] for m in steps], label="train task loss")
     axes[0].plot([m["step"] for m in epochs], [m["val_loss"] for m in epochs], "o-", label="val loss")
     axes[0].set_yscale("log")
-    axes[1].plot([m["step"] for m in steps], [m["acc"] for m in steps], label="train acc")
-    axes[1].plot([m["step"] for m in epochs], [m["val_acc"] for m in epochs], "o-", label="val acc")
+    if steps and "acc" in steps[0]:
+        axes[1].plot([m["step"] for m in steps], [m["acc"] for m in steps], label="train acc")
+        axes[1].plot([m["step"] for m in epochs], [m["val_acc"] for m in epochs], "o-", label="val acc")
+    else:  # tasks without accuracy (e.g. masked image modeling): the loss on a linear scale
+        axes[1].plot([m["step"] for m in steps], [m["task_loss"] for m in steps], label="train task loss")
+        axes[1].plot([m["step"] for m in epochs], [m["val_loss"] for m in epochs], "o-", label="val loss")
     axes[2].plot([m["step"] for m in steps], [m["wiring_cost"] for m in steps], label="wiring cost")
     axes[2].plot([m["step"] for m in steps], [m["attn_entropy"] for m in steps], label="attention entropy")
     for ax, title in zip(axes, ["loss", "accuracy", "attention"]):

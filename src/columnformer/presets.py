@@ -85,20 +85,39 @@ def get_preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
-def build_model(cfg) -> nn.Module:
-    """Build a :class:`VisionColumnformer` from a ModelConfig (or a preset name / field dict)."""
+def model_config(cfg):
+    """A validated ModelConfig from a ModelConfig, a preset name or a dict of fields."""
     from .config import ModelConfig
-    from .sheet import Columnformer
-    from .vision import ClassifierHead, PatchEmbed, VisionColumnformer
 
     if isinstance(cfg, str):
         cfg = get_preset(cfg)
     if isinstance(cfg, dict):
         cfg = ModelConfig.model_validate(cfg)
+    return cfg
+
+
+def build_backbone(cfg):
+    """The patch embedding and the sheet of a ModelConfig: ``(PatchEmbed, Columnformer)``."""
+    from .sheet import Columnformer
+    from .vision import PatchEmbed
+
+    cfg = model_config(cfg)
     geometry = cfg.geometry.build()
     connectivity = cfg.connectivity.build(geometry)
     sheet = Columnformer(cfg.sheet, geometry, connectivity, cfg.input_area, cfg.output_area)
     embed = PatchEmbed(cfg.image_size, cfg.in_chans, cfg.patch, cfg.stride or cfg.patch, cfg.sheet.width)
+    return embed, sheet
+
+
+def build_model(cfg) -> nn.Module:
+    """Build a :class:`VisionColumnformer` classifier from a ModelConfig (or a preset name / field dict).
+
+    Other objectives build their own head around :func:`build_backbone` (see ``tasks/``).
+    """
+    from .vision import ClassifierHead, VisionColumnformer
+
+    cfg = model_config(cfg)
+    embed, sheet = build_backbone(cfg)
     head = ClassifierHead(cfg.sheet.width, cfg.num_classes, len(sheet.output_idx), cfg.pool)
     return VisionColumnformer(embed, sheet, head)
 

@@ -124,7 +124,7 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 
 def load_run(run_dir: str | Path, checkpoint: str = "last") -> Run:
     """Load a run directory: the model with its final (``last``) or ``best``-on-validation weights, config, metrics."""
-    from .presets import build_model
+    from .tasks import build_task
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -132,7 +132,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> Run:
     if not ckpt_path.exists() and checkpoint == "best":
         ckpt_path = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(ckpt_path)
-    model = build_model(cfg.model)
+    model = build_task(cfg.task, cfg.model).build_model()
     load_model_state(model, state["model"], source=str(ckpt_path))
     model.eval()
     summary_path = run_dir / "summary.json"

@@ -3,7 +3,8 @@
     train(cfg)            new run in cfg.out_dir/cfg.name
     train(cfg, resume=True) continue from checkpoints/last.pt exactly where it stopped
 
-Loss = cross-entropy + wiring_lambda * wiring cost (both logged). AdamW without weight decay on
+The objective comes from the run's task (``tasks/``: classify, mim, ...): loss = the task's loss +
+wiring_lambda * wiring cost (both logged), metrics and evaluation are the task's. AdamW without weight decay on
 biases, norms, embeddings and attention biases; linear warm-up then cosine decay; gradient
 clipping and accumulation. Data order and augmentation are keyed by (seed, epoch, index), and the
 checkpoint stores the position inside the epoch, so a resumed run replays exactly the batches an
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import sys
 import time
@@ -30,18 +30,17 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
 from .config import RunConfig
 from .data import EpochSampler, build_datasets
-from .presets import build_model, count_parameters
+from .presets import count_parameters
 from .run import MetricsLog, provenance, write_config
-
+from .runtime import autocast_context, resolve_device, seed_everything
+from .tasks import build_task, evaluate
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,21 +52,6 @@ class RunExistsError(FileExistsError):
 
 
 # ------------------------------------------------------------------ building blocks
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices only; none on biases, norms, embeddings and attention biases."""
     from torch import nn
@@ -78,7 +62,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
             norm = isinstance(module, (nn.LayerNorm, UntiedLayerNorm))
-            if norm or pname in ("bias", "pos_embed", "time_embed", "pool_weight"):
+            if norm or pname in ("bias", "pos_embed", "time_embed", "pool_weight", "mask_token", "query_embed"):
                 no_decay_ids.add(id(p))  # biases (incl. attention biases), norms, embeddings
     decay, no_decay = [], []
     for p in model.parameters():
@@ -100,58 +84,8 @@ def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
     return fn
 
 
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, precision: str = "fp32") -> dict[str, float]:
-    """Loss, accuracy, wiring cost and attention entropy over a loader."""
-    model.eval()
-    totals = {"loss": 0.0, "correct": 0, "wiring_cost": 0.0, "attn_entropy": 0.0, "n": 0}
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with autocast_context(precision, device):
-            logits, trace = model(images)
-        b = len(labels)
-        totals["loss"] += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        totals["correct"] += (logits.argmax(-1) == labels).sum().item()
-        totals["wiring_cost"] += trace.wiring_cost.item() * b
-        totals["attn_entropy"] += trace.attn_entropy.item() * b
-        totals["n"] += b
-    model.train()
-    n = max(1, totals["n"])
-    return {
-        "loss": totals["loss"] / n,
-        "acc": totals["correct"] / n,
-        "wiring_cost": totals["wiring_cost"] / n,
-        "attn_entropy": totals["attn_entropy"] / n,
-        "n": totals["n"],
-    }
-
-
-def logistic_regression_baseline(sets) -> dict[str, float] | None:
-    """Multinomial logistic regression on flattened pixels of the same split (for small in-memory sets)."""
-    from sklearn.linear_model import LogisticRegression
-
-    if not all(hasattr(sets[s], "images") for s in ("train", "test")):
-        return None
-    x_tr = sets["train"].images.flatten(1).numpy()
-    x_te = sets["test"].images.flatten(1).numpy()
-    clf = LogisticRegression(max_iter=5000, C=1.0)
-    clf.fit(x_tr, sets["train"].labels.numpy())
-    return {"logreg_test_acc": float(clf.score(x_te, sets["test"].labels.numpy()))}
-
-
 # ------------------------------------------------------------------ the loop
-_WINDOW_SUMS = ("loss", "task_loss", "wiring_cost", "attn_entropy", "correct", "n")
-
-
-def _empty_window() -> dict[str, float]:
-    return {"loss": 0.0, "task_loss": 0.0, "wiring_cost": 0.0, "attn_entropy": 0.0, "correct": 0, "n": 0, "time": 0.0}
+_WINDOW_SUMS = ("loss", "task_loss", "wiring_cost", "attn_entropy", "n")
 
 
 class Trainer:
@@ -168,9 +102,20 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         self.device = resolve_device(tc.device) if dist is None else dist.device
         seed_everything(tc.seed)
-        self.sets = build_datasets(cfg.data, cfg.model, seed=tc.seed)
-        self.model = build_model(cfg.model).to(self.device)
+        self.task = build_task(cfg.task, cfg.model)
+        self.data_sets = build_datasets(cfg.data, cfg.model, seed=tc.seed)  # labelled images
+        self.sets = {split: self.task.dataset(ds, split, seed=tc.seed) for split, ds in self.data_sets.items()}
+        self.model = self.task.build_model()
+        self.init_report = None
+        if cfg.init_from is not None and not resume:  # fine-tuning: weights only, the optimiser starts afresh
+            self.init_report = load_pretrained(self.model, cfg.init_from)
+            if self.is_main:
+                skipped = ", ".join(self.init_report["skipped"]) or "none"
+                print(f"init_from {cfg.init_from}: loaded {self.init_report['loaded']} tensors; re-initialised "
+                      f"(head shape differs or absent): {skipped}", file=sys.stderr)
+        self.model = self.model.to(self.device)
         self.num_params = count_parameters(self.model)
+        self.window_keys = (*_WINDOW_SUMS, *self.task.sum_keys)
         rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
         if tc.batch_size % world:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the world size {world}")
@@ -201,20 +146,24 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.best_acc, self.train_time = -1.0, 0.0
-        self.window, self._resumed_window = _empty_window(), None
+        self.best_score, self.train_time = None, 0.0  # best validation value of the task's ``select`` metric
+        self.window, self._resumed_window = self._empty_window(), None
         if resume:
             self._restore(self.ckpt_dir / "last.pt")
         elif self.is_main:
             self._create_run_dir()
         self.trackers = build_trackers(cfg, self.run_dir, enabled=self.is_main, resume_step=self.step if resume else None)
 
+    def _empty_window(self) -> dict[str, float]:
+        return {**{k: 0.0 for k in self.window_keys}, "time": 0.0}
+
     # -------------------------------------------------------------- run directory
     def _create_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_config(self.cfg, self.run_dir / "config.yaml")
+        extra = {"init_from": self.init_report} if self.init_report is not None else {}
         (self.run_dir / "provenance.json").write_text(
-            json.dumps({**provenance(), "num_params": self.num_params}, indent=2)
+            json.dumps({**provenance(), "num_params": self.num_params, **extra}, indent=2)
         )
         self.metrics.path.write_text("")
 
@@ -242,7 +191,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
             "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
-            "best_acc": self.best_acc,
+            "best_score": self.best_score,
             "train_time": self.train_time,
             "metrics_lines": self.metrics.count(),
             "config": self.cfg.model_dump(mode="json"),
@@ -251,7 +200,7 @@ class Trainer:
     def save(self, name: str) -> None:
         window = dict(self.window)
         if self.dist is not None:  # the window over all ranks (a collective: every rank calls save)
-            keys = _WINDOW_SUMS
+            keys = self.window_keys
             total = self.dist.all_reduce_sum(torch.tensor([float(window[k]) for k in keys], dtype=torch.float64))
             window.update(zip(keys, total.tolist()))
         if self.is_main or self._sharded:
@@ -264,7 +213,7 @@ class Trainer:
 
     def _load_model(self, state_dict: dict, source: str) -> None:
         if self._sharded:
-            ref = build_model(self.cfg.model)  # names and shapes, checked on an unsharded copy
+            ref = self.task.build_model()  # names and shapes, checked on an unsharded copy
             load_model_state(ref, state_dict, source=source)
             self.dist.load_model_state(self.model, state_dict)
         else:
@@ -301,8 +250,9 @@ class Trainer:
         pos = state["position"]
         self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
         if state.get("window") and self.is_main:  # other ranks restart from zero: rank 0 holds the sums
-            self._resumed_window = {**_empty_window(), **state["window"]}
-        self.best_acc, self.train_time = state["best_acc"], state["train_time"]
+            self._resumed_window = {**self._empty_window(), **state["window"]}
+        self.best_score = state["best_score"] if "best_score" in state else state.get("best_acc")
+        self.train_time = state["train_time"]
         if self.is_main:
             self.metrics.truncate(state["metrics_lines"])
 
@@ -344,7 +294,7 @@ class Trainer:
 
     def _eval_split(self, split: str) -> dict[str, float]:
         loader = self._loader(split)
-        result = evaluate(self.model, loader, self.device, self.cfg.train.precision)
+        result = evaluate(self.task, self.model, loader, self.device, self.cfg.train.precision)
         if self._sharded and hasattr(self.model, "reshard"):
             self.model.reshard()  # FSDP2 leaves the root's parameters gathered after a forward without backward
         return result
@@ -358,7 +308,7 @@ class Trainer:
         loader = self._loader("train", sampler=self.sampler, batch_size=self.local_batch)
         batches = iter(loader)
         # the metrics window; after a resume it continues the checkpointed one, so logged lines equal an uninterrupted run's
-        self.window = self._resumed_window or _empty_window()
+        self.window = self._resumed_window or self._empty_window()
         self._resumed_window = None
         bar = tqdm(
             total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
@@ -371,31 +321,29 @@ class Trainer:
                 return False
             t0 = time.perf_counter()
             for micro in range(accum):
-                images, labels = next(batches)
+                batch = list(next(batches))  # the task's tensors, e.g. (images, labels) or (images, mask)
                 valid = None
                 if self.dist is not None:  # leave out the padding of the last, smaller global batch
-                    valid, global_n = self._valid_in_batch(self.batch_in_epoch * accum + micro, len(labels))
-                    if valid < len(labels):
-                        images, labels = images[: max(valid, 1)], labels[: max(valid, 1)]
-                images, labels = images.to(self.device), labels.to(self.device)
+                    valid, global_n = self._valid_in_batch(self.batch_in_epoch * accum + micro, len(batch[0]))
+                    if valid < len(batch[0]):
+                        batch = [t[: max(valid, 1)] for t in batch]
+                batch = [t.to(self.device) for t in batch]
                 sync = self.dist.no_sync(self.wrapped) if (self.dist and micro < accum - 1) else nullcontext()
                 with sync:
                     with autocast_context(tc.precision, self.device):
-                        logits, trace = self.train_module(images)
+                        outputs, trace = self.task.forward(self.train_module, batch)
                     wiring = trace.wiring_cost.float()
                     if valid is None:
-                        b = len(labels)
-                        task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
+                        b = len(batch[0])
+                        task_loss = self.task.loss(outputs, batch, reduction="mean")
                         loss = task_loss + tc.wiring_lambda * wiring
                         objective = loss / accum
                     else:  # sum over this rank's samples / global count * world: DDP's mean gives the global mean
                         b = valid
-                        ce_sum = F.cross_entropy(
-                            logits.float(), labels, reduction="sum", label_smoothing=tc.label_smoothing
-                        ) * (1.0 if b else 0.0)
-                        task_loss = ce_sum / max(b, 1)
+                        loss_sum = self.task.loss(outputs, batch, reduction="sum") * (1.0 if b else 0.0)
+                        task_loss = loss_sum / max(b, 1)
                         loss = task_loss + tc.wiring_lambda * wiring
-                        objective = (ce_sum + tc.wiring_lambda * wiring * b) * (self.dist.world_size / global_n) / accum
+                        objective = (loss_sum + tc.wiring_lambda * wiring * b) * (self.dist.world_size / global_n) / accum
                     if not torch.isfinite(loss):
                         bar.close()
                         raise TrainingDiverged(
@@ -408,7 +356,8 @@ class Trainer:
                 self.window["task_loss"] += task_loss.item() * b
                 self.window["wiring_cost"] += wiring.item() * b
                 self.window["attn_entropy"] += trace.attn_entropy.item() * b
-                self.window["correct"] += (logits[:b].argmax(-1) == labels[:b]).sum().item()
+                for k, v in self.task.metric_sums(outputs[:b], [t[:b] for t in batch]).items():
+                    self.window[k] += v
                 self.window["n"] += b
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -437,7 +386,7 @@ class Trainer:
             if self.step % tc.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
                 world = 1 if self.dist is None else self.dist.world_size
                 if self.dist is not None:  # metrics over all ranks' samples
-                    keys = _WINDOW_SUMS
+                    keys = self.window_keys
                     total = self.dist.all_reduce_sum(torch.tensor([float(self.window[k]) for k in keys], dtype=torch.float64))
                     self.window.update({k: v for k, v in zip(keys, total.tolist())})
                 n = max(1, self.window["n"])
@@ -445,12 +394,13 @@ class Trainer:
                     "type": "step", "step": self.step, "epoch": self.epoch + 1,
                     "loss": self.window["loss"] / n, "task_loss": self.window["task_loss"] / n,
                     "wiring_cost": self.window["wiring_cost"] / n, "attn_entropy": self.window["attn_entropy"] / n,
-                    "acc": self.window["correct"] / n, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    **self.task.metrics(self.window, n), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "samples_per_s": (n if self.dist is not None else n * world) / max(self.window["time"], 1e-9),
                 }
                 self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-                self.window = _empty_window()
+                shown = {k: f"{record[k]:.3f}" for k in ("loss", self.task.select[0])}
+                bar.set_postfix(**shown, sps=f"{record['samples_per_s']:.0f}")
+                self.window = self._empty_window()
             if tc.rewire.every and self.step % tc.rewire.every == 0:
                 self.rewire()
             if self.step % tc.ckpt_every == 0 and self.batch_in_epoch < self.steps_per_epoch:
@@ -489,8 +439,9 @@ class Trainer:
             self._log(record)
             self.epoch += 1
             self.batch_in_epoch = 0
-            if val["acc"] > self.best_acc:
-                self.best_acc = val["acc"]
+            metric = self.task.select[0]
+            if self.task.better(val[metric], self.best_score):
+                self.best_score = val[metric]
                 self.save("best")
             self.save("last")
         return self.finish(time.perf_counter() - wall0)
@@ -500,7 +451,8 @@ class Trainer:
 
         The headline ``test_*`` numbers are the final model's (the schedule anneals the learning rate
         to ``min_lr_frac``; a small validation split makes picking the best epoch noisy);
-        ``best_val_test_acc`` is the test accuracy of the best-on-validation checkpoint.
+        ``best_val_test_<metric>`` is the test value of the task's ``select`` metric (classify: acc)
+        for the best-on-validation checkpoint.
         """
         self.save("last")
         final_test = self._eval_split("test")
@@ -510,24 +462,25 @@ class Trainer:
             self._load_model(load_checkpoint(best_path)["model"], str(best_path))
             best_test = self._eval_split("test")
         trained = self.step * self.cfg.train.batch_size * self.cfg.optim.accum_steps
+        metric = self.task.select[0]
         summary = {
             "name": self.cfg.name,
             "preset": self.cfg.preset,
+            "task": self.task.name,
             "num_params": self.num_params,
             "steps": self.step,
             "epochs": self.epoch,
-            "best_val_acc": self.best_acc,
-            "test_acc": final_test["acc"],
-            "test_loss": final_test["loss"],
-            "test_wiring_cost": final_test["wiring_cost"],
-            "test_attn_entropy": final_test["attn_entropy"],
-            "best_val_test_acc": best_test["acc"],
+            f"best_val_{metric}": self.best_score,
+            **{f"test_{k}": v for k, v in final_test.items() if k != "n"},
+            f"best_val_test_{metric}": best_test[metric],
             "train_time_s": self.train_time,
             "wall_time_s": wall_time,
             "train_samples_per_s": trained / max(self.train_time, 1e-9),
             "world_size": self.world_size,
             "precision": self.cfg.train.precision,
         }
+        if self.init_report is not None:
+            summary["init_from"] = self.init_report
         bad = self._bad_images()
         if bad is not None:
             summary["bad_images"] = bad
@@ -535,16 +488,18 @@ class Trainer:
         if self._sharded:  # figures run on rank 0 alone: give it an unsharded copy (gathering is collective)
             full = self.dist.model_state_dict(self.model)
             if self.is_main:
-                figure_model = build_model(self.cfg.model).to(self.device)
+                figure_model = self.task.build_model().to(self.device)
                 figure_model.load_state_dict(full)
         if self.is_main:
-            if self.cfg.data.name == "digits":
-                summary["baseline"] = logistic_regression_baseline(self.sets)
+            baseline = self.task.baseline(self.data_sets)
+            if baseline is not None:
+                summary["baseline"] = baseline
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             try:
                 from .figures import run_figures
 
                 run_figures(self.run_dir, figure_model, self._loader("val"), self.device)
+                self.task.figures(self.run_dir / "figures", figure_model, self.sets["test"], self.device)
             except Exception as exc:  # figures must never lose a finished run
                 print(f"warning: figures could not be written: {exc}", file=sys.stderr)
             self.trackers.log({"type": "summary", "step": self.step, **{k: v for k, v in summary.items() if k != "baseline"}})

@@ -2,8 +2,9 @@
 
     images (B, C_img, H, W)
       -> PatchEmbed: conv(patch, stride)         (B, n_in, C)   stride < patch: overlapping patches
+      -> [mask: masked tokens -> mask token]     (B, n_in, C)   masked image modeling only
       -> Columnformer sheet                      (B, n_out, C)  tokens enter the input area
-      -> ClassifierHead: avg or spatial pool     (B, num_classes)
+      -> head: a task's read-out                 e.g. ClassifierHead (B, num_classes), tasks.mim.PatchDecoder
 """
 
 from __future__ import annotations
@@ -67,9 +68,13 @@ class ClassifierHead(nn.Module):
 
 
 class VisionColumnformer(nn.Module):
-    """Patch embedding -> Columnformer sheet -> classifier head. ``forward`` returns (logits, trace)."""
+    """Patch embedding -> Columnformer sheet -> head. ``forward`` returns (head output, trace).
 
-    def __init__(self, embed: PatchEmbed, sheet: Columnformer, head: ClassifierHead):
+    ``mask_token=True`` adds a learned token that replaces the embeddings of masked patches
+    (``forward(images, mask=...)``, mask (B, n_in) bool, True = masked).
+    """
+
+    def __init__(self, embed: PatchEmbed, sheet: Columnformer, head: nn.Module, mask_token: bool = False):
         super().__init__()
         if embed.num_patches != len(sheet.input_idx):
             raise ValueError(
@@ -77,8 +82,21 @@ class VisionColumnformer(nn.Module):
                 f"input area has {len(sheet.input_idx)} columns; change patch/stride or the geometry"
             )
         self.embed, self.sheet, self.head = embed, sheet, head
+        self.mask_token = nn.Parameter(torch.zeros(sheet.cfg.width)) if mask_token else None
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, images: torch.Tensor, record=()) -> tuple[torch.Tensor, Trace]:
+    def features(self, images: torch.Tensor, mask: torch.Tensor | None = None, record=()) -> tuple[torch.Tensor, Trace]:
+        """The sheet's output area before the head: (B, n_out, C), and the trace."""
         tokens = self.embed(images)  # (B, n_in, C)
-        features, trace = self.sheet(tokens, record=record)  # (B, n_out, C)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this model has no mask token; build it for masked image modeling (task: mim)")
+            if mask.shape != tokens.shape[:2]:
+                raise ValueError(f"mask has shape {tuple(mask.shape)}, expected (B, n_in) = {tuple(tokens.shape[:2])}")
+            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)  # (B, n_in, C)
+        return self.sheet(tokens, record=record)  # (B, n_out, C)
+
+    def forward(self, images: torch.Tensor, record=(), mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
+        features, trace = self.features(images, mask, record)  # (B, n_out, C)
         return self.head(features), trace

@@ -155,12 +155,13 @@ def analyze_model(model, loader, num_classes: int, opts: AnalysisOptions, device
 def init_model(cfg):
     """The run's model at initialisation: same config and seed, same construction order as the trainer."""
     from ..data import build_datasets
-    from ..presets import build_model
-    from ..train import seed_everything
+    from ..runtime import seed_everything
+    from ..tasks import build_task
 
     seed_everything(cfg.train.seed)
+    task = build_task(cfg.task, cfg.model)
     build_datasets(cfg.data, cfg.model, seed=cfg.train.seed)  # the trainer builds the data first
-    model = build_model(cfg.model)
+    model = task.build_model()
     model.eval()
     return model
 

@@ -21,7 +21,7 @@ class Collected:
     responses: ResponseStats  # final-step response per class per column
     samples: int
     batches: int
-    accuracy: float
+    accuracy: float | None
     response_kind: str
 
 
@@ -45,13 +45,16 @@ def collect(
         total += maps.to(total.dtype)
         count += images.shape[0] * trace.attn[0].shape[1]
         stats.add(feature_response(trace.features[-1].cpu(), response), labels)
-        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        if logits.ndim == 2:  # a classifier; other heads (e.g. MIM's patch decoder) have no accuracy
+            correct += int((logits.argmax(-1).cpu() == labels).sum())
+        else:
+            correct = None
         batches += 1
         del trace, maps
     if total is None:
         raise ValueError("the data loader yielded no batches; nothing to analyse")
     samples = int(stats.count.sum())
-    return Collected((total / count).float(), stats, samples, batches, correct / max(samples, 1), response)
+    return Collected((total / count).float(), stats, samples, batches, None if correct is None else correct / max(samples, 1), response)
 
 
 def to_builtin(x):

@@ -52,6 +52,70 @@ class ArrayImageDataset(Dataset):
         return img, self.labels[i]
 
 
+class LabelledSubset(Dataset):
+    """A subset of an image dataset by index, keeping ``set_epoch``, ``labels`` (and ``images``) in step."""
+
+    def __init__(self, ds, indices: np.ndarray):
+        self.ds, self.indices = ds, np.asarray(indices, dtype=np.int64)
+        self.labels = ds.labels[torch.from_numpy(self.indices)]
+        if hasattr(ds, "images"):
+            self.images = ds.images[torch.from_numpy(self.indices)]
+        self.classes = getattr(ds, "classes", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ds.set_epoch(epoch)
+
+    @property
+    def bad(self):
+        return self.ds.bad
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.ds[int(self.indices[i])]
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a class-balanced share of ``labels``: round(fraction * count) of each class, at least one."""
+    rng = np.random.default_rng([seed, 0x1ABE1])
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = min(len(idx), max(1, int(round(fraction * len(idx)))))
+        keep.append(rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(keep))
+
+
+def restrict_labels(sets: dict, fraction: float, holdout: float, seed: int) -> dict:
+    """Train on a class-balanced ``fraction`` of the training split; with ``holdout`` > 0, a class-balanced
+    share of that labelled subset becomes the validation split (so model selection sees no other labels).
+
+    The hold-out is drawn from the labelled subset, then the rest is trained on: train and val never overlap.
+    """
+    train = sets["train"]
+    labels = train.labels.numpy()
+    subset = balanced_subset(labels, fraction, seed) if fraction < 1 else np.arange(len(labels))
+    out = dict(sets)
+    if holdout > 0:
+        held = subset[balanced_subset(labels[subset], holdout, seed + 1)]
+        if len(held) == len(subset):
+            raise ValueError(
+                f"data.labels_holdout={holdout} leaves no training images of data.labels_fraction={fraction}; lower it"
+            )
+        subset = np.setdiff1d(subset, held)
+        out["val"] = LabelledSubset(_without_augmentation(train), held)
+    out["train"] = LabelledSubset(train, subset)
+    return out
+
+
+def _without_augmentation(train):
+    """The training split's images as the validation split would read them (no augmentation)."""
+    if isinstance(train, ArrayImageDataset):
+        return ArrayImageDataset(train.images, train.labels, transform=None, seed=train.seed, classes=train.classes)
+    raise ValueError("data.labels_holdout needs an in-memory dataset (data.name=digits)")
+
+
 class EpochSampler(Sampler[int]):
     """Shuffled (or ordered) indices for an epoch, sharded over ranks, resumable mid-epoch.
 
@@ -101,6 +165,8 @@ def build_datasets(data_cfg, model_cfg, seed: int = 0) -> dict[str, Dataset]:
         sets = folder_datasets(data_cfg, model_cfg, seed=seed)
     else:  # pragma: no cover - config validation lists the allowed names
         raise ValueError(f"unknown dataset {data_cfg.name!r}")
+    if data_cfg.labels_fraction < 1 or data_cfg.labels_holdout > 0:
+        sets = restrict_labels(sets, data_cfg.labels_fraction, data_cfg.labels_holdout, data_cfg.labels_seed)
     img, _ = sets["train"][0]
     expected = (model_cfg.in_chans, *model_cfg.image_size)
     if tuple(img.shape) != expected:

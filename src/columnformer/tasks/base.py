@@ -1,0 +1,108 @@
+"""What a task is: the objective a model is trained for, separate from the loop that trains it.
+
+A :class:`Task` owns everything that differs between objectives:
+
+    dataset(ds, split, seed)  the batches: wraps a labelled image dataset, yields a tuple of tensors
+    build_model()             the backbone (patch embedding + sheet) with the head this task needs
+    forward(model, batch)     -> (outputs (B, ...), Trace)
+    loss(outputs, batch, reduction, train)   "mean" over the batch, or "sum" over its samples
+                              (the torchrun path divides sums by the *global* sample count: exact)
+    metric_sums(outputs, batch)              additive statistics (e.g. correct predictions)
+    metrics(sums, n)          the logged metrics made from those sums (e.g. acc = correct / n)
+    select                    (metric, "max"|"min"): which validation metric picks checkpoints/best.pt
+
+The :class:`~columnformer.train.Trainer` only calls these; :func:`evaluate` is the one evaluation
+loop for every task (used by the trainer, ``columnformer eval`` and anything that scores a run).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ..runtime import autocast_context
+
+
+class TaskConfig(BaseModel):
+    """Options of one task; ``name`` selects the task (``task: classify | mim``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Task:
+    """Base class of the objectives; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    sum_keys: ClassVar[tuple[str, ...]] = ()
+    select: ClassVar[tuple[str, str]] = ("loss", "min")
+
+    def __init__(self, cfg: TaskConfig, model_cfg):
+        from ..presets import model_config
+
+        self.cfg, self.model_cfg = cfg, model_config(model_cfg)
+
+    # ---- data
+    def dataset(self, ds, split: str, seed: int = 0):
+        """This task's view of a labelled image dataset (default: unchanged, (image, label) pairs)."""
+        return ds
+
+    # ---- model
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: list[torch.Tensor], record=()) -> tuple[torch.Tensor, Any]:
+        return model(batch[0], record=record)
+
+    # ---- objective and metrics
+    def loss(self, outputs: torch.Tensor, batch: list[torch.Tensor], reduction: str = "mean", train: bool = True) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metric_sums(self, outputs: torch.Tensor, batch: list[torch.Tensor]) -> dict[str, float]:
+        return {}
+
+    def metrics(self, sums: dict[str, float], n: int) -> dict[str, float]:
+        return {}
+
+    def baseline(self, sets) -> dict | None:
+        """A reference result on the same data written into summary.json (None: none)."""
+        return None
+
+    def figures(self, fig_dir, model: nn.Module, ds, device) -> None:
+        """Task-specific figures of a finished run (default: none)."""
+        return None
+
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether a validation ``select`` metric beats the best so far."""
+        if best is None:
+            return True
+        return value > best if self.select[1] == "max" else value < best
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, loader, device, precision: str = "fp32") -> dict[str, float]:
+    """The task's loss and metrics, wiring cost and attention entropy over a loader (means per sample)."""
+    model.eval()
+    totals = {"loss": 0.0, **{k: 0.0 for k in task.sum_keys}, "wiring_cost": 0.0, "attn_entropy": 0.0, "n": 0}
+    for batch in loader:
+        batch = [t.to(device) for t in batch]
+        with autocast_context(precision, device):
+            outputs, trace = task.forward(model, batch)
+        b = len(batch[0])
+        totals["loss"] += task.loss(outputs, batch, reduction="sum", train=False).item()
+        for k, v in task.metric_sums(outputs, batch).items():
+            totals[k] += v
+        totals["wiring_cost"] += trace.wiring_cost.item() * b
+        totals["attn_entropy"] += trace.attn_entropy.item() * b
+        totals["n"] += b
+    model.train()
+    n = max(1, totals["n"])
+    return {
+        "loss": totals["loss"] / n,
+        **task.metrics(totals, n),
+        "wiring_cost": totals["wiring_cost"] / n,
+        "attn_entropy": totals["attn_entropy"] / n,
+        "n": totals["n"],
+    }

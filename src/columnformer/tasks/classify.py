@@ -1,0 +1,52 @@
+"""``task: classify`` — supervised image classification (cross-entropy, accuracy)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from pydantic import Field
+
+from .base import Task, TaskConfig
+
+
+class ClassifyConfig(TaskConfig):
+    """Image classification from the pooled output area (``model.pool``, ``model.num_classes``)."""
+
+    name: Literal["classify"] = "classify"
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training cross-entropy")
+
+
+class ClassifyTask(Task):
+    """Batches ``(images, labels)``; outputs logits (B, num_classes); loss cross-entropy; metric acc."""
+
+    name = "classify"
+    sum_keys = ("correct",)
+    select = ("acc", "max")
+
+    def build_model(self):
+        from ..presets import build_model
+
+        return build_model(self.model_cfg)
+
+    def loss(self, outputs, batch, reduction="mean", train=True):
+        smoothing = self.cfg.label_smoothing if train else 0.0
+        return F.cross_entropy(outputs.float(), batch[1], reduction=reduction, label_smoothing=smoothing)
+
+    def metric_sums(self, outputs, batch):
+        return {"correct": (outputs.argmax(-1) == batch[1]).sum().item()}
+
+    def metrics(self, sums, n):
+        return {"acc": sums["correct"] / n}
+
+    def baseline(self, sets):
+        """Multinomial logistic regression on flattened pixels (small in-memory sets only)."""
+        from sklearn.linear_model import LogisticRegression
+
+        if not all(hasattr(sets[s], "images") for s in ("train", "test")):
+            return None
+        x_tr = sets["train"].images.flatten(1).numpy()
+        x_te = sets["test"].images.flatten(1).numpy()
+        clf = LogisticRegression(max_iter=5000, C=1.0)
+        clf.fit(x_tr, sets["train"].labels.numpy())
+        return {"logreg_test_acc": float(clf.score(x_te, sets["test"].labels.numpy()))}
