@@ -101,7 +101,7 @@ def load_pretrained(model: torch.nn.Module, run_dir: str | Path, head_prefixes: 
 
     The backbone (patch embedding, sheet) must match exactly; a clear :class:`CheckpointError` names
     what differs. Task-head tensors (``head.*``, the mask token) that are absent or shaped differently
-    keep their fresh initialisation. Returns ``{"source", "loaded", "skipped", "unused"}`` (key lists).
+    keep their fresh initialisation (all of the head, when any of it does not fit: another task's head). Returns ``{"source", "loaded", "skipped", "unused"}`` (key lists).
     """
     ckpt = Path(run_dir) / "checkpoints" / "last.pt"
     if not (Path(run_dir) / "config.yaml").is_file():
@@ -109,7 +109,9 @@ def load_pretrained(model: torch.nn.Module, run_dir: str | Path, head_prefixes: 
     source = load_checkpoint(ckpt)["model"]
     own = model.state_dict()
     is_head = lambda k: k.startswith(head_prefixes)  # noqa: E731
-    skipped = sorted(k for k in own if is_head(k) and (k not in source or source[k].shape != own[k].shape))
+    head = [k for k in own if is_head(k)]
+    head_fits = all(k in source and source[k].shape == own[k].shape for k in head)
+    skipped = [] if head_fits else sorted(head)  # another task's head: the whole head starts fresh
     backbone_missing = sorted(k for k in own if not is_head(k) and k not in source)
     backbone_shapes = [
         f"{k}: {tuple(source[k].shape)} in {ckpt} vs {tuple(v.shape)} here"

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own sub-commands through ``register(subparsers)``.
-_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep", "analysis.cli")
+_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep", "analysis.cli", "probe", "robustness")
 
 
 def main(argv: list[str] | None = None) -> int:

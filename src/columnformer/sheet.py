@@ -202,14 +202,25 @@ class Columnformer(nn.Module):
     def n(self) -> int:
         return self.geometry.n
 
-    def forward(self, tokens: torch.Tensor, record: Iterable[str] = ()) -> tuple[torch.Tensor, Trace]:
+    def forward(
+        self, tokens: torch.Tensor, record: Iterable[str] = (), steps: int | None = None
+    ) -> tuple[torch.Tensor, Trace]:
+        """``steps``: unroll a recurrent sheet for another number of steps than it was trained with
+        (steps past T reuse the last step's time embedding); None: ``cfg.steps``."""
         # one session per forward: untied weights are tapped (cast, fused) once and their
         # gradients over all steps are computed in one batched matmul (see layers.py)
         with untied_session():
-            return self._forward(tokens, record)
+            return self._forward(tokens, record, steps)
 
-    def _forward(self, tokens: torch.Tensor, record: Iterable[str]) -> tuple[torch.Tensor, Trace]:
+    def _forward(self, tokens: torch.Tensor, record: Iterable[str], steps: int | None = None) -> tuple[torch.Tensor, Trace]:
         record = frozenset(record)
+        if steps is None:
+            steps = self.cfg.steps
+        elif steps < 1 or (not self.cfg.recurrent and steps != self.cfg.steps):
+            raise ValueError(
+                f"steps={steps}: a recurrent sheet runs any number of steps >= 1; a feed-forward sheet only its "
+                f"{self.cfg.steps} blocks"
+            )
         if not record <= set(RECORDABLE):
             raise ValueError(f"record={sorted(record)}: allowed entries are {RECORDABLE}")
         if tokens.ndim != 3 or tokens.shape[1] != len(self.input_idx) or tokens.shape[2] != self.cfg.width:
@@ -227,11 +238,11 @@ class Columnformer(nn.Module):
             features=[] if "features" in record else None,
             qk=[] if "qk" in record else None,
         )
-        for t in range(self.cfg.steps):
+        for t in range(steps):
             if t > 0 and self.cfg.inject == "every":
                 x = x.index_add(0, self.input_idx, inp)
             if self.time_embed is not None:
-                x = x + self.time_embed[t]
+                x = x + self.time_embed[min(t, self.cfg.steps - 1)]
             block = self.blocks[0 if self.cfg.recurrent else t]
             x, stats, qk = block(x, self.wiring_weight, self.edge_index, self.edge_mask, record)
             trace.wiring.append(stats.wiring)

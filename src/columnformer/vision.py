@@ -86,8 +86,10 @@ class VisionColumnformer(nn.Module):
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def features(self, images: torch.Tensor, mask: torch.Tensor | None = None, record=()) -> tuple[torch.Tensor, Trace]:
-        """The sheet's output area before the head: (B, n_out, C), and the trace."""
+    def features(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, record=(), steps: int | None = None
+    ) -> tuple[torch.Tensor, Trace]:
+        """The sheet's output area before the head: (B, n_out, C), and the trace (``steps``: see the sheet)."""
         tokens = self.embed(images)  # (B, n_in, C)
         if mask is not None:
             if self.mask_token is None:
@@ -95,8 +97,10 @@ class VisionColumnformer(nn.Module):
             if mask.shape != tokens.shape[:2]:
                 raise ValueError(f"mask has shape {tuple(mask.shape)}, expected (B, n_in) = {tuple(tokens.shape[:2])}")
             tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)  # (B, n_in, C)
-        return self.sheet(tokens, record=record)  # (B, n_out, C)
+        return self.sheet(tokens, record=record, steps=steps)  # (B, n_out, C)
 
-    def forward(self, images: torch.Tensor, record=(), mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
-        features, trace = self.features(images, mask, record)  # (B, n_out, C)
+    def forward(
+        self, images: torch.Tensor, record=(), mask: torch.Tensor | None = None, steps: int | None = None
+    ) -> tuple[torch.Tensor, Trace]:
+        features, trace = self.features(images, mask, record, steps)  # (B, n_out, C)
         return self.head(features), trace

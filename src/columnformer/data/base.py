@@ -32,12 +32,15 @@ class ArrayImageDataset(Dataset):
         transform: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
         seed: int = 0,
         classes: list[str] | None = None,
+        pixel_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
+        """``pixel_norm``: (mean, std), each (C, 1, 1), that map [0, 1] pixels to these images (if known)."""
         if images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"images must be (M, C, H, W) with one label each; got {tuple(images.shape)} and {len(labels)} labels")
         self.images, self.labels = images, labels.long()
         self.transform, self.seed, self.epoch = transform, seed, 0
         self.classes = classes or [str(c) for c in range(int(labels.max()) + 1)]
+        self.pixel_norm = pixel_norm
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,7 +115,9 @@ def restrict_labels(sets: dict, fraction: float, holdout: float, seed: int) -> d
 def _without_augmentation(train):
     """The training split's images as the validation split would read them (no augmentation)."""
     if isinstance(train, ArrayImageDataset):
-        return ArrayImageDataset(train.images, train.labels, transform=None, seed=train.seed, classes=train.classes)
+        return ArrayImageDataset(
+            train.images, train.labels, transform=None, seed=train.seed, classes=train.classes, pixel_norm=train.pixel_norm
+        )
     raise ValueError("data.labels_holdout needs an in-memory dataset (data.name=digits)")
 
 

@@ -43,7 +43,8 @@ def digits_datasets(data_cfg, seed: int = 0) -> dict[str, ArrayImageDataset]:
     for split, (x, y) in arrays.items():
         images = torch.from_numpy((x - mean) / std).view(-1, 1, 8, 8)
         transform = random_shift if (split == "train" and data_cfg.augment) else None
-        sets[split] = ArrayImageDataset(images, torch.from_numpy(y), transform=transform, seed=seed)
+        norm = (torch.tensor(mean).view(1, 1, 1), torch.tensor(std).view(1, 1, 1))  # [0, 1] pixels -> images
+        sets[split] = ArrayImageDataset(images, torch.from_numpy(y), transform=transform, seed=seed, pixel_norm=norm)
     return sets
 
 
