@@ -186,17 +186,19 @@ def run_overrides(grid: Grid, config: GridConfig, seed: int, threads: int | None
     return out
 
 
-def _count_params(model_cfg) -> int:
-    """Parameter count of a model config, built on the meta device (no memory, no initialisation)."""
+def _count_params(cfg) -> int:
+    """Parameter count of a run config's model (with its task's head), built on the meta device when possible."""
     import torch
 
-    from .presets import build_model, count_parameters
+    from .presets import count_parameters
+    from .tasks import build_task
 
+    task = build_task(cfg.task, cfg.model)
     try:
         with torch.device("meta"):
-            return count_parameters(build_model(model_cfg))
+            return count_parameters(task.build_model())
     except (RuntimeError, NotImplementedError):  # an op without a meta kernel: build it for real
-        return count_parameters(build_model(model_cfg))
+        return count_parameters(task.build_model())
 
 
 def validate_grid(grid: Grid) -> None:
@@ -211,7 +213,7 @@ def validate_grid(grid: Grid) -> None:
                 break  # the same problem would repeat for every seed
         else:
             try:
-                grid.params[config.name] = _count_params(cfg.model)
+                grid.params[config.name] = _count_params(cfg)
             except (ValueError, ConfigError) as exc:
                 errors.append(f"  {config.name}: model cannot be built: {exc}")
     if errors:
