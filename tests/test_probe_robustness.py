@@ -12,12 +12,14 @@ from columnformer.checkpoint import CheckpointError, load_checkpoint
 from columnformer.cli import main
 from columnformer.config import build_config
 from columnformer.data import build_datasets
-from columnformer.robustness import CORRUPTIONS, accuracy_table, corrupt, corrupted_split, logreg_predictor
+from columnformer.robustness import (
+    CORRUPTIONS, accuracy_table, accuracy_tables, corrupt, corrupted_split, corruption_error, logreg_predictor, model_predictor,
+)
 from columnformer.train import Trainer, train
 
 TINY = [
     "preset=digits", "model.sheet.width=16", "model.sheet.qk_dim=8", "model.sheet.steps=2", "train.threads=1",
-    "train.progress=false", "train.log_every=5", "train.batch_size=128", "train.epochs=1",
+    "train.progress=false", "train.log_every=5", "train.batch_size=128", "train.epochs=1", "train.figures=false",
 ]
 
 
@@ -30,6 +32,7 @@ def runs(tmp_path_factory):
     train(build_config({}, [*TINY, *ft, f"out_dir={out}", "name=ft", f"init_from={out / 'mim'}"]))
     train(build_config({}, [*TINY, f"out_dir={out}", "name=vit", "preset=digits-vit", "model.sheet.width=16",
                             "model.sheet.heads=2", "model.sheet.qk_dim=8", "model.sheet.steps=2"]))
+    assert not (out / "vit" / "figures").exists()  # train.figures=false
     return out
 
 
@@ -141,27 +144,37 @@ def test_corruptions_are_strong_enough_to_matter():
         assert accs[5] < accs[1] + 1e-9, (name, accs)
 
 
-def test_robustness_cli_with_baseline_steps_and_errors(runs, capsys):
-    assert main(["robustness", str(runs / "ft"), "--baseline", str(runs / "ft")]) == 0
+def test_robustness_cli_with_baseline_and_errors(runs, capsys):
+    assert main(["robustness", str(runs / "ft"), "--baseline", str(runs / "vit")]) == 0
     out = capsys.readouterr().out
-    assert "| gaussian_noise | model |" in out and "mCE model: 1.000" in out  # a run against itself: CE = 1
+    assert "| gaussian_noise | model |" in out and "mCE model:" in out and "mCE logreg:" in out
     res = json.loads((runs / "ft" / "robustness.json").read_text())
-    assert set(res["accuracy"]) == {"model", "baseline", "logreg"} and res["accuracy"]["model"] == res["accuracy"]["baseline"]
+    assert set(res["accuracy"]) == {"model", "baseline", "logreg"}
     assert (runs / "ft" / "figures" / "robustness.png").is_file() and (runs / "ft" / "robustness.md").is_file()
     summary = json.loads((runs / "ft" / "summary.json").read_text())
     assert res["clean"]["model"] == pytest.approx(summary["test_acc"])  # severity 0 = the plain test evaluation
-
-    assert main(["robustness", str(runs / "ft"), "--baseline", str(runs / "vit"), "--steps", "4"]) == 0
-    deeper = json.loads((runs / "ft" / "robustness-steps4.json").read_text())
-    assert deeper["steps"] == 4 and deeper["trained_steps"] == 2
-    assert deeper["accuracy"]["model"] != res["accuracy"]["model"]  # the sheet really ran 4 steps
-    assert deeper["accuracy"]["logreg"] == res["accuracy"]["logreg"]  # the same corrupted images
-    ce = deeper["ce"]["model"]["blur"]
-    m, b = deeper["accuracy"]["model"]["blur"], deeper["accuracy"]["baseline"]["blur"]
-    assert ce == pytest.approx(sum(1 - a for a in m[1:]) / sum(1 - a for a in b[1:]))
+    vit = json.loads((runs / "vit" / "summary.json").read_text())
+    assert res["clean"]["baseline"] == pytest.approx(vit["test_acc"])
+    m, b = res["accuracy"]["model"]["blur"], res["accuracy"]["baseline"]["blur"]
+    assert res["ce"]["model"]["blur"] == pytest.approx(sum(1 - a for a in m[1:]) / sum(1 - a for a in b[1:]))
+    assert res["mce"]["model"] == pytest.approx(np.mean(list(res["ce"]["model"].values())))
+    assert corruption_error(m, m) == 1.0
 
     capsys.readouterr()
     assert main(["robustness", str(runs / "vit"), "--steps", "3"]) == 1  # a feed-forward sheet has fixed depth
     assert "--steps needs a recurrent run" in capsys.readouterr().err
     assert main(["robustness", str(runs / "mim")]) == 1
     assert "robustness needs a classification run" in capsys.readouterr().err
+
+
+def test_robustness_steps_unrolls_the_recurrent_sheet_for_another_depth(runs):
+    from columnformer.data.base import LabelledSubset
+    from columnformer.run import load_run
+
+    model = load_run(runs / "ft").model  # trained with 2 steps
+    test = LabelledSubset(_digits()["test"], np.arange(60))
+    tables = accuracy_tables(
+        {"default": model_predictor(model), "two": model_predictor(model, 2), "four": model_predictor(model, 4)}, test, seed=0
+    )
+    assert tables["two"] == tables["default"]
+    assert tables["four"] != tables["default"]

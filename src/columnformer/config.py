@@ -184,6 +184,7 @@ class TrainConfig(_Strict):
     compile: bool = False
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
     progress: bool = True
+    figures: bool = Field(True, description="write figures/ when a run ends (false: skip them, e.g. in large sweeps)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (debugging)")
     rewire: RewireConfig = Field(default_factory=RewireConfig)
     parallel: Literal["ddp", "fsdp"] = Field(

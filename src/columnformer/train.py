@@ -446,6 +446,16 @@ class Trainer:
             self.save("last")
         return self.finish(time.perf_counter() - wall0)
 
+    def _write_figures(self, model) -> None:
+        """figures/: learning curves, attention vs distance, and the task's own (never loses a finished run)."""
+        try:
+            from .figures import run_figures
+
+            run_figures(self.run_dir, model, self._loader("val"), self.device)
+            self.task.figures(self.run_dir / "figures", model, self.sets["test"], self.device)
+        except Exception as exc:  # figures must never lose a finished run
+            print(f"warning: figures could not be written: {exc}", file=sys.stderr)
+
     def finish(self, wall_time: float) -> dict[str, Any]:
         """Evaluate the final and the best-on-val model on the test split; write summary.json and figures.
 
@@ -495,13 +505,8 @@ class Trainer:
             if baseline is not None:
                 summary["baseline"] = baseline
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            try:
-                from .figures import run_figures
-
-                run_figures(self.run_dir, figure_model, self._loader("val"), self.device)
-                self.task.figures(self.run_dir / "figures", figure_model, self.sets["test"], self.device)
-            except Exception as exc:  # figures must never lose a finished run
-                print(f"warning: figures could not be written: {exc}", file=sys.stderr)
+            if self.cfg.train.figures:
+                self._write_figures(figure_model)
             self.trackers.log({"type": "summary", "step": self.step, **{k: v for k, v in summary.items() if k != "baseline"}})
             self.trackers.close()
         return summary

@@ -221,7 +221,7 @@ class MimTask(Task):
         return as_image(pix * (1 - m) + blank * m), as_image(pix * (1 - m) + pred * m)
 
     def figures(self, fig_dir, model, ds, device, count: int = 8) -> None:
-        """figures/reconstructions.png: originals, masked inputs and reconstructions of test images."""
+        """figures/reconstructions.png: originals, masked inputs and reconstructions of test images (one mosaic)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -231,18 +231,18 @@ class MimTask(Task):
         images = torch.stack([x for x, _ in items]).to(device)
         mask = torch.stack([m for _, m in items]).to(device)
         masked, recon = self.reconstruct(model, images, mask)
-        rows = [("original", images), ("masked", masked), ("reconstruction", recon)]
-        fig, axes = plt.subplots(3, len(items), figsize=(1.3 * len(items), 4.2), squeeze=False)
         lo, hi = float(images.min()), float(images.max())
-        for r, (title, batch) in enumerate(rows):
-            for c in range(len(items)):
-                img = batch[c].detach().cpu().float()
-                img = img[0] if img.shape[0] == 1 else ((img - lo) / (hi - lo)).clamp(0, 1).permute(1, 2, 0)
-                axes[r, c].imshow(img.numpy(), cmap="gray", vmin=lo if img.ndim == 2 else None, vmax=hi if img.ndim == 2 else None)
-                axes[r, c].set_xticks([])
-                axes[r, c].set_yticks([])
-            axes[r, 0].set_ylabel(title, fontsize=8)
-        fig.suptitle(f"masked image modeling: {self.cfg.mask} masks, {self.num_masked} of {mask.shape[1]} patches", fontsize=9)
+        rows = [((b.detach().cpu().float() - lo) / (hi - lo)).clamp(0, 1) for b in (images, masked, recon)]
+        c, h, w = images.shape[1:]
+        mosaic = torch.ones(c, 3 * (h + 1) - 1, len(items) * (w + 1) - 1)  # white 1-pixel gaps
+        for r, batch in enumerate(rows):
+            for i in range(len(items)):
+                mosaic[:, r * (h + 1) : r * (h + 1) + h, i * (w + 1) : i * (w + 1) + w] = batch[i]
+        fig, ax = plt.subplots(figsize=(1.1 * len(items) + 1, 3.8))
+        ax.imshow(mosaic[0].numpy() if c == 1 else mosaic.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([(h + 1) * r + h / 2 for r in range(3)], ["original", "masked", "reconstruction"], fontsize=8)
+        ax.set_title(f"masked image modeling: {self.cfg.mask} masks, {self.num_masked} of {mask.shape[1]} patches", fontsize=9)
         fig.tight_layout()
         fig.savefig(Path(fig_dir) / "reconstructions.png", dpi=110)
         plt.close(fig)
