@@ -2,6 +2,8 @@
 
     train(cfg)            new run in cfg.out_dir/cfg.name
     train(cfg, resume=True) continue from checkpoints/last.pt exactly where it stopped
+    init_from=RUN         start from another run's final weights (fine-tuning; a fresh optimiser, and a
+                          fresh head when the other run had another task's head)
 
 The objective comes from the run's task (``tasks/``: classify, mim, ...): loss = the task's loss +
 wiring_lambda * wiring cost (both logged), metrics and evaluation are the task's. AdamW without weight decay on
