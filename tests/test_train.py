@@ -187,7 +187,7 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path, capsys):
     cfg_file = tmp_path / "c" / "config.yaml"
     cfg_file.write_text(cfg_file.read_text().replace("width: 16", "width: 32"))
     assert main(["resume", str(tmp_path / "c")]) == 1
-    assert "different model config" in capsys.readouterr().err
+    assert "differs from the config checkpoint" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere.pt")
 

@@ -228,6 +228,49 @@ class RunConfig(_Strict):
         return self
 
 
+# ------------------------------------------------------------------ what resume may change
+# Every config key is classified (a key, or a whole section, by its dotted prefix; the longest match wins):
+# "safe" keys may differ between a run's checkpoint and the config.yaml it is resumed with (where and how
+# the run is shown or executed: logging, progress, figures, trackers, workers, threads, device, compile,
+# the run's name and location); every other key changes what the run computes, and resume refuses it.
+# Bitwise-identical continuation additionally needs the same device and threads.
+RESUME_CLASSES: dict[str, str] = {
+    "name": "safe", "out_dir": "safe", "preset": "alters", "init_from": "alters",
+    "task": "alters", "model": "alters", "optim": "alters",
+    "data": "alters", "data.num_workers": "safe",
+    "train.epochs": "alters", "train.batch_size": "alters", "train.eval_batch_size": "alters", "train.seed": "alters",
+    "train.wiring_lambda": "alters", "train.precision": "alters", "train.max_steps": "alters", "train.rewire": "alters",
+    "train.parallel": "alters",
+    "train.log_every": "safe", "train.ckpt_every": "safe", "train.device": "safe", "train.compile": "safe",
+    "train.threads": "safe", "train.progress": "safe", "train.figures": "safe", "train.tracking": "safe",
+    "train.wandb_project": "safe", "train.wandb_entity": "safe",
+}
+
+
+def resume_class(key: str) -> str | None:
+    """``"safe"`` / ``"alters"`` for a dotted config key (longest classified prefix), None if unclassified."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        found = RESUME_CLASSES.get(".".join(parts[:n]))
+        if found is not None:
+            return found
+    return None
+
+
+def _leaves(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_leaves(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def run_altering_changes(saved: "RunConfig", current: "RunConfig") -> list[str]:
+    """Dotted keys whose values differ between two configs and that change what the run computes."""
+    a, b = _leaves(saved.model_dump(mode="json")), _leaves(current.model_dump(mode="json"))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and resume_class(k) != "safe")
+
+
 # ------------------------------------------------------------------ loading
 def _format_error(err: ValidationError, prefix: str = "") -> str:
     lines = []

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
-from .config import RunConfig
+from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler, build_datasets
 from .presets import count_parameters
 from .run import MetricsLog, provenance, write_config
@@ -223,10 +223,18 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
-        if state.get("config", {}).get("model") != self.cfg.model_dump(mode="json")["model"]:
+        try:
+            saved = build_config(state.get("config") or {})
+        except ConfigError as exc:
+            raise CheckpointError(f"the config stored in checkpoint {str(path)!r} is not valid here: {exc}") from None
+        changed = run_altering_changes(saved, self.cfg)
+        if changed:
+            shown = ", ".join(f"{k} ({_dotted(saved, k)!r} -> {_dotted(self.cfg, k)!r})" for k in changed[:6])
             raise CheckpointError(
-                f"checkpoint {str(path)!r} was written for a different model config than {self.run_dir}/config.yaml; "
-                "restore the original config.yaml or start a new run"
+                f"{self.run_dir}/config.yaml differs from the config checkpoint {str(path)!r} was trained with in keys "
+                f"that change the run: {shown}{' ...' if len(changed) > 6 else ''}; restore them (or start a new run "
+                "with init_from=... to continue from these weights). Safe to change on resume: logging, progress, "
+                "figures, trackers, data.num_workers, train.threads / device / compile, name, out_dir"
             )
         saved_world = state.get("world_size", 1)
         if saved_world != self.world_size:
@@ -512,6 +520,13 @@ class Trainer:
             self.trackers.log({"type": "summary", "step": self.step, **{k: v for k, v in summary.items() if k != "baseline"}})
             self.trackers.close()
         return summary
+
+
+def _dotted(cfg: RunConfig, key: str):
+    node: Any = cfg.model_dump(mode="json")
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def run_dir_for(cfg: RunConfig) -> Path:

@@ -1,0 +1,75 @@
+"""Resume refuses an edited config.yaml that would change the run (issue 16, item 3)."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+from pydantic import BaseModel
+
+from columnformer.cli import main
+from columnformer.config import RESUME_CLASSES, RunConfig, build_config, resume_class
+from columnformer.tasks import TASK_CONFIGS
+from columnformer.train import train
+
+TINY = [
+    "preset=digits", "model.sheet.width=16", "model.sheet.qk_dim=8", "model.sheet.steps=2", "train.epochs=2",
+    "train.batch_size=128", "train.threads=1", "train.progress=false", "train.figures=false", "train.max_steps=3",
+]
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        inner = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            inner = [ann]
+        if name == "task":
+            inner = list(TASK_CONFIGS)
+        if inner:
+            for sub in inner:
+                keys |= _all_keys(sub, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_every_config_key_is_classified_for_resume():
+    """A key added later must be classified as safe or run-altering here, or this test fails."""
+    keys = _all_keys(RunConfig)
+    assert len(keys) > 60 and "task.mask_fraction" in keys and "model.sheet.width" in keys
+    unclassified = sorted(k for k in keys if resume_class(k) is None)
+    assert not unclassified, f"classify these keys in config.RESUME_CLASSES: {unclassified}"
+    assert set(RESUME_CLASSES.values()) == {"safe", "alters"}
+    assert resume_class("optim.lr") == "alters" and resume_class("data.num_workers") == "safe"
+    assert resume_class("data.split_seed") == "alters" and resume_class("train.progress") == "safe"
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [("optim.lr", "optim.lr"), ("train.batch_size", "train.batch_size"), ("data.split_seed", "data.split_seed"),
+     ("task.label_smoothing", "task.label_smoothing"), ("train.wiring_lambda", "train.wiring_lambda")],
+)
+def test_resume_refuses_a_run_altering_edit(tmp_path, capsys, edit, key):
+    cfg = build_config({}, [*TINY, f"out_dir={tmp_path}", "name=r"])
+    train(cfg)
+    values = {"optim.lr": 0.5, "train.batch_size": 64, "data.split_seed": 7, "task.label_smoothing": 0.2,
+              "train.wiring_lambda": 0.3}
+    edited = build_config({}, [*TINY, f"out_dir={tmp_path}", "name=r", f"{edit}={values[edit]}"])
+    from columnformer.run import write_config
+
+    write_config(edited, tmp_path / "r" / "config.yaml")
+    assert main(["resume", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "change the run" in err and key in err and "Traceback" not in err
+
+
+def test_resume_accepts_safe_edits(tmp_path, capsys):
+    train(build_config({}, [*TINY, f"out_dir={tmp_path}", "name=s"]))
+    from columnformer.run import write_config
+
+    edited = build_config({}, [*TINY, f"out_dir={tmp_path}", "name=s", "train.log_every=1", "train.progress=true",
+                               "data.num_workers=0", "train.threads=2"])
+    write_config(edited, tmp_path / "s" / "config.yaml")
+    assert main(["resume", str(tmp_path / "s")]) == 0
