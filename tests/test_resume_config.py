@@ -73,3 +73,35 @@ def test_resume_accepts_safe_edits(tmp_path, capsys):
                                "data.num_workers=0", "train.threads=2"])
     write_config(edited, tmp_path / "s" / "config.yaml")
     assert main(["resume", str(tmp_path / "s")]) == 0
+
+
+# ------------------------------------------------------------------ run names and --overwrite (issue 16, item 1)
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/b", "..", ".hidden", ""])
+def test_run_names_stay_inside_out_dir(name):
+    from columnformer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="config key 'name'"):
+        build_config({}, [*TINY, f"name={name}"])
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path, capsys):
+    args = ["train", *TINY, f"out_dir={tmp_path}", "name=o"]
+    assert main(args) == 0
+    run = tmp_path / "o"
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "keep.bin").write_bytes(b"mine too")
+    (run / "robustness.json").write_text("{}")
+    assert main([*args, "--overwrite"]) == 0
+    assert (run / "notes.txt").read_text() == "mine" and (run / "checkpoints" / "keep.bin").read_bytes() == b"mine too"
+    assert not (run / "robustness.json").exists()  # an output of the old run
+    assert (run / "summary.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    foreign = tmp_path / "data"
+    (foreign / "checkpoints").mkdir(parents=True)
+    (foreign / "checkpoints" / "precious.pt").write_bytes(b"not ours")
+    assert main(["train", *TINY, f"out_dir={tmp_path}", "name=data", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "not a Columnformer run" in err and "Traceback" not in err
+    assert (foreign / "checkpoints" / "precious.pt").read_bytes() == b"not ours"

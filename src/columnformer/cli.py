@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (CheckpointError, RunExistsError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as exc:
         if os.environ.get("COLUMNFORMER_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -200,7 +200,10 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     """Everything that defines a run."""
 
-    name: str = "digits"
+    name: str = Field(
+        "digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$", max_length=200,
+        description="run name: one folder inside out_dir (letters, digits, _ . + = -; no path separators)",
+    )
     out_dir: str = "runs"
     preset: str | None = Field(None, description="named model preset the 'model' section starts from")
     init_from: str | None = Field(

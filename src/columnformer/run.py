@@ -102,6 +102,43 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
 
+# What a run (and the commands that add to it) write into its directory; `--overwrite` removes these alone.
+RUN_OUTPUTS = (
+    "config.yaml", "provenance.json", "metrics.jsonl", "metrics.tmp", "summary.json", "figures", "tensorboard",
+    "wandb", "wandb_id.txt", "analysis.json", "analysis.json.tmp", "analysis_arrays.npz", "report.html",
+)
+RUN_OUTPUT_GLOBS = ("probe-*.json", "robustness*.json", "robustness*.md", "checkpoints/*.pt", "checkpoints/*.tmp",
+                    "checkpoints/.*.tmp")
+
+
+def remove_run(run_dir: str | Path) -> None:
+    """Delete what a run wrote in ``run_dir`` (see RUN_OUTPUTS); other files, and then the folder, are kept.
+
+    Refuses a folder that does not hold a run (no config.yaml), so a mistyped name cannot delete foreign data.
+    """
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileExistsError(
+            f"{str(run_dir)!r} has a checkpoints/ folder but no config.yaml, so it is not a Columnformer run; "
+            "--overwrite only replaces runs. Move it away or pick another name (name=...)"
+        )
+    for rel in RUN_OUTPUTS:
+        path = run_dir / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    for pattern in RUN_OUTPUT_GLOBS:
+        for path in run_dir.glob(pattern):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+    ckpt = run_dir / "checkpoints"
+    if ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+
+
 @dataclass
 class Run:
     """A run directory loaded for analysis: model (eval mode, on CPU), config, metrics, summary."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -40,7 +39,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler, build_datasets
 from .presets import count_parameters
-from .run import MetricsLog, provenance, write_config
+from .run import MetricsLog, provenance, remove_run, write_config
 from .runtime import autocast_context, resolve_device, seed_everything
 from .tasks import build_task, evaluate
 
@@ -542,7 +541,7 @@ def train(cfg: RunConfig, overwrite: bool = False, dist=None) -> dict[str, Any]:
                 f"run directory {str(run_dir)!r} already holds a run; resume it with `columnformer resume {run_dir}`, "
                 "pick another name (name=...), or pass --overwrite"
             )
-        shutil.rmtree(run_dir)
+        remove_run(run_dir)  # only what a run wrote; a folder that is not a run is refused
     if dist is not None:
         dist.barrier()
     return Trainer(cfg, run_dir, dist=dist).fit()
