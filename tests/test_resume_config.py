@@ -105,3 +105,45 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a Columnformer run" in err and "Traceback" not in err
     assert (foreign / "checkpoints" / "precious.pt").read_bytes() == b"not ours"
+
+
+# ------------------------------------------------------------------ run lock (issue 16, item 2)
+def test_a_second_writer_is_refused_while_a_run_is_written(tmp_path, capsys):
+    import os
+
+    from columnformer.run import run_lock
+
+    args = ["train", *TINY, f"out_dir={tmp_path}", "name=l"]
+    with run_lock(tmp_path / "l"):  # another process writing this run
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "is in use by another process" in err and f"pid {os.getpid()}" in err and "Traceback" not in err
+        assert not (tmp_path / "l" / "checkpoints").exists()
+    assert main(args) == 0  # released: the run can be written
+    with run_lock(tmp_path / "l"):
+        assert main([*args, "--overwrite"]) == 1  # no overwrite under a writer's feet
+        assert main(["resume", str(tmp_path / "l")]) == 1
+        assert (tmp_path / "l" / "summary.json").is_file()
+    assert main(["resume", str(tmp_path / "l")]) == 0
+
+
+def test_a_killed_writer_leaves_no_stuck_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from columnformer.run import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "k")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    from columnformer.run import RunLockedError, run_lock
+
+    with pytest.raises(RunLockedError, match=f"pid {proc.pid}"):
+        with run_lock(tmp_path / "k"):
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.05)
+    with run_lock(tmp_path / "k"):  # the kernel released it with the process
+        pass

@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -109,6 +112,46 @@ RUN_OUTPUTS = (
 )
 RUN_OUTPUT_GLOBS = ("probe-*.json", "robustness*.json", "robustness*.md", "checkpoints/*.pt", "checkpoints/*.tmp",
                     "checkpoints/.*.tmp")
+
+
+class RunLockedError(FileExistsError):
+    """Another process is writing this run directory."""
+
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold ``run_dir/.lock`` (an exclusive ``flock``) while a process writes the run.
+
+    A second writer (train, resume or --overwrite of the same run) is refused with the holder's host and
+    PID. The operating system releases the lock when its process ends, however it ends (kill -9
+    included), so a stale lock file never blocks anyone. Without ``fcntl`` (Windows) there is no lock.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        raise RunLockedError(
+            f"run directory {str(run_dir)!r} is in use by another process ({holder}); wait for it to finish or stop "
+            "it (a stopped or killed process releases the lock), or pick another name (name=...)"
+        ) from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def remove_run(run_dir: str | Path) -> None:

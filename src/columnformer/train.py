@@ -39,7 +39,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler, build_datasets
 from .presets import count_parameters
-from .run import MetricsLog, provenance, remove_run, write_config
+from .run import MetricsLog, provenance, remove_run, run_lock, write_config
 from .runtime import autocast_context, resolve_device, seed_everything
 from .tasks import build_task, evaluate
 
@@ -535,6 +535,16 @@ def run_dir_for(cfg: RunConfig) -> Path:
 def train(cfg: RunConfig, overwrite: bool = False, dist=None) -> dict[str, Any]:
     """Start a new run in ``out_dir/name`` and train it to the end."""
     run_dir = run_dir_for(cfg)
+    with _writer_lock(run_dir, dist):
+        return _train(cfg, run_dir, overwrite, dist)
+
+
+def _writer_lock(run_dir: Path, dist):
+    """The run directory's lock, held by the process that writes it (rank 0 under torchrun)."""
+    return run_lock(run_dir) if dist is None or dist.rank == 0 else nullcontext()
+
+
+def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, dist) -> dict[str, Any]:
     if (run_dir / "checkpoints").exists() and (dist is None or dist.rank == 0):
         if not overwrite:
             raise RunExistsError(
@@ -553,7 +563,8 @@ def resume(run_dir: str | Path, dist=None) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    trainer = Trainer(cfg, run_dir, resume=True, dist=dist)
-    if trainer.epoch >= cfg.train.epochs or trainer.step >= trainer.total_steps:
-        return trainer.finish(0.0)
-    return trainer.fit()
+    with _writer_lock(run_dir, dist):
+        trainer = Trainer(cfg, run_dir, resume=True, dist=dist)
+        if trainer.epoch >= cfg.train.epochs or trainer.step >= trainer.total_steps:
+            return trainer.finish(0.0)
+        return trainer.fit()
