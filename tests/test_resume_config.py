@@ -147,3 +147,23 @@ def test_a_killed_writer_leaves_no_stuck_lock(tmp_path):
     time.sleep(0.05)
     with run_lock(tmp_path / "k"):  # the kernel released it with the process
         pass
+
+
+# ------------------------------------------------------------------ wall time over resumed segments (issue 16, item 5)
+def test_wall_time_counts_every_segment_and_survives_re_evaluation(tmp_path):
+    from columnformer.checkpoint import load_checkpoint
+    from columnformer.train import Trainer, resume
+
+    cfg = build_config({}, [*TINY, f"out_dir={tmp_path}", "name=w", "train.max_steps=8", "train.batch_size=64"])
+    from columnformer.train import run_dir_for
+
+    trainer = Trainer(cfg, run_dir_for(cfg))
+    trainer.total_steps = 4  # stop the first segment after 4 of the run's 8 steps ...
+    assert trainer.train_epoch() is False and trainer.step == 4
+    trainer.total_steps, trainer.wall_before = 8, 1000.0  # ... as if it had taken 1000 s
+    trainer.save("last")
+    assert load_checkpoint(tmp_path / "w" / "checkpoints" / "last.pt")["wall_time"] >= 1000.0
+    done = resume(tmp_path / "w")  # the second segment trains steps 5-8
+    assert done["steps"] == 8 and done["wall_time_s"] >= 1000.0  # earlier segments count
+    again = resume(tmp_path / "w")  # a finished run: re-evaluated, its wall time kept (not 0, not grown)
+    assert again["wall_time_s"] == pytest.approx(done["wall_time_s"], abs=0.5)

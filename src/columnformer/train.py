@@ -148,6 +148,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_score, self.train_time = None, 0.0  # best validation value of the task's ``select`` metric
+        self.wall_before, self.segment_start = 0.0, time.perf_counter()  # wall time of earlier segments, this one's start
         self.window, self._resumed_window = self._empty_window(), None
         if resume:
             self._restore(self.ckpt_dir / "last.pt")
@@ -194,6 +195,7 @@ class Trainer:
             "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
             "best_score": self.best_score,
             "train_time": self.train_time,
+            "wall_time": self.wall_time(),
             "metrics_lines": self.metrics.count(),
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -262,6 +264,7 @@ class Trainer:
             self._resumed_window = {**self._empty_window(), **state["window"]}
         self.best_score = state["best_score"] if "best_score" in state else state.get("best_acc")
         self.train_time = state["train_time"]
+        self.wall_before = state.get("wall_time", 0.0)
         if self.is_main:
             self.metrics.truncate(state["metrics_lines"])
 
@@ -435,7 +438,6 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         tc = self.cfg.train
-        wall0 = time.perf_counter()
         while self.epoch < tc.epochs and self.step < self.total_steps:
             finished = self.train_epoch()
             if not finished:
@@ -453,7 +455,7 @@ class Trainer:
                 self.best_score = val[metric]
                 self.save("best")
             self.save("last")
-        return self.finish(time.perf_counter() - wall0)
+        return self.finish(self.wall_time())
 
     def _write_figures(self, model) -> None:
         """figures/: learning curves, attention vs distance, and the task's own (never loses a finished run)."""
@@ -465,6 +467,10 @@ class Trainer:
         except Exception as exc:  # figures must never lose a finished run
             print(f"warning: figures could not be written: {exc}", file=sys.stderr)
 
+    def wall_time(self) -> float:
+        """Seconds of wall time over every segment of the run (a resumed run adds its earlier ones)."""
+        return self.wall_before + time.perf_counter() - self.segment_start
+
     def finish(self, wall_time: float) -> dict[str, Any]:
         """Evaluate the final and the best-on-val model on the test split; write summary.json and figures.
 
@@ -473,6 +479,7 @@ class Trainer:
         ``best_val_test_<metric>`` is the test value of the task's ``select`` metric (classify: acc)
         for the best-on-validation checkpoint.
         """
+        self.wall_before, self.segment_start = wall_time, time.perf_counter()  # the checkpoint keeps this total
         self.save("last")
         final_test = self._eval_split("test")
         best_path = self.ckpt_dir / "best.pt"
@@ -566,5 +573,5 @@ def resume(run_dir: str | Path, dist=None) -> dict[str, Any]:
     with _writer_lock(run_dir, dist):
         trainer = Trainer(cfg, run_dir, resume=True, dist=dist)
         if trainer.epoch >= cfg.train.epochs or trainer.step >= trainer.total_steps:
-            return trainer.finish(0.0)
+            return trainer.finish(trainer.wall_before)  # already finished: re-evaluate, keep its wall time
         return trainer.fit()
