@@ -190,3 +190,27 @@ def test_sigterm_stops_running_children(tmp_path):
     assert "interrupted" in err
     assert _children_with(str(out)) == []
     assert not (out / "a-s1" / "config.yaml").exists()  # no further run was started
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_sigkill_of_the_sweep_ends_its_children(tmp_path):
+    """A SIGKILLed sweep cannot run its handler; the kernel ends its children (PR_SET_PDEATHSIG)."""
+    import signal
+    import time
+
+    out = tmp_path / "killed-9"
+    grid = _write_grid(tmp_path, common=[*TINY[:-3], "train.max_steps=100000", "train.progress=false", "train.device=cpu"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "columnformer", "sweep", str(grid), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    deadline = time.time() + 60
+    while not _children_with(str(out)) and time.time() < deadline:
+        time.sleep(0.2)
+    children = _children_with(str(out))
+    assert children, "the sweep never started a run"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while _children_with(str(out)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _children_with(str(out)) == []

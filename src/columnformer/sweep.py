@@ -250,7 +250,7 @@ def _run_one(grid: Grid, config: GridConfig, seed: int, parallel: int, base_file
         with _LOCK:
             if _STOP.is_set():
                 return {"run": run, "rc": None, "seconds": 0.0}
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
             _LIVE.add(proc)
         try:
             rc = proc.wait()
@@ -261,6 +261,18 @@ def _run_one(grid: Grid, config: GridConfig, seed: int, parallel: int, base_file
 
 
 _LOCK = threading.Lock()
+def _die_with_parent() -> None:
+    """In a child, before exec: ask Linux to SIGTERM it when the sweep dies, even by SIGKILL (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: the interrupt handler still ends children
+        pass
+
+
 _LIVE: set[subprocess.Popen] = set()  # running child processes, ended if the sweep is interrupted
 _STOP = threading.Event()
 
