@@ -167,3 +167,20 @@ def test_wall_time_counts_every_segment_and_survives_re_evaluation(tmp_path):
     assert done["steps"] == 8 and done["wall_time_s"] >= 1000.0  # earlier segments count
     again = resume(tmp_path / "w")  # a finished run: re-evaluated, its wall time kept (not 0, not grown)
     assert again["wall_time_s"] == pytest.approx(done["wall_time_s"], abs=0.5)
+
+
+def test_resume_extend_trains_a_finished_run_further(tmp_path, capsys):
+    base = [x for x in TINY if not x.startswith("train.max_steps")]
+    assert main(["train", *base, f"out_dir={tmp_path}", "name=e"]) == 0  # 2 epochs of 10 steps
+    capsys.readouterr()
+    assert main(["resume", str(tmp_path / "e"), "--extend", "2"]) == 2
+    assert "must exceed" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "e"), "--extend", "3"]) == 0
+    import json
+
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x
+              and json.loads(x)["type"] == "epoch"]
+    assert summary["steps"] == 30 and summary["epochs"] == 3 and epochs == [1, 2, 3]
+    assert "epochs: 3" in (tmp_path / "e" / "config.yaml").read_text()
+    assert main(["resume", str(tmp_path / "e")]) == 0  # checkpoint and config.yaml agree again

@@ -32,7 +32,7 @@ def _cmd_resume(args) -> int:
 
     cfg = read_run_config(args.run_dir)
     dist = _maybe_distributed(cfg)
-    summary = resume(args.run_dir, dist=dist)
+    summary = resume(args.run_dir, dist=dist, extend=args.extend)
     _print_summary(summary, dist)
     return 0
 
@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Resume RUN_DIR from checkpoints/last.pt with its stored config; the result equals an uninterrupted run.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--extend", type=int, metavar="EPOCHS",
+        help="train a (finished) run on to EPOCHS epochs in all; the cosine schedule is re-planned over the new total",
+    )
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("eval", help="evaluate a run on a split", description="Evaluate a run's checkpoint on a data split; prints JSON.")

@@ -221,7 +221,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> Run:
 
 
 def write_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write config.yaml atomically (a temporary file in the same folder, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)
 
 
 __all__ = ["CheckpointError", "MetricsLog", "Run", "load_run", "provenance", "read_run_config", "write_config"]

@@ -92,8 +92,9 @@ _WINDOW_SUMS = ("loss", "task_loss", "wiring_cost", "attn_entropy", "n")
 class Trainer:
     """Holds the state of one run; ``fit()`` trains, evaluates and writes the run directory."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, dist=None):
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, dist=None, extending: bool = False):
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist
+        self.extending = extending  # resume --extend: train.epochs may exceed the checkpoint's
         self.is_main = dist is None or dist.rank == 0
         tc = cfg.train
         from .tracking import build_trackers, check_available
@@ -228,7 +229,7 @@ class Trainer:
             saved = build_config(state.get("config") or {})
         except ConfigError as exc:
             raise CheckpointError(f"the config stored in checkpoint {str(path)!r} is not valid here: {exc}") from None
-        changed = run_altering_changes(saved, self.cfg)
+        changed = [k for k in run_altering_changes(saved, self.cfg) if not (k == "train.epochs" and self.extending)]
         if changed:
             shown = ", ".join(f"{k} ({_dotted(saved, k)!r} -> {_dotted(self.cfg, k)!r})" for k in changed[:6])
             raise CheckpointError(
@@ -257,6 +258,9 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"optimizer/scheduler state in {str(path)!r} does not match: {exc}") from None
+        if self.extending:  # the learning rate of the current step on the re-planned schedule
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
         torch.set_rng_state(state["rng"]["torch"])
         pos = state["position"]
         self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
@@ -564,14 +568,22 @@ def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, dist) -> dict[str, An
     return Trainer(cfg, run_dir, dist=dist).fit()
 
 
-def resume(run_dir: str | Path, dist=None) -> dict[str, Any]:
+def resume(run_dir: str | Path, dist=None, extend: int | None = None) -> dict[str, Any]:
     """Continue a run from ``checkpoints/last.pt`` with the config stored in the run directory."""
     from .run import read_run_config
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     with _writer_lock(run_dir, dist):
-        trainer = Trainer(cfg, run_dir, resume=True, dist=dist)
+        if extend is not None:  # train on to `extend` epochs; the cosine schedule is re-planned over the new total
+            if extend <= cfg.train.epochs:
+                raise ConfigError(f"--extend {extend} must exceed the run's train.epochs ({cfg.train.epochs})")
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": extend})})
+        trainer = Trainer(cfg, run_dir, resume=True, dist=dist, extending=extend is not None)
+        if extend is not None:  # the checkpoint first (it then holds the new epochs), then config.yaml
+            trainer.save("last")
+            if dist is None or dist.rank == 0:
+                write_config(cfg, run_dir / "config.yaml")
         if trainer.epoch >= cfg.train.epochs or trainer.step >= trainer.total_steps:
             return trainer.finish(trainer.wall_before)  # already finished: re-evaluate, keep its wall time
         return trainer.fit()
