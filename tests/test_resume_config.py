@@ -184,3 +184,43 @@ def test_resume_extend_trains_a_finished_run_further(tmp_path, capsys):
     assert summary["steps"] == 30 and summary["epochs"] == 3 and epochs == [1, 2, 3]
     assert "epochs: 3" in (tmp_path / "e" / "config.yaml").read_text()
     assert main(["resume", str(tmp_path / "e")]) == 0  # checkpoint and config.yaml agree again
+
+
+# ------------------------------------------------------------------ divergence (issue 16, item 4)
+def test_a_diverging_run_keeps_only_finite_checkpoints_and_says_which(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from columnformer.checkpoint import load_checkpoint
+
+    args = ["train", *[x for x in TINY if not x.startswith("train.max_steps")], f"out_dir={tmp_path}", "name=d",
+            "train.batch_size=64", "train.ckpt_every=1", "optim.lr=1e6", "optim.grad_clip=null", "optim.warmup_frac=0"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    last = tmp_path / "d" / "checkpoints" / "last.pt"
+    if last.exists():
+        step = load_checkpoint(last)["position"]["step"]
+        assert f"last good checkpoint is {last} (step {step})" in err
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(last)["model"].values() if v.is_floating_point())
+        assert main(["eval", str(tmp_path / "d")]) == 0
+        out = json.loads(capsys.readouterr().out)  # valid JSON, finite numbers
+        assert all(v is None or v == v for v in out.values())
+    else:
+        assert "no checkpoint was written before it diverged" in err
+
+
+def test_load_run_refuses_non_finite_weights(tmp_path, capsys):
+    import torch
+
+    from columnformer.checkpoint import load_checkpoint, save_checkpoint
+
+    train(build_config({}, [*TINY, f"out_dir={tmp_path}", "name=n"]))
+    path = tmp_path / "n" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    state["model"]["sheet.pos_embed"][0, 0] = float("nan")
+    save_checkpoint({k: v for k, v in state.items() if k != "schema_version"}, path)
+    for cmd in (["eval", str(tmp_path / "n")], ["analyze", str(tmp_path / "n")], ["probe", str(tmp_path / "n")]):
+        assert main(cmd) == 1, cmd
+        err = capsys.readouterr().err
+        assert "non-finite weights" in err and "sheet.pos_embed" in err and "Traceback" not in err

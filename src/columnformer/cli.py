@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -53,7 +54,10 @@ def _cmd_eval(args) -> int:
     loader = DataLoader(task.dataset(sets[args.split], args.split, seed=cfg.train.seed), batch_size=cfg.train.eval_batch_size)
     result = evaluate(task, run.model, loader, "cpu")
     result = {"run": str(run.path), "checkpoint": run.checkpoint, "split": args.split, **result}
-    print(json.dumps(result, indent=2))
+    finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+    if finite != result:
+        print("warning: non-finite results (the model overflows on this data) are written as null", file=sys.stderr)
+    print(json.dumps(finite, indent=2, allow_nan=False))
     return 0
 
 

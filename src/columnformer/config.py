@@ -201,8 +201,8 @@ class RunConfig(_Strict):
     """Everything that defines a run."""
 
     name: str = Field(
-        "digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$", max_length=200,
-        description="run name: one folder inside out_dir (letters, digits, _ . + = -; no path separators)",
+        "digits", pattern=r"^[^/\\.\x00][^/\\\x00]*$", max_length=200,
+        description="run name: one folder inside out_dir (no '/' or '\\', not starting with '.')",
     )
     out_dir: str = "runs"
     preset: str | None = Field(None, description="named model preset the 'model' section starts from")

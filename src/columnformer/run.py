@@ -213,6 +213,12 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> Run:
         ckpt_path = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(ckpt_path)
     model = build_task(cfg.task, cfg.model).build_model()
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt_path)!r} holds non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): "
+            "the run diverged before it was written; retrain with a lower optim.lr or optim.grad_clip"
+        )
     load_model_state(model, state["model"], source=str(ckpt_path))
     model.eval()
     summary_path = run_dir / "summary.json"

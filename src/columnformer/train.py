@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -201,7 +202,48 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
         }
 
+    def _weights_finite(self) -> bool:
+        """Whether every parameter is finite (over all ranks' shards under FSDP)."""
+        bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in self.model.parameters())
+        if self.dist is not None:
+            bad = int(self.dist.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64)).item())
+        return bad == 0
+
+    def last_good(self) -> str:
+        """Which checkpoint a diverged run keeps, for messages."""
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return "no checkpoint was written before it diverged"
+        try:
+            step = load_checkpoint(path)["position"]["step"]
+        except CheckpointError:
+            return f"{path} is unreadable"
+        return f"the last good checkpoint is {path} (step {step})"
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        """The error for a divergence detected now; rolls last.pt back if it holds the weights that just diverged.
+
+        ``last.pt`` is kept one generation deep (``prev.pt``): when the newest checkpoint holds this very step's
+        weights (they produced the non-finite values), it becomes ``diverged.pt`` and ``prev.pt`` is restored.
+        """
+        last, prev = self.ckpt_dir / "last.pt", self.ckpt_dir / "prev.pt"
+        if self.is_main and last.exists():
+            try:
+                holds_this_step = load_checkpoint(last)["position"]["step"] == self.step
+            except CheckpointError:
+                holds_this_step = True
+            if holds_this_step:
+                os.replace(last, self.ckpt_dir / "diverged.pt")
+                if prev.exists():
+                    os.replace(prev, last)
+        return TrainingDiverged(
+            f"{what} at step {self.step} (epoch {self.epoch + 1}); {self.last_good()}. Start a new run with a lower "
+            "optim.lr, optim.grad_clip or train.precision=fp32 (init_from=RUN keeps the good weights)"
+        )
+
     def save(self, name: str) -> None:
+        if not self._weights_finite():  # never overwrite a good checkpoint with a diverged state
+            raise self.diverged("non-finite weights")
         window = dict(self.window)
         if self.dist is not None:  # the window over all ranks (a collective: every rank calls save)
             keys = self.window_keys
@@ -211,7 +253,10 @@ class Trainer:
             state = self._state()
             state["window"] = window
             if self.is_main:
-                save_checkpoint(state, self.ckpt_dir / f"{name}.pt")
+                path = self.ckpt_dir / f"{name}.pt"
+                if name == "last" and path.exists():  # one generation back, for a divergence roll-back
+                    os.replace(path, self.ckpt_dir / "prev.pt")
+                save_checkpoint(state, path)
         if self.dist is not None:
             self.dist.barrier()  # the other ranks may read it next (best model, resume)
 
@@ -362,11 +407,7 @@ class Trainer:
                         objective = (loss_sum + tc.wiring_lambda * wiring * b) * (self.dist.world_size / global_n) / accum
                     if not torch.isfinite(loss):
                         bar.close()
-                        raise TrainingDiverged(
-                            f"non-finite loss ({loss.item()}) at step {self.step} (epoch {self.epoch + 1}); "
-                            f"the last good checkpoint is kept in {self.ckpt_dir}. Lower optim.lr, enable "
-                            "optim.grad_clip, or use train.precision=fp32"
-                        )
+                        raise self.diverged(f"non-finite loss ({loss.item()})")
                     (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
                 self.window["loss"] += loss.item() * b
                 self.window["task_loss"] += task_loss.item() * b
@@ -383,9 +424,7 @@ class Trainer:
                 grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
             if grad_norm is not None and not math.isfinite(grad_norm) and self.scaler is None:
                 bar.close()
-                raise TrainingDiverged(
-                    f"non-finite gradient norm at step {self.step}; the last good checkpoint is kept in {self.ckpt_dir}"
-                )
+                raise self.diverged("non-finite gradient norm")
             if self.scaler is not None:  # skips the step when fp16 gradients overflowed, then lowers the scale
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
