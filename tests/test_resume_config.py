@@ -224,3 +224,40 @@ def test_load_run_refuses_non_finite_weights(tmp_path, capsys):
         assert main(cmd) == 1, cmd
         err = capsys.readouterr().err
         assert "non-finite weights" in err and "sheet.pos_embed" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ half-written files (issue 16, item 5)
+def test_half_written_files_and_a_kill_before_the_first_checkpoint(tmp_path, capsys):
+    import json
+
+    from columnformer.run import load_run
+
+    args = ["train", *TINY, f"out_dir={tmp_path}", "name=h"]
+    assert main(args) == 0
+    run = tmp_path / "h"
+    whole = json.loads((run / "summary.json").read_text())
+    log = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(log + '{"type": "step", "st')  # killed while writing a line
+    assert len(load_run(run).metrics) == len(log.splitlines())
+    (run / "summary.json").write_text('{"name": "h", "te')
+    assert main(["eval", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "summary.json is damaged" in err and "Traceback" not in err
+    (run / "checkpoints" / ".last.pt.zzz.tmp").write_bytes(b"orphan of a killed write")
+    assert main(["resume", str(run)]) == 0  # as the message says: re-evaluates and writes summary.json again
+    assert json.loads((run / "summary.json").read_text())["test_acc"] == whole["test_acc"]
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # orphaned temp files are cleaned
+
+    # a run killed during its first checkpoint write: config.yaml, a temp file, no last.pt
+    fresh = tmp_path / "f"
+    assert main(["train", *TINY, f"out_dir={tmp_path}", "name=f", "train.max_steps=1"]) == 0
+    for p in (fresh / "checkpoints").iterdir():
+        p.unlink()
+    (fresh / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (fresh / "summary.json").unlink()
+    assert main(["resume", str(fresh)]) == 0  # starts it again instead of failing
+    assert "starting it from the beginning" in capsys.readouterr().err
+    assert not list((fresh / "checkpoints").glob(".*.tmp"))
+    again = json.loads((fresh / "summary.json").read_text())
+    assert again["steps"] == 1 and (fresh / "checkpoints" / "last.pt").is_file()
+    assert whole["steps"] == 3

@@ -99,10 +99,20 @@ class MetricsLog:
             f.flush()
 
     def read(self) -> list[dict]:
+        """The records; a half-written last line (a process killed while writing it) is left out with a warning."""
         if not self.path.exists():
             return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        lines = [x for x in self.path.read_text().splitlines() if x.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    print(f"warning: {self.path}: the last line is half-written (a killed writer?); left out", file=sys.stderr)
+                    break
+                raise ValueError(f"{self.path}: line {i + 1} is not valid JSON; the metrics log is damaged") from None
+        return records
 
 
 # What a run (and the commands that add to it) write into its directory; `--overwrite` removes these alone.
@@ -221,9 +231,28 @@ def load_run(run_dir: str | Path, checkpoint: str = "last") -> Run:
         )
     load_model_state(model, state["model"], source=str(ckpt_path))
     model.eval()
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    summary = read_summary(run_dir)
     return Run(run_dir, cfg, model, MetricsLog(run_dir / "metrics.jsonl").read(), summary, ckpt_path.stem)
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    """summary.json of a run (None before it finished); a damaged file is an error naming it."""
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(
+            f"{path} is damaged (half-written?); `columnformer resume {run_dir}` re-evaluates the run and writes it again"
+        ) from None
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write a JSON file atomically (a temporary file in the same folder, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def write_config(cfg: RunConfig, path: Path) -> None:

@@ -40,7 +40,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler, build_datasets
 from .presets import count_parameters
-from .run import MetricsLog, provenance, remove_run, run_lock, write_config
+from .run import MetricsLog, provenance, remove_run, run_lock, write_config, write_json
 from .runtime import autocast_context, resolve_device, seed_everything
 from .tasks import build_task, evaluate
 
@@ -148,6 +148,9 @@ class Trainer:
         )
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main and self.ckpt_dir.is_dir():  # temp files of a writer killed mid-write (we hold the run lock)
+            for orphan in self.ckpt_dir.glob(".*.tmp"):
+                orphan.unlink()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_score, self.train_time = None, 0.0  # best validation value of the task's ``select`` metric
         self.wall_before, self.segment_start = 0.0, time.perf_counter()  # wall time of earlier segments, this one's start
@@ -563,7 +566,7 @@ class Trainer:
             baseline = self.task.baseline(self.data_sets)
             if baseline is not None:
                 summary["baseline"] = baseline
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json(summary, self.run_dir / "summary.json")
             if self.cfg.train.figures:
                 self._write_figures(figure_model)
             self.trackers.log({"type": "summary", "step": self.step, **{k: v for k, v in summary.items() if k != "baseline"}})
@@ -614,6 +617,15 @@ def resume(run_dir: str | Path, dist=None, extend: int | None = None) -> dict[st
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     with _writer_lock(run_dir, dist):
+        if not (run_dir / "checkpoints" / "last.pt").exists() and extend is None:
+            # stopped before its first checkpoint was complete: nothing to continue, so start it again (the same
+            # batches and result as an uninterrupted run)
+            if dist is None or dist.rank == 0:
+                print(f"resume: {run_dir} has no checkpoint yet; starting it from the beginning", file=sys.stderr)
+                remove_run(run_dir)
+            if dist is not None:
+                dist.barrier()
+            return Trainer(cfg, run_dir, dist=dist).fit()
         if extend is not None:  # train on to `extend` epochs; the cosine schedule is re-planned over the new total
             if extend <= cfg.train.epochs:
                 raise ConfigError(f"--extend {extend} must exceed the run's train.epochs ({cfg.train.epochs})")
