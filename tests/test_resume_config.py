@@ -261,3 +261,22 @@ def test_half_written_files_and_a_kill_before_the_first_checkpoint(tmp_path, cap
     again = json.loads((fresh / "summary.json").read_text())
     assert again["steps"] == 1 and (fresh / "checkpoints" / "last.pt").is_file()
     assert whole["steps"] == 3
+
+
+# ------------------------------------------------------------------ clear messages instead of tracebacks (issue 16, item 7)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.mean=[0.5]", "data.std=[.inf]"], "data.std must be positive and finite"),
+        (["data.mean=[.nan]", "data.std=[1]"], "data.mean must be finite"),
+        (["model.connectivity.kind=local", "model.connectivity.k=500"], "k=500 edges per column exceed the sheet's 48 columns"),
+        (["model.connectivity.kind=local_long_range", "model.connectivity.k=40", "model.connectivity.k_long=10"],
+         "k=40 \\+ k_long=10 edges per column exceed"),
+    ],
+)
+def test_impossible_values_are_config_errors(overrides, message, capsys):
+    assert main(["train", "preset=digits", *overrides, "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(message, err) and "Traceback" not in err and "{'model'" not in err

@@ -12,6 +12,7 @@ combination raises :class:`ConfigError` with one message naming the key and what
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -43,6 +44,14 @@ class GeometryConfig(_Strict):
     layers: list[tuple[int, int]] = Field(default_factory=lambda: [(4, 4), (4, 4)])
     spacing: float = Field(1.0, gt=0)
     n: int = Field(64, ge=1)
+
+    @property
+    def num_columns(self) -> int:
+        if self.kind == "grid":
+            return self.shape[0] * self.shape[1]
+        if self.kind == "stacked":
+            return sum(h * w for h, w in self.layers)
+        return self.n
 
     def build(self):
         from . import geometry as g
@@ -146,8 +155,10 @@ class DataConfig(_Strict):
             raise ValueError(f"data.crop_ratio must satisfy 0 < min <= max (got {self.crop_ratio})")
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
             raise ValueError("data.mean and data.std must be given together, with one value per channel")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"data.std must be positive (got {self.std})")
+        if self.std is not None and any(not (0 < s < math.inf) for s in self.std):
+            raise ValueError(f"data.std must be positive and finite (got {self.std})")
+        if self.mean is not None and any(not math.isfinite(m) for m in self.mean):
+            raise ValueError(f"data.mean must be finite (got {self.mean})")
         return self
 
 
@@ -224,6 +235,13 @@ class RunConfig(_Strict):
 
             gh, gw = self.model.patch_grid
             num_masked(self.task.mask_fraction, gh * gw)
+        conn, n = self.model.connectivity, self.model.geometry.num_columns
+        if conn.kind != "dense" and conn.k + (conn.k_long if conn.kind == "local_long_range" else 0) > n:
+            extra = f" + k_long={conn.k_long}" if conn.kind == "local_long_range" else ""
+            raise ValueError(
+                f"model.connectivity.k={conn.k}{extra} edges per column exceed the sheet's {n} columns; lower them "
+                "(or use model.connectivity.kind=dense for all pairs)"
+            )
         if self.train.rewire.every and self.model.connectivity.kind == "dense":
             raise ValueError(
                 "train.rewire.every needs a sparse sheet: set model.connectivity.kind to 'local' or 'local_long_range'"
@@ -288,7 +306,8 @@ def _format_error(err: ValidationError, prefix: str = "") -> str:
             lines.append(f"unknown config key '{key}'{_allowed_hint(e['loc'], e.get('task'))}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"config key '{key}': {msg} (got {e.get('input')!r})")
+            got = f" (got {e.get('input')!r})" if loc and not isinstance(e.get("input"), dict) else ""
+            lines.append(f"config key '{key}': {msg}{got}" if loc else msg)
     return "; ".join(lines)
 
 
