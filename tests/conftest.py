@@ -29,3 +29,25 @@ def randomize():
         return module
 
     return _randomize
+
+
+# ------------------------------------------------------------------ skips under CI
+ALLOWED_CI_SKIPS = ("cuda", "gpu")  # hardware CI does not have; everything else CI installs (scripts/test.sh)
+
+
+def ci_must_fail(reason: str) -> bool:
+    """Under CI=true a skip fails the run, unless it is for hardware CI lacks (CUDA / GPU)."""
+    return not any(word in reason.lower() for word in ALLOWED_CI_SKIPS)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    import os
+
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if ci_must_fail(reason):
+            report.outcome = "failed"
+            report.longrepr = f"skipped under CI=true (a missing test dependency must fail CI): {reason}"

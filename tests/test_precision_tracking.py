@@ -33,7 +33,7 @@ def test_bf16_autocast_on_cpu_trains_with_fp32_params(tmp_path):
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU guard")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU guard; skipped where CUDA is available")
 def test_fp16_needs_a_gpu(tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         tiny(tmp_path, "train.precision=fp16", "train.device=cpu")
