@@ -286,10 +286,11 @@ def _leaves(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_altering_changes(saved: "RunConfig", current: "RunConfig") -> list[str]:
-    """Dotted keys whose values differ between two configs and that change what the run computes."""
+def run_altering_changes(saved: "RunConfig", current: "RunConfig") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) of the keys that differ and change what the run computes."""
     a, b = _leaves(saved.model_dump(mode="json")), _leaves(current.model_dump(mode="json"))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and resume_class(k) != "safe")
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and resume_class(k) != "safe")
+    return [(k, a.get(k), b.get(k)) for k in keys]
 
 
 # ------------------------------------------------------------------ loading

@@ -182,9 +182,9 @@ def model_predictor(model, steps: int | None = None):
 
 def logreg_predictor(train_ds):
     """Logistic regression on flattened training pixels (the summary's baseline; in-memory sets only)."""
-    from sklearn.linear_model import LogisticRegression
+    from .tasks.classify import pixel_logistic_regression
 
-    clf = LogisticRegression(max_iter=5000, C=1.0).fit(train_ds.images.flatten(1).numpy(), train_ds.labels.numpy())
+    clf = pixel_logistic_regression(train_ds)
     return lambda images: torch.from_numpy(clf.predict(images.flatten(1).numpy()))
 
 

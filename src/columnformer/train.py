@@ -277,9 +277,9 @@ class Trainer:
             saved = build_config(state.get("config") or {})
         except ConfigError as exc:
             raise CheckpointError(f"the config stored in checkpoint {str(path)!r} is not valid here: {exc}") from None
-        changed = [k for k in run_altering_changes(saved, self.cfg) if not (k == "train.epochs" and self.extending)]
+        changed = [c for c in run_altering_changes(saved, self.cfg) if not (c[0] == "train.epochs" and self.extending)]
         if changed:
-            shown = ", ".join(f"{k} ({_dotted(saved, k)!r} -> {_dotted(self.cfg, k)!r})" for k in changed[:6])
+            shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in changed[:6])
             raise CheckpointError(
                 f"{self.run_dir}/config.yaml differs from the config checkpoint {str(path)!r} was trained with in keys "
                 f"that change the run: {shown}{' ...' if len(changed) > 6 else ''}; restore them (or start a new run "
@@ -572,13 +572,6 @@ class Trainer:
             self.trackers.log({"type": "summary", "step": self.step, **{k: v for k, v in summary.items() if k != "baseline"}})
             self.trackers.close()
         return summary
-
-
-def _dotted(cfg: RunConfig, key: str):
-    node: Any = cfg.model_dump(mode="json")
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def run_dir_for(cfg: RunConfig) -> Path:

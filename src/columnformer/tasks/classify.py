@@ -41,12 +41,14 @@ class ClassifyTask(Task):
 
     def baseline(self, sets):
         """Multinomial logistic regression on flattened pixels (small in-memory sets only)."""
-        from sklearn.linear_model import LogisticRegression
-
         if not all(hasattr(sets[s], "images") for s in ("train", "test")):
             return None
-        x_tr = sets["train"].images.flatten(1).numpy()
-        x_te = sets["test"].images.flatten(1).numpy()
-        clf = LogisticRegression(max_iter=5000, C=1.0)
-        clf.fit(x_tr, sets["train"].labels.numpy())
-        return {"logreg_test_acc": float(clf.score(x_te, sets["test"].labels.numpy()))}
+        clf = pixel_logistic_regression(sets["train"])
+        return {"logreg_test_acc": float(clf.score(sets["test"].images.flatten(1).numpy(), sets["test"].labels.numpy()))}
+
+
+def pixel_logistic_regression(train_ds):
+    """The reference classifier: multinomial logistic regression (C=1) on an in-memory set's flattened pixels."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=5000, C=1.0).fit(train_ds.images.flatten(1).numpy(), train_ds.labels.numpy())
