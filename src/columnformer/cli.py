@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own sub-commands through ``register(subparsers)``.
-_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep", "analysis.cli", "probe", "robustness")
+_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep", "analysis.cli", "probe", "robustness", "predecessor")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,19 +37,22 @@ class _Strict(BaseModel):
 
 
 class GeometryConfig(_Strict):
-    """Where the columns sit. ``grid``: shape [h, w]; ``stacked``: layers [[h, w], ...]; ``sphere``: n."""
+    """Where the columns sit. ``grid``: shape [h, w]; ``stacked``: layers [[h, w], ...]; ``sphere``: n;
+    ``multilayer``: layers as for stacked, laid out as the predecessor did (see ``geometry.multilayer``)."""
 
-    kind: Literal["grid", "stacked", "sphere"] = "grid"
+    kind: Literal["grid", "stacked", "sphere", "multilayer"] = "grid"
     shape: tuple[int, int] = (4, 4)
     layers: list[tuple[int, int]] = Field(default_factory=lambda: [(4, 4), (4, 4)])
-    spacing: float = Field(1.0, gt=0)
+    spacing: float = Field(
+        1.0, gt=0, description="distance between stacked layers (multilayer: the predecessor's depth_offset)"
+    )
     n: int = Field(64, ge=1)
 
     @property
     def num_columns(self) -> int:
         if self.kind == "grid":
             return self.shape[0] * self.shape[1]
-        if self.kind == "stacked":
+        if self.kind in ("stacked", "multilayer"):
             return sum(h * w for h, w in self.layers)
         return self.n
 
@@ -60,6 +63,8 @@ class GeometryConfig(_Strict):
             return g.grid(*self.shape)
         if self.kind == "stacked":
             return g.stacked(self.layers, self.spacing)
+        if self.kind == "multilayer":
+            return g.multilayer(self.layers, self.spacing)
         return g.sphere(self.n)
 
 
@@ -93,6 +98,10 @@ class ModelConfig(_Strict):
     stride: int | None = Field(None, ge=1, description="patch stride; None = patch (no overlap)")
     num_classes: int = Field(10, ge=1)
     pool: Literal["avg", "spatial"] = "avg"
+    head_norm: Literal["pooled", "tokens"] = Field(
+        "pooled", description="classifier LayerNorm after pooling (pooled) or on every output column before it "
+        "(tokens: the predecessor's order)",
+    )
     input_area: Literal["bottom", "all"] = "bottom"
     output_area: Literal["top", "all", "bottom"] = Field("top", description="columns the task head reads (MIM: the read-out area)")
     geometry: GeometryConfig = Field(default_factory=GeometryConfig)

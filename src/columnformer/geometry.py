@@ -11,6 +11,14 @@ Builders::
     stacked([(16, 16), (8, 8)], 2)  # stack of centred grids, layer i at height i * spacing
     sphere(n)                       # Fibonacci lattice, great-circle distances, ~unit spacing
     from_coords(array)              # user coordinates of any dimension, Euclidean
+    multilayer([(8, 8)] * 6, 2.0)   # the predecessor's layout (clane9/columnformers multilayer_geometry)
+
+``gap`` (default 0) is a distance added in quadrature to every connection, a column's
+connection to itself included: ``sqrt(d**2 + gap**2)``. It models a feed-forward stack drawn as one
+sheet, where each step's sheet reads the one ``gap`` below it (the predecessor's single-layer
+"depth offset"). ``distances``/``pair_distances`` return connection lengths (gap included: the
+attention-bias initialisation and the wiring cost use them); ``pair_distances(..., along_sheet=True)``
+returns positions' distances without it (topography).
 
 Distances are computed on demand (``distances()`` for all pairs, ``pair_distances(i, j)``
 for index arrays) so a 10^6-column geometry never forms an N x N matrix.
@@ -46,6 +54,7 @@ class Geometry:
         layer_shapes: grid shape of each layer, or ``None`` for unstructured layouts (sphere, user coords).
         name: a short description, e.g. ``"grid(4x4)"``.
         radius: sphere radius for the great-circle metric.
+        gap: distance added in quadrature to every connection (see the module docstring).
     """
 
     coords: np.ndarray
@@ -54,6 +63,7 @@ class Geometry:
     layer_shapes: tuple[tuple[int, int], ...] | None = None
     name: str = "coords"
     radius: float = 1.0
+    gap: float = 0.0
     _norm_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +74,8 @@ class Geometry:
             )
         if not np.isfinite(coords).all():
             raise GeometryError("coordinates contain NaN or infinite values; pass finite coordinates")
+        if not (math.isfinite(self.gap) and self.gap >= 0):
+            raise GeometryError(f"gap must be a finite distance >= 0, got {self.gap}")
         if self.metric not in (EUCLIDEAN, GREAT_CIRCLE):
             raise GeometryError(f"metric must be 'euclidean' or 'great_circle', got {self.metric!r}")
         layer = np.zeros(len(coords), dtype=np.int64) if self.layer is None else np.asarray(self.layer)
@@ -87,18 +99,27 @@ class Geometry:
         i = i % self.num_layers
         return np.flatnonzero(self.layer == i)
 
-    def pair_distances(self, i: np.ndarray | torch.Tensor, j: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Distances between columns ``i[k]`` and ``j[k]`` (broadcasting index arrays)."""
+    def pair_distances(
+        self, i: np.ndarray | torch.Tensor, j: np.ndarray | torch.Tensor, along_sheet: bool = False
+    ) -> np.ndarray:
+        """Connection lengths between columns ``i[k]`` and ``j[k]`` (broadcasting index arrays).
+
+        ``along_sheet=True``: the distance between the two positions, without the ``gap``.
+        """
         i = np.asarray(i)
         j = np.asarray(j)
         a, b = self.coords[i], self.coords[j]
         if self.metric == GREAT_CIRCLE:
             cos = np.clip((a * b).sum(-1) / self.radius**2, -1.0, 1.0)
-            return self.radius * np.arccos(cos)
-        return np.sqrt(((a - b) ** 2).sum(-1))
+            d = self.radius * np.arccos(cos)
+        else:
+            d = np.sqrt(((a - b) ** 2).sum(-1))
+        if self.gap and not along_sheet:
+            d = np.sqrt(d**2 + self.gap**2)
+        return d
 
     def distances(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All pairwise distances, (N, N). Only for sheets small enough for dense attention."""
+        """All pairwise connection lengths (gap included), (N, N). Only for sheets small enough for dense attention."""
         if self.n > 32768:
             raise GeometryError(
                 f"refusing to form a {self.n}x{self.n} distance matrix; use Connectivity.local(...) "
@@ -111,6 +132,8 @@ class Geometry:
         else:
             d = torch.cdist(c, c)
         d.fill_diagonal_(0.0)
+        if self.gap:
+            d = torch.sqrt(d**2 + self.gap**2)
         return d.to(dtype)
 
     def mean_distance_power(self, p: float = 1.0) -> float:
@@ -134,7 +157,10 @@ class Geometry:
         return self._norm_cache[key]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "metric": self.metric, "n": self.n, "layer_shapes": self.layer_shapes}
+        out = {"name": self.name, "metric": self.metric, "n": self.n, "layer_shapes": self.layer_shapes}
+        if self.gap:
+            out["gap"] = self.gap
+        return out
 
 
 # ---------------------------------------------------------------------- builders
@@ -199,3 +225,32 @@ def from_coords(coords: np.ndarray | Sequence[Sequence[float]], layer: np.ndarra
     if arr.ndim == 1:
         arr = arr[:, None]
     return Geometry(arr, layer=layer, name=f"coords({arr.shape[0]}x{arr.shape[1]})")
+
+
+def multilayer(layers: Sequence[tuple[int, int] | int], depth_offset: float = 2.0) -> Geometry:
+    """The predecessor's layout (clane9/columnformers ``multilayer_geometry``), reproduced exactly.
+
+    Layer i is an ``h x w`` grid spanning ``[-h/2, h/2] x [-w/2, w/2]`` (``linspace``: spacing
+    ``h / (h - 1)``, i.e. 8/7 for an 8-wide layer), at height ``i * depth_offset``. A single layer
+    is the feed-forward reading: every connection, a column's to itself included, gets
+    ``gap = depth_offset`` in quadrature (self-distance ``depth_offset``). Compare :func:`stacked`
+    (unit spacing, no gap), the library's choice for new presets.
+    """
+    if len(layers) < 1:
+        raise GeometryError("multilayer() needs at least one layer, e.g. multilayer([(8, 8)])")
+    if not (depth_offset > 0 and math.isfinite(depth_offset)):
+        raise GeometryError(f"depth_offset must be > 0, got {depth_offset}")
+    shapes = tuple((s, s) if isinstance(s, int) else (int(s[0]), int(s[1])) for s in layers)
+    coords, labels = [], []
+    for i, (h, w) in enumerate(shapes):
+        if h < 1 or w < 1:
+            raise GeometryError(f"layer size must be at least 1x1, got {h}x{w}")
+        ys, xs = np.meshgrid(np.linspace(-h / 2, h / 2, h), np.linspace(-w / 2, w / 2, w), indexing="ij")
+        z = np.full(h * w, i * depth_offset)
+        coords.append(np.stack([ys.ravel(), xs.ravel(), z], axis=1))  # row-major within the layer
+        labels.append(np.full(h * w, i))
+    desc = ",".join(f"{h}x{w}" for h, w in shapes)
+    return Geometry(
+        np.concatenate(coords), layer=np.concatenate(labels), layer_shapes=shapes,
+        name=f"multilayer({desc})", gap=depth_offset if len(shapes) == 1 else 0.0,
+    )

@@ -12,6 +12,7 @@ import copy
 from torch import nn
 
 _TINY_128 = dict(image_size=(128, 128), in_chans=3, patch=16, num_classes=100)
+_PREDECESSOR_HEAD = dict(pool="avg", head_norm="tokens")
 _UNTIED_COLUMNS = dict(
     heads=1, qk_dim=64, value_proj=False, mlp_ratio=1 / 6, attn_bias="local", bias_sigma=2.0, bias_min=-8.0,
     untied_attn=True, untied_mlp=True, untied_norm=True, pos_embed=True,
@@ -40,23 +41,27 @@ PRESETS: dict[str, dict] = {
         geometry=dict(kind="grid", shape=(4, 4)),
         sheet=dict(_TIED_VIT, width=96, steps=5, heads=4, qk_dim=24, mlp_ratio=4.0),
     ),
-    # Predecessor-equivalent tiny presets at 128 px / patch 16 / width 384 / 100 classes.
+    # Predecessor-equivalent tiny presets at 128 px / patch 16 / width 384 / 100 classes: the same function
+    # as clane9/columnformers' vision_{transformer,columnformer_ff,columnformer_r}_tiny_patch16_128 (its
+    # geometry, `multilayer`, and its head order, LayerNorm on every output column before pooling);
+    # tests/test_predecessor.py checks outputs against its own code. `columnformer import-predecessor`
+    # loads its checkpoints into them.
     # Tied ViT: 6 heads, value/projection (with biases), MLP ratio 4, average pooling (11.01M).
     "vit-tiny": dict(
-        _TINY_128, pool="avg", input_area="all", output_area="all",
-        geometry=dict(kind="grid", shape=(8, 8)),
+        _TINY_128, **_PREDECESSOR_HEAD, input_area="all", output_area="all",
+        geometry=dict(kind="multilayer", layers=[(8, 8)], spacing=2.0),
         sheet=dict(_TIED_VIT, width=384, steps=6),
     ),
     # Untied feed-forward columnformer: 6 distinct 8x8 sheets (38.94M).
     "columnformer-ff-tiny": dict(
-        _TINY_128, pool="avg", input_area="all", output_area="all",
-        geometry=dict(kind="grid", shape=(8, 8)),
+        _TINY_128, **_PREDECESSOR_HEAD, input_area="all", output_area="all",
+        geometry=dict(kind="multilayer", layers=[(8, 8)], spacing=2.0),
         sheet=dict(_UNTIED_COLUMNS, width=384, steps=6, recurrent=False),
     ),
     # Untied recurrent columnformer on 6 stacked 8x8 layers (384 columns), no attention residual (39.19M).
     "columnformer-rec-tiny": dict(
-        _TINY_128, pool="avg", input_area="bottom", output_area="top",
-        geometry=dict(kind="stacked", layers=[(8, 8)] * 6, spacing=2.0),
+        _TINY_128, **_PREDECESSOR_HEAD, input_area="bottom", output_area="top",
+        geometry=dict(kind="multilayer", layers=[(8, 8)] * 6, spacing=2.0),
         sheet=dict(_UNTIED_COLUMNS, width=384, steps=6, recurrent=True, attn_residual=False),
     ),
     # Wide sparse sheet on digits: a 4x4 input layer (the 2x2 patches of an 8x8 digit) under a
@@ -118,7 +123,7 @@ def build_model(cfg) -> nn.Module:
 
     cfg = model_config(cfg)
     embed, sheet = build_backbone(cfg)
-    head = ClassifierHead(cfg.sheet.width, cfg.num_classes, len(sheet.output_idx), cfg.pool)
+    head = ClassifierHead(cfg.sheet.width, cfg.num_classes, len(sheet.output_idx), cfg.pool, cfg.head_norm)
     return VisionColumnformer(embed, sheet, head)
 
 

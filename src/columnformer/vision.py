@@ -42,29 +42,45 @@ class PatchEmbed(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Pool the output area and classify.
+    """Pool the output area, normalise and classify.
 
-    ``pool="avg"``: mean over output columns, LayerNorm, linear.
-    ``pool="spatial"``: one learned softmax pooling map over the output columns per class,
-    LayerNorm, then each class reads its own pooled vector (per-class spatial pooling).
+    ``pool="avg"``: mean over output columns, then a linear layer.
+    ``pool="spatial"``: one learned softmax pooling map over the output columns per class; each
+    class reads its own pooled vector (per-class spatial pooling).
+    ``norm="pooled"``: LayerNorm the pooled vector (the default); ``norm="tokens"``: LayerNorm every
+    output column, then pool (the predecessor's order; LayerNorm does not commute with pooling).
     """
 
-    def __init__(self, dim: int, num_classes: int, n_out: int, pool: str = "avg"):
+    def __init__(self, dim: int, num_classes: int, n_out: int, pool: str = "avg", norm: str = "pooled"):
         super().__init__()
         if pool not in ("avg", "spatial"):
             raise ValueError(f"pool must be 'avg' or 'spatial', got {pool!r}")
-        self.pool = pool
-        self.pool_weight = nn.Parameter(torch.randn(num_classes, n_out) * 0.2) if pool == "spatial" else None
+        if norm not in ("pooled", "tokens"):
+            raise ValueError(f"norm must be 'pooled' or 'tokens', got {norm!r}")
+        self.pool, self.norm_order = pool, norm
+        self.pool_weight = nn.Parameter(torch.empty(num_classes, n_out)) if pool == "spatial" else None
+        if self.pool_weight is not None:
+            nn.init.trunc_normal_(self.pool_weight, std=0.2)
         self.norm = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.fc.bias)
         nn.init.trunc_normal_(self.fc.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, n_out, C)
+        if self.norm_order == "tokens":
+            x = self.norm(x)  # (B, n_out, C)
         if self.pool == "avg":
-            return self.fc(self.norm(x.mean(dim=1)))  # (B, K)
-        pooled = self.norm(self.pool_weight.softmax(-1) @ x)  # (B, K, C)
+            pooled = x.mean(dim=1)  # (B, C)
+        else:
+            pooled = self.pool_weight.softmax(-1) @ x  # (B, K, C)
+        if self.norm_order == "pooled":
+            pooled = self.norm(pooled)
+        if self.pool == "avg":
+            return self.fc(pooled)  # (B, K)
         return (pooled * self.fc.weight).sum(-1) + self.fc.bias  # (B, K)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool}, norm={self.norm_order}"
 
 
 class VisionColumnformer(nn.Module):

@@ -188,7 +188,7 @@ def similarity_vs_distance(
     if len(i) == 0:
         return {"pairs": info, "smoothness": float("nan"), "note": "fewer than two columns per layer"}
     sim = np.asarray(sim_fn(i, j), dtype=np.float64)
-    d = geometry.pair_distances(i, j)
+    d = geometry.pair_distances(i, j, along_sheet=True)
     far = float(np.median(d))
     index = smoothness_index(d, sim, near, far)
     rng = np.random.default_rng(seed + 7919)
@@ -199,7 +199,7 @@ def similarity_vs_distance(
         for g in np.unique(layer):
             idx = np.flatnonzero(layer == g)
             perm[idx] = rng.permutation(idx)
-        ds = geometry.pair_distances(perm[i], perm[j])  # same similarities, shuffled positions
+        ds = geometry.pair_distances(perm[i], perm[j], along_sheet=True)  # same similarities, shuffled positions
         shuffled.append(smoothness_index(ds, sim, near, far))
     shuffled = np.array(shuffled, dtype=np.float64)
     ok = shuffled[np.isfinite(shuffled)]
