@@ -4,10 +4,10 @@
     python benchmarks/vs_predecessor.py /path/to/columnformers --invocations 1 --pairs rec --dtypes bf16
 
 PATH is a checkout of clane9/columnformers (its ``src/columnformers`` is imported from there; nothing of it
-is copied here). The predecessor needs timm (which imports torchvision), so run this in an environment
-that has both packages and this library, e.g. ``pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.3``
-then ``pip install -e .`` (see BENCHMARKS.md). Without PATH, or without timm, the script says why and
-exits 0 (a clean skip).
+is copied here). The predecessor needs timm: ``pip install --no-deps timm==1.0.3`` in this library's environment (or
+``PYTHONPATH=<a --target dir>``). timm's own ``__init__`` imports torchvision, which has no CPU build for
+torch 2.13 here; ``load_timm_layers`` then loads the three timm files the predecessor uses, unchanged.
+Without PATH, or without timm, the script says why and exits 0 (a clean skip).
 
 Pairs (the predecessor's registered model <-> our predecessor-equivalent preset):
 
@@ -48,10 +48,53 @@ PAIRS = {
 }
 TARGETS = {("rec", "fp32"): 1.5, ("ff", "fp32"): 1.5, ("vit", "fp32"): 0.97, ("rec", "bf16"): 1.6}
 BATCH, LAMBDA = 32, 0.01
+TIMM = ""
+
+
+def load_timm_layers() -> str:
+    """Make ``timm.layers`` importable for the predecessor; returns how.
+
+    timm's package ``__init__`` imports torchvision, which has no CPU build for the torch this library is
+    measured with. The predecessor uses only ``timm.layers``' ``trunc_normal_``, ``to_2tuple``/``to_3tuple``
+    and ``PatchEmbed``; when the full import fails they are loaded from timm's own files (unchanged) without
+    running the package ``__init__``s.
+    """
+    import importlib
+    import importlib.util
+
+    global TIMM
+    if TIMM:
+        return TIMM
+    try:
+        import timm
+        import timm.layers  # noqa: F401
+
+        TIMM = f"timm {timm.__version__} (full import)"
+        return TIMM
+    except ImportError:
+        for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+            del sys.modules[name]
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("timm is not installed (pip install --no-deps timm==1.0.3)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    timm = types.ModuleType("timm")
+    timm.__path__ = [str(root)]
+    layers = types.ModuleType("timm.layers")
+    layers.__path__ = [str(root / "layers")]
+    sys.modules["timm"], sys.modules["timm.layers"], timm.layers = timm, layers, layers
+    weight_init = importlib.import_module("timm.layers.weight_init")
+    patch_embed = importlib.import_module("timm.layers.patch_embed")
+    importlib.import_module("timm.layers.helpers")
+    layers.trunc_normal_, layers.PatchEmbed = weight_init.trunc_normal_, patch_embed.PatchEmbed
+    version = (root / "version.py").read_text().split("=")[-1].strip().strip("'\"")
+    TIMM = f"timm {version} (timm.layers.weight_init / helpers / patch_embed, without timm's __init__)"
+    return TIMM
 
 
 def import_predecessor(checkout: Path):
     """The predecessor's model modules, imported from a checkout (its package __init__ needs an installed copy)."""
+    load_timm_layers()
     src = checkout / "src"
     sys.path.insert(0, str(src))
     pkg = types.ModuleType("columnformers")
@@ -68,10 +111,10 @@ def why_skip(checkout: str | None) -> str | None:
         return "no predecessor checkout given (usage: vs_predecessor.py PATH)"
     if not (Path(checkout) / "src" / "columnformers" / "models" / "columnformer.py").is_file():
         return f"{checkout!r} is not a clane9/columnformers checkout (no src/columnformers/models/columnformer.py)"
-    try:
-        import timm  # noqa: F401
-    except Exception as exc:  # ImportError, or timm's own import of a missing torchvision
-        return f"the predecessor needs timm + torchvision in this environment ({type(exc).__name__}: {exc})"
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        return "the predecessor needs timm in this environment (pip install --no-deps timm==1.0.3)"
     return None
 
 
@@ -112,7 +155,9 @@ def optimizer_pass_time(model, reps: int = 5) -> float:
     return statistics.median(ts)
 
 
-def run_pair(pair: str, dtype: str, checkout: Path, blocks: int, per_block: int, threads: int) -> dict:
+def run_pair(
+    pair: str, dtype: str, checkout: Path, blocks: int, per_block: int, threads: int, verbose: bool = False
+) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -153,6 +198,7 @@ def run_pair(pair: str, dtype: str, checkout: Path, blocks: int, per_block: int,
 
         return step
 
+    rate_before = gemm_rate(torch.bfloat16 if bf16 else torch.float32)
     steps = {"predecessor": step_fn(pred, make_optimizer(pred), True), "ours": step_fn(ours, make_optimizer(ours), False)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(blocks):
@@ -160,9 +206,12 @@ def run_pair(pair: str, dtype: str, checkout: Path, blocks: int, per_block: int,
             for i in range(per_block):
                 t0 = time.perf_counter()
                 step()
+                dt = time.perf_counter() - t0
                 if i > 0:  # the first step of a block warms caches after the other model ran
-                    times[who].append(time.perf_counter() - t0)
-    rate = gemm_rate(torch.bfloat16 if bf16 else torch.float32)
+                    times[who].append(dt)
+                if verbose:
+                    print(f"{pair} {dtype} {who} step {i}: {dt:.3f} s", file=sys.stderr, flush=True)
+    rate = max(rate_before, gemm_rate(torch.bfloat16 if bf16 else torch.float32))  # the faster of before / after
     train_flops = 3 * sum(model_flops(ours, BATCH).values())
     opt_time = optimizer_pass_time(ours)
     med = {who: statistics.median(t) for who, t in times.items()}
@@ -170,7 +219,7 @@ def run_pair(pair: str, dtype: str, checkout: Path, blocks: int, per_block: int,
         pair=pair, dtype=dtype, preset=preset, predecessor=pred_name, logits_rel_diff=logits_rel,
         times=times, median=med, ratio=med["predecessor"] / med["ours"], gemm_rate=rate,
         floor=train_flops / rate + opt_time, floor_gemm=train_flops / rate, floor_opt=opt_time,
-        threads=threads, torch=torch.__version__, load=os.getloadavg()[0],
+        threads=threads, torch=torch.__version__, timm=TIMM, load=os.getloadavg()[0],
     )
 
 
@@ -184,6 +233,7 @@ def main() -> int:
     ap.add_argument("--per-block", type=int, default=3, help="steps per block (the first is dropped)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write all results here")
+    ap.add_argument("--verbose", action="store_true", help="print every step time (stderr)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -195,7 +245,19 @@ def main() -> int:
     if args.per_block < 2:
         ap.error("--per-block must be >= 2 (the first step of each block is dropped)")
     if args.child:
-        res = [run_pair(p, d, checkout, args.blocks, args.per_block, args.threads) for p in args.pairs for d in args.dtypes]
+        if "bf16" in args.dtypes:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            r32, r16 = gemm_rate(torch.float32, reps=3), gemm_rate(torch.bfloat16, n=512, reps=3)
+            if r16 < r32 / 4:  # no native bf16 GEMM (e.g. no AVX-512 BF16 / AMX): a bf16 comparison means nothing
+                print(f"bf16 skipped: this CPU's bf16 GEMM runs at {r16 / 1e9:.2f} G FLOP/s vs fp32 {r32 / 1e9:.1f} "
+                      "(no native bf16 kernels)", file=sys.stderr)
+                args.dtypes = [d for d in args.dtypes if d != "bf16"]
+        res = [
+            run_pair(p, d, checkout, args.blocks, args.per_block, args.threads, args.verbose)
+            for p in args.pairs for d in args.dtypes
+        ]
         print(json.dumps(res))
         return 0
 
@@ -203,16 +265,20 @@ def main() -> int:
     for i in range(args.invocations):
         cmd = [sys.executable, __file__, str(checkout), "--child", "--pairs", *args.pairs, "--dtypes", *args.dtypes,
                "--blocks", str(args.blocks), "--per-block", str(args.per_block), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        cmd += ["--verbose"] if args.verbose else []
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.verbose else subprocess.PIPE, text=True)
         if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
+            print((out.stderr or "")[-3000:], file=sys.stderr)
             print(f"invocation {i + 1} failed (exit {out.returncode})", file=sys.stderr)
             return 1
+        for line in (out.stderr or "").splitlines():
+            if line.startswith("bf16 skipped"):
+                print(line)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"invocation {i + 1}/{args.invocations} done; 1-min load average {os.getloadavg()[0]:.2f}", flush=True)
 
     first = runs[0][0]
-    print(f"\ntorch {first['torch']}, {args.threads} threads, {os.cpu_count()} CPUs; batch {BATCH}, AdamW(fused=True), "
+    print(f"\ntorch {first['torch']}, {first['timm']}, {args.threads} threads, {os.cpu_count()} CPUs; batch {BATCH}, AdamW(fused=True), "
           f"loss = CE + {LAMBDA} x wiring; {args.blocks} blocks x {args.per_block} steps per model "
           f"(first of each block dropped), {args.invocations} invocations\n")
     print("| pair | dtype | predecessor step (s) | ours (s) | speed-up (median of invocations) | per invocation "

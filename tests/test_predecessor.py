@@ -227,3 +227,11 @@ def test_predecessor_code_is_not_vendored():
         capture_output=True, text=True, check=True,
     )
     assert hits.stdout.strip() == "0"
+
+
+def test_speed_benchmark_skips_cleanly_without_a_checkout_or_timm(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_predecessor.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("skipped: no predecessor checkout")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "not a clane9/columnformers checkout" in out.stdout

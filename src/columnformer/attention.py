@@ -83,6 +83,7 @@ class _DenseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, wiring_weight, gemm_dtype):
+        ctx.set_materialize_grads(False)  # unused outputs (the map, the entropy) get no zero-filled gradients
         N, B, H, d = q.shape
         dv = v.shape[-1]
         scale = d**-0.5

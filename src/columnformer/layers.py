@@ -9,9 +9,12 @@ layer T times; plain autograd then computes T weight gradients with M = B rows e
 ``untied_session`` (entered by ``Columnformer.forward``) every untied layer's weight passes once
 through a *tap* (an identity autograd node, which also casts it once to the autocast dtype and
 concatenates layers that read the same input, e.g. query and key), and each use returns only its
-input gradient, stashing ``(x_t, g_t)``. The tap's backward, which autograd runs after every use's
-backward, computes ``dW = X^T G`` for all steps in one batched matmul with M = T*B rows. The math
-is unchanged: ``sum_t x_t^T g_t``, only summed inside one GEMM.
+input gradient and hands ``(x_t, g_t)`` to the layer's *stash*. The tap's backward, which autograd
+runs after every use's backward, returns ``dW = sum_t x_t^T g_t``. In float32/float64 the stash adds
+each use's ``x_t^T g_t`` into one gradient buffer as it arrives (``baddbmm_``: no concatenation, and
+x_t, g_t are freed at once); in low precision (bf16/fp16) it keeps the pairs and sums them inside one
+batched GEMM with M = T*B rows, so the sum over steps is accumulated in float32 inside the GEMM and
+rounded once. The math is unchanged either way.
 """
 
 from __future__ import annotations
@@ -26,6 +29,34 @@ from torch import nn
 INIT_STD = 0.02
 
 _LOCAL = threading.local()
+
+
+class _Stash:
+    """What the uses of one tapped layer hand to its tap's backward, per autograd graph task.
+
+    ``uses``: (task, x, g) pairs kept for one batched GEMM (low precision); ``sums``: task -> running
+    per-layer weight gradients (and bias gradient) accumulated use by use (float32 / float64).
+    """
+
+    def __init__(self, splits: list[int], bias: bool):
+        self.splits, self.bias = splits, bias
+        self.uses: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.sums: dict[int, list[torch.Tensor]] = {}
+
+    def add(self, task: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        if x.dtype not in (torch.float32, torch.float64) or g.dtype != x.dtype:
+            self.uses.append((task, x, g))
+            return
+        xt = x.transpose(1, 2)  # (N, in, B)
+        parts = g.split(self.splits, dim=-1) if len(self.splits) > 1 else (g,)
+        sums = self.sums.get(task)
+        if sums is None:  # one GEMM per layer, so every gradient is born contiguous
+            self.sums[task] = [torch.bmm(xt, p) for p in parts] + ([g.sum(1)] if self.bias else [])
+            return
+        for acc, p in zip(sums, parts):
+            acc.baddbmm_(xt, p)
+        if self.bias:
+            sums[-1].add_(g.sum(1))
 
 
 class _Session:
@@ -82,29 +113,39 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gw, gb):
         tid = torch._C._current_graph_task_id()
-        mine = [(x, g) for (t, x, g) in ctx.stash if t == tid]
-        ctx.stash.clear()
+        stash: _Stash = ctx.stash
+        mine = [(x, g) for (t, x, g) in stash.uses if t == tid]
+        stash.uses.clear()
+        sums = stash.sums.pop(tid, None)
         n_w, splits = ctx.n_w, ctx.splits
         n_b = len(ctx.w_dtypes) - n_w
-        if not mine:
+        if not mine and sums is None:
             return (None, None, None, None) + (None,) * (n_w + n_b)
-        if len(mine) == 1:
-            x, g = mine[0]
-        else:  # all uses in one GEMM: M = (number of uses) * B
-            x = torch.cat([x for x, _ in mine], dim=1)
-            g = torch.cat([g for _, g in mine], dim=1)
-        xt = x.transpose(1, 2)
-        if gw is not None:  # direct use of the tapped weight elsewhere (not done by the library)
-            dws = (torch.bmm(xt, g) + gw).split(splits, dim=-1)
-        else:  # one GEMM per layer, so every gradient is born contiguous (no copy in AccumulateGrad)
+        dws: list[torch.Tensor] = []
+        dbs: list[torch.Tensor] = []
+        if mine:
+            if len(mine) == 1:
+                x, g = mine[0]
+            else:  # all uses in one GEMM: M = (number of uses) * B
+                x = torch.cat([x for x, _ in mine], dim=1)
+                g = torch.cat([g for _, g in mine], dim=1)
+            xt = x.transpose(1, 2)
+            # one GEMM per layer, so every gradient is born contiguous (no copy in AccumulateGrad)
             dws = [torch.bmm(xt, gs) for gs in g.split(splits, dim=-1)] if n_w > 1 else [torch.bmm(xt, g)]
+            if n_b:
+                db = g.sum(1, dtype=torch.promote_types(g.dtype, torch.float32))
+                dbs = list(db.split(splits, dim=-1)) if n_w > 1 else [db]
+        if sums is not None:
+            dws = sums[:n_w] if not dws else [a + b.to(a.dtype) for a, b in zip(sums[:n_w], dws)]
+            if n_b:
+                acc_b = list(sums[n_w].split(splits, dim=-1)) if n_w > 1 else [sums[n_w]]
+                dbs = acc_b if not dbs else [a + b.to(a.dtype) for a, b in zip(acc_b, dbs)]
+        if gw is not None:  # direct use of the tapped weight elsewhere (not done by the library)
+            dws = [d + e for d, e in zip(dws, gw.split(splits, dim=-1))]
+        if gb is not None and n_b:
+            dbs = [d + e for d, e in zip(dbs, gb.split(splits, dim=-1))]
         grads = [d.to(t) for d, t in zip(dws, ctx.w_dtypes[:n_w])]
-        if n_b:
-            db = g.sum(1, dtype=torch.promote_types(g.dtype, torch.float32))
-            if gb is not None:
-                db = db + gb
-            dbs = db.split(splits, dim=-1) if n_w > 1 else (db,)
-            grads += [d.to(t) for d, t in zip(dbs, ctx.w_dtypes[n_w:])]
+        grads += [d.to(t) for d, t in zip(dbs, ctx.w_dtypes[n_w:])]
         return (None, None, None, None) + tuple(grads)
 
 
@@ -123,7 +164,7 @@ class _UntiedUse(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ctx.stash.append((torch._C._current_graph_task_id(), x, g))
+            ctx.stash.add(torch._C._current_graph_task_id(), x, g)
         dx = torch.bmm(g, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         return dx, None, None, None
 
@@ -149,7 +190,7 @@ def untied_linear_fused(x: torch.Tensor, layers: list["UntiedLinear"]) -> list[t
 def _fused(x: torch.Tensor, layers: list["UntiedLinear"], session: _Session, bias: bool) -> list[torch.Tensor]:
     key = tuple(id(layer) for layer in layers)
     if key not in session.taps:
-        stash: list = []
+        stash = _Stash([layer.out_features for layer in layers], bias)
         params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias else [])
         splits = [layer.out_features for layer in layers]
         w, b = _Tap.apply(stash, _compute_dtype(layers[0].weight), splits, len(layers), *params)
@@ -202,6 +243,24 @@ class UntiedLinear(nn.Module):
         return f"n={self.n}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
+class _ColumnAffine(torch.autograd.Function):
+    """``y = x * w[n] + b[n]`` on (N, B, C) with w, b (N, C): one fused pass forward, and a backward without
+    the extra multiply-by-``value`` pass that ``torch.addcmul``'s generic backward spends."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return torch.addcmul(b.unsqueeze(1), x, w.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = (g * w.unsqueeze(1)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gw = (g * x).sum(1).to(w.dtype) if ctx.needs_input_grad[1] else None
+        gb = g.sum(1).to(w.dtype) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
 class UntiedLayerNorm(nn.Module):
     """LayerNorm over channels with a separate affine (weight, bias) per column. (N, B, C) -> (N, B, C)."""
 
@@ -212,8 +271,8 @@ class UntiedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, (self.dim,), eps=self.eps)
-        return torch.addcmul(self.bias.unsqueeze(1), x, self.weight.unsqueeze(1))
+        x = F.layer_norm(x, (self.dim,), eps=self.eps)  # (N, B, C)
+        return _ColumnAffine.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, dim={self.dim}"
