@@ -77,10 +77,10 @@ def test_init_from_loads_the_sheet_and_reinitialises_the_head(runs, tmp_path):
 
 def test_init_from_a_different_sheet_is_a_clear_error(runs, tmp_path, capsys):
     args = ["train", *TINY, f"out_dir={tmp_path}", "name=bad", f"init_from={runs / 'mim'}", "model.sheet.width=24"]
-    assert main(args) == 1
+    assert main(args) == 2  # bad input: a checkpoint that does not fit
     err = capsys.readouterr().err
     assert "does not match this model" in err and "sheet." in err and "Traceback" not in err
-    assert main(["train", *TINY, f"out_dir={tmp_path}", "name=bad2", f"init_from={tmp_path / 'nope'}"]) == 1
+    assert main(["train", *TINY, f"out_dir={tmp_path}", "name=bad2", f"init_from={tmp_path / 'nope'}"]) == 2
     assert "not a run directory" in capsys.readouterr().err
 
 
@@ -106,7 +106,7 @@ def test_probe_is_deterministic_and_sees_the_trained_weights(runs, capsys):
     assert init["weights"] == "initialisation" and init["test_acc"] != first["test_acc"]
     assert 0.1 < first["test_acc"] <= 1.0
     capsys.readouterr()
-    assert main(["probe", str(runs / "mim"), "--labels-fraction", "1.5"]) == 1
+    assert main(["probe", str(runs / "mim"), "--labels-fraction", "1.5"]) == 2
     assert "--labels-fraction must be in (0, 1]" in capsys.readouterr().err
 
 
@@ -161,9 +161,9 @@ def test_robustness_cli_with_baseline_and_errors(runs, capsys):
     assert corruption_error(m, m) == 1.0
 
     capsys.readouterr()
-    assert main(["robustness", str(runs / "vit"), "--steps", "3"]) == 1  # a feed-forward sheet has fixed depth
+    assert main(["robustness", str(runs / "vit"), "--steps", "3"]) == 2  # a feed-forward sheet has fixed depth
     assert "--steps needs a recurrent run" in capsys.readouterr().err
-    assert main(["robustness", str(runs / "mim")]) == 1
+    assert main(["robustness", str(runs / "mim")]) == 2
     assert "robustness needs a classification run" in capsys.readouterr().err
 
 

@@ -60,7 +60,7 @@ def test_resume_refuses_a_run_altering_edit(tmp_path, capsys, edit, key):
     from columnformer.run import write_config
 
     write_config(edited, tmp_path / "r" / "config.yaml")
-    assert main(["resume", str(tmp_path / "r")]) == 1
+    assert main(["resume", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "change the run" in err and key in err and "Traceback" not in err
 
@@ -101,7 +101,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     foreign = tmp_path / "data"
     (foreign / "checkpoints").mkdir(parents=True)
     (foreign / "checkpoints" / "precious.pt").write_bytes(b"not ours")
-    assert main(["train", *TINY, f"out_dir={tmp_path}", "name=data", "--overwrite"]) == 1
+    assert main(["train", *TINY, f"out_dir={tmp_path}", "name=data", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "not a Columnformer run" in err and "Traceback" not in err
     assert (foreign / "checkpoints" / "precious.pt").read_bytes() == b"not ours"
@@ -221,7 +221,7 @@ def test_load_run_refuses_non_finite_weights(tmp_path, capsys):
     state["model"]["sheet.pos_embed"][0, 0] = float("nan")
     save_checkpoint({k: v for k, v in state.items() if k != "schema_version"}, path)
     for cmd in (["eval", str(tmp_path / "n")], ["analyze", str(tmp_path / "n")], ["probe", str(tmp_path / "n")]):
-        assert main(cmd) == 1, cmd
+        assert main(cmd) == 2, cmd
         err = capsys.readouterr().err
         assert "non-finite weights" in err and "sheet.pos_embed" in err and "Traceback" not in err
 
@@ -240,7 +240,7 @@ def test_half_written_files_and_a_kill_before_the_first_checkpoint(tmp_path, cap
     (run / "metrics.jsonl").write_text(log + '{"type": "step", "st')  # killed while writing a line
     assert len(load_run(run).metrics) == len(log.splitlines())
     (run / "summary.json").write_text('{"name": "h", "te')
-    assert main(["eval", str(run)]) == 1
+    assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err
     assert "summary.json is damaged" in err and "Traceback" not in err
     (run / "checkpoints" / ".last.pt.zzz.tmp").write_bytes(b"orphan of a killed write")

@@ -85,7 +85,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     args = ["train", *TINY, f"out_dir={tmp_path}", "name=again", "train.max_steps=2"]
     assert main(args) == 0
-    assert main(args) == 1
+    assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
 
@@ -177,7 +177,7 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path, capsys):
     last = tmp_path / "c" / "checkpoints" / "last.pt"
     good = last.read_bytes()
     last.write_bytes(good[: len(good) // 2])  # truncated, as a crash of a non-atomic writer would leave it
-    assert main(["resume", str(tmp_path / "c")]) == 1
+    assert main(["resume", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "is corrupt or not a Columnformer checkpoint" in err and "Traceback" not in err
     last.write_bytes(b"not a checkpoint at all")
@@ -186,7 +186,7 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path, capsys):
     last.write_bytes(good)
     cfg_file = tmp_path / "c" / "config.yaml"
     cfg_file.write_text(cfg_file.read_text().replace("width: 16", "width: 32"))
-    assert main(["resume", str(tmp_path / "c")]) == 1
+    assert main(["resume", str(tmp_path / "c")]) == 2
     assert "differs from the config checkpoint" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere.pt")

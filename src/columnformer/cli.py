@@ -12,7 +12,11 @@ import math
 import os
 import sys
 
-EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+# One convention for every sub-command: 0 success, 2 bad input (config keys or values, missing or corrupt
+# files, checkpoints that do not fit, out-of-range numbers), 1 a runtime failure (a run locked by another
+# process, a missing optional package, a read-only location, out of memory), 3 training diverged.
+EXIT_RUNTIME, EXIT_INPUT, EXIT_DIVERGED = 1, 2, 3
+EXIT_CONFIG = EXIT_INPUT
 
 
 def _cmd_train(args) -> int:
@@ -143,7 +147,10 @@ _EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep", "analysis.cli", "probe", "ro
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .train import RunExistsError, TrainingDiverged
+    from .distributed import DistributedError
+    from .run import RunLockedError
+    from .tracking import MissingExtraError
+    from .train import TrainingDiverged
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -151,21 +158,32 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    debug = bool(os.environ.get("COLUMNFORMER_DEBUG"))
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        if os.environ.get("COLUMNFORMER_DEBUG"):
+        if debug:
             raise
         print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_INPUT
     except TrainingDiverged as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        if os.environ.get("COLUMNFORMER_DEBUG"):
+    except (RunLockedError, MissingExtraError, DistributedError) as exc:  # the input is fine; the situation is not
+        if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_RUNTIME
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except (OSError, RuntimeError, MemoryError) as exc:  # e.g. a read-only run location, out of memory
+        if debug:
+            raise
+        print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":
