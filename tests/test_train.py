@@ -288,3 +288,46 @@ def test_rewiring_during_training_is_logged_and_changes_edges(tmp_path):
 def test_rewire_needs_a_sparse_sheet():
     with pytest.raises(ConfigError, match="train.rewire.every needs a sparse sheet"):
         build_config({}, ["preset=digits", "train.rewire.every=10"])
+
+
+class _Killed(Exception):
+    """Stands in for a kill right after a checkpoint was written."""
+
+
+def test_in_process_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """K steps, checkpoint, 'kill', resume in a process whose RNG is elsewhere = one uninterrupted run: weights,
+    every metrics line (loss, learning rate, grad norm), the summary and the final torch RNG state. Fails with the
+    scheduler restore skipped. (Training draws nothing from the global RNG, data loaders included, so the final
+    state also shows that a resume leaves the stream where an uninterrupted run leaves it.)"""
+    import random
+
+    import numpy as np
+
+    from columnformer.train import Trainer
+
+    common = ["train.epochs=3", "train.ckpt_every=7", "train.log_every=1", "train.figures=false"]
+    reference = train(tiny_cfg(tmp_path, *common, "name=whole"))
+    rng_after_whole = torch.get_rng_state().clone()
+
+    save = Trainer.save
+
+    def save_then_die(self, name):
+        save(self, name)
+        if name == "last" and self.step == 14:  # mid-epoch (an epoch has 20 steps)
+            raise _Killed
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(_Killed):
+        train(tiny_cfg(tmp_path, *common, "name=cut"))
+    monkeypatch.setattr(Trainer, "save", save)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["position"]["step"] == 14
+    torch.manual_seed(987), np.random.seed(987), random.seed(987)  # a new process starts from other RNG states
+    resumed = resume(tmp_path / "cut")
+    assert torch.equal(torch.get_rng_state(), rng_after_whole)
+    for key in ("steps", "epochs", "best_val_acc", "test_acc"):
+        assert resumed[key] == reference[key], key
+    _assert_same_metrics(_metrics(tmp_path / "cut"), _metrics(tmp_path / "whole"))
+    a = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")["model"]
+    for k in b:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

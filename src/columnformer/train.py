@@ -322,6 +322,9 @@ class Trainer:
 
     # -------------------------------------------------------------- training
     def _loader(self, split: str, sampler=None, batch_size: int | None = None) -> DataLoader:
+        # A loader's iterator draws its worker base seed from `generator`, not from the global torch RNG, so
+        # the global stream is the same whether an epoch's iterator was made before a checkpoint or after a
+        # resume (order and augmentation come from the sampler and per-sample seeds, not from this seed).
         return DataLoader(
             self.sets[split],
             batch_size=batch_size or self.cfg.train.eval_batch_size,
@@ -329,6 +332,7 @@ class Trainer:
             shuffle=False,
             num_workers=self.cfg.data.num_workers,
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),
         )
 
     def _log(self, record: dict) -> None:
