@@ -220,13 +220,9 @@ def import_predecessor(
 
 def _cmd_import(args) -> int:
     import json
-    import sys
 
-    try:
-        path = import_predecessor(args.checkpoint, args.out, args.preset, args.overrides, args.overwrite)
-    except (PredecessorImportError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # errors (a checkpoint that does not fit, an existing --out) are bad input: cli.main prints them, exit 2
+    path = import_predecessor(args.checkpoint, args.out, args.preset, args.overrides, args.overwrite)
     print(json.dumps({"run": str(path), "checkpoint": str(path / "checkpoints" / "last.pt")}))
     return 0
 
