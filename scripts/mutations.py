@@ -1,0 +1,93 @@
+"""Mutation audit (not run in CI): break the code on purpose and show that the named test goes red.
+
+    .venv/bin/python scripts/mutations.py            # all mutations, ~2 min on 2 cores
+    .venv/bin/python scripts/mutations.py --list
+
+Each mutation is applied to a fresh copy of the committed tree (``git archive HEAD``) in a temporary folder;
+the named tests run there with that copy's ``src`` first on ``PYTHONPATH``. A mutation is *caught* when the
+tests fail. The script exits 1 if any mutation survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, file, original text, mutated text, pytest selection)
+MUTATIONS = [
+    ("optimizer step removed", "src/columnformer/train.py",
+     "                self.optimizer.step()\n", "                pass\n", ["tests/test_learning.py"]),
+    ("scheduler not restored on resume", "src/columnformer/train.py",
+     '            self.scheduler.load_state_dict(state["scheduler"])\n', "            pass\n",
+     ["tests/test_train.py", "-k", "in_process_resume"]),
+    ("validation split taken from train", "src/columnformer/data/digits.py",
+     '"val": (x_val, y_val)', '"val": (x_train[:180], y_train[:180])', ["tests/test_splits.py"]),
+    ("deferred weight gradient keeps only the first step", "src/columnformer/layers.py",
+     "            acc.baddbmm_(xt, p)\n", "            pass\n", ["tests/test_layers_fast.py"]),
+    ("deferred weight gradient pairs x rows with other samples' g", "src/columnformer/layers.py",
+     "        xt = x.transpose(1, 2)  # (N, in, B)\n",
+     "        xt = x.flip(1).transpose(1, 2)  # (N, in, B)\n", ["tests/test_layers_fast.py"]),
+    ("classifier LayerNorm after pooling in the predecessor presets", "src/columnformer/vision.py",
+     '        if self.norm_order == "tokens":\n            x = self.norm(x)', '        if False:\n            x = self.norm(x)',
+     ["tests/test_predecessor.py", "-k", "logits"]),
+    ("predecessor geometry without its depth offset", "src/columnformer/geometry.py",
+     "gap=depth_offset if len(shapes) == 1 else 0.0", "gap=0.0", ["tests/test_predecessor.py", "-k", "geometry"]),
+    ("untied weights imported without the transpose", "src/columnformer/predecessor.py",
+     "                value = value.transpose(1, 2)  # (N, out, in) -> (N, in, out)\n", "                pass\n",
+     ["tests/test_predecessor.py", "-k", "logits"]),
+    ("runtime errors reported as bad input", "src/columnformer/cli.py",
+     '        print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr)\n        return EXIT_RUNTIME',
+     '        print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr)\n        return EXIT_INPUT',
+     ["tests/test_exit_codes.py"]),
+    ("README command with a wrong option", "README.md",
+     "probe runs/mim --labels-fraction 0.1 --at-init", "probe runs/mim --label-fraction 0.1 --at-init",
+     ["tests/test_readme.py"]),
+]
+
+
+def apply(tree: Path, file: str, old: str, new: str) -> None:
+    path = tree / file
+    text = path.read_text()
+    if text.count(old) < 1:
+        raise SystemExit(f"mutation target not found in {file}: {old[:60]!r} (the code changed; update MUTATIONS)")
+    path.write_text(text.replace(old, new, 1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list:
+        for name, file, *_rest, tests in MUTATIONS:
+            print(f"{name}: {file} -> {' '.join(tests)}")
+        return 0
+    survived = 0
+    print("| mutation | file | tests | result |\n|---|---|---|---|")
+    for name, file, old, new, tests in MUTATIONS:
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = Path(tmp) / "tree"
+            tree.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+            shared = ROOT.parent / "shared"
+            if shared.exists():
+                os.symlink(shared, Path(tmp) / "shared")
+            apply(tree, file, old, new)
+            env = {**os.environ, "PYTHONPATH": str(tree / "src"), "CI": ""}
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                  cwd=tree, env=env, capture_output=True, text=True)
+        caught = proc.returncode not in (0, 5)  # 5: no tests collected counts as not caught
+        survived += not caught
+        print(f"| {name} | `{file}` | `{' '.join(tests)}` | {'caught' if caught else '**SURVIVED**'} |", flush=True)
+    print(f"\n{len(MUTATIONS) - survived}/{len(MUTATIONS)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
