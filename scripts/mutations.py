@@ -4,8 +4,9 @@
     .venv/bin/python scripts/mutations.py --list
 
 Each mutation is applied to a fresh copy of the committed tree (``git archive HEAD``) in a temporary folder;
-the named tests run there with that copy's ``src`` first on ``PYTHONPATH``. A mutation is *caught* when the
-tests fail. The script exits 1 if any mutation survives.
+the named tests run there with that copy's ``src`` first on ``PYTHONPATH``. First, as a control, every test
+selection must pass on the unmutated copy; then a mutation is *caught* when its tests fail. The script exits
+1 if any mutation survives, 2 if the control fails.
 """
 
 from __future__ import annotations
@@ -59,6 +60,24 @@ def apply(tree: Path, file: str, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+def run_tests(mutation: tuple[str, str, str] | None, tests: list[str]) -> int:
+    """Run ``tests`` on a fresh copy of HEAD, with ``mutation`` (file, old, new) applied; the pytest exit code."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        shared = ROOT.parent / "shared"
+        if shared.exists():
+            os.symlink(shared, Path(tmp) / "shared")
+        if mutation is not None:
+            apply(tree, *mutation)
+        env = {**os.environ, "PYTHONPATH": str(tree / "src"), "CI": ""}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                              cwd=tree, env=env, capture_output=True, text=True)
+    return proc.returncode
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true")
@@ -67,22 +86,19 @@ def main() -> int:
         for name, file, *_rest, tests in MUTATIONS:
             print(f"{name}: {file} -> {' '.join(tests)}")
         return 0
+    # control: every selection passes on the unmutated copy (so a failure below is the mutation's doing)
+    selections = {tuple(t) for *_rest, t in MUTATIONS}
+    for tests in sorted(selections):
+        code = run_tests(None, list(tests))
+        if code != 0:
+            print(f"control failed: `{' '.join(tests)}` does not pass on the unmutated tree (exit {code})")
+            return 2
+    print(f"control: all {len(selections)} test selections pass on the unmutated tree\n")
     survived = 0
     print("| mutation | file | tests | result |\n|---|---|---|---|")
     for name, file, old, new, tests in MUTATIONS:
-        with tempfile.TemporaryDirectory() as tmp:
-            tree = Path(tmp) / "tree"
-            tree.mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True)
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-            shared = ROOT.parent / "shared"
-            if shared.exists():
-                os.symlink(shared, Path(tmp) / "shared")
-            apply(tree, file, old, new)
-            env = {**os.environ, "PYTHONPATH": str(tree / "src"), "CI": ""}
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                                  cwd=tree, env=env, capture_output=True, text=True)
-        caught = proc.returncode not in (0, 5)  # 5: no tests collected counts as not caught
+        code = run_tests((file, old, new), tests)
+        caught = code not in (0, 5)  # 5: no tests collected counts as not caught
         survived += not caught
         print(f"| {name} | `{file}` | `{' '.join(tests)}` | {'caught' if caught else '**SURVIVED**'} |", flush=True)
     print(f"\n{len(MUTATIONS) - survived}/{len(MUTATIONS)} mutations caught")
