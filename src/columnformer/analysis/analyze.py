@@ -21,6 +21,7 @@ Pair metrics use a seeded sample of pairs above ``max_pairs`` (the sample size i
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,6 +178,50 @@ def _loader(cfg, split: str, batch_size: int | None):
     return DataLoader(sets[split], batch_size=batch_size or cfg.train.eval_batch_size, shuffle=False)
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stale_reason(data: dict, run_dir: str | Path, opts: AnalysisOptions) -> str | None:
+    """Why an analysis.json no longer answers for ``run_dir`` with ``opts`` (None: it does).
+
+    It must have been made from the checkpoint file the run holds now (same bytes: a run that trained on,
+    was resumed or replaced has another) and with the split and checkpoint choice that ``opts`` ask for.
+    """
+    made = data.get("made_from")
+    if not isinstance(made, dict):
+        return "it does not record what it was made from (an older version wrote it)"
+    if made.get("split") != opts.split:
+        return f"it was made on the {made.get('split')!r} split, {opts.split!r} is asked"
+    if made.get("requested_checkpoint") != opts.checkpoint:
+        return f"it was made from the {made.get('requested_checkpoint')!r} checkpoint, {opts.checkpoint!r} is asked"
+    path = Path(run_dir) / "checkpoints" / f"{made.get('checkpoint')}.pt"
+    if not path.is_file() or _sha256(path) != made.get("sha256"):
+        return f"the run's checkpoint {path.name} changed since (the run went on or was replaced)"
+    return None
+
+
+def current_analysis(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet: bool = True) -> dict:
+    """The run's analysis.json if it still answers for the run and ``opts`` (see :func:`stale_reason`);
+    otherwise the run is analysed again (saying why) and the new results are returned."""
+    opts = opts or AnalysisOptions()
+    run_dir = Path(run_dir)
+    path = run_dir / "analysis.json"
+    if path.is_file() and (run_dir / "analysis_arrays.npz").is_file():
+        data = json.loads(path.read_text())
+        why = stale_reason(data, run_dir, opts)
+        if why is None:
+            return data
+        print(f"note: analysing {run_dir} again: its analysis.json is stale ({why})", file=sys.stderr)
+    return analyze_run(run_dir, opts, quiet=quiet)
+
+
 def analyze_run(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet: bool = False) -> dict:
     """Analyse a run directory; write analysis.json, analysis_arrays.npz and figures; return the results."""
     from ..config import config_to_dict
@@ -202,6 +247,10 @@ def analyze_run(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet:
         "name": cfg.name,
         "checkpoint": run.checkpoint,
         "split": opts.split,
+        "made_from": {  # what decides whether this analysis still answers (stale_reason)
+            "checkpoint": run.checkpoint, "requested_checkpoint": opts.checkpoint, "split": opts.split,
+            "sha256": _sha256(run_dir / "checkpoints" / f"{run.checkpoint}.pt"),
+        },
         "options": asdict(opts),
         "model": {
             "num_params": count_parameters(model),

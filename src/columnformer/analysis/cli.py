@@ -44,11 +44,11 @@ def _cmd_report(args) -> int:
     from .report import build_report
 
     run_dir = Path(args.run_dir)
-    if args.reanalyze or not (run_dir / "analysis.json").exists():
+    if args.reanalyze:
         from .analyze import analyze_run
 
         analyze_run(run_dir, _options(args))
-    path = build_report(run_dir, args.out, top_m=args.embed_m)
+    path = build_report(run_dir, args.out, top_m=args.embed_m, analyze_opts=_options(args))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
@@ -76,7 +76,7 @@ def register(subparsers) -> None:
         "report", help="one self-contained HTML page with an interactive sheet explorer",
         description="Write RUN_DIR/report.html: config, learning curves, analysis figures and numbers, and a sheet "
         "explorer (click a column: its strongest incoming connections per step and its selectivity). Runs analyze "
-        "first when analysis.json is missing.",
+        "first when analysis.json is missing or stale (made from another checkpoint file, split or checkpoint).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="output file (default RUN_DIR/report.html)")
@@ -87,7 +87,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "compare", help="side-by-side table of runs (accuracy, wiring, locality, smoothness, modularity, params)",
-        description="Print a table comparing runs; runs lacking analysis.json are analysed first.",
+        description="Print a table comparing runs; runs without a current analysis.json (missing, or made from another "
+        "checkpoint file, --split or --checkpoint) are analysed first.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")

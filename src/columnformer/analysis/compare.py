@@ -1,11 +1,10 @@
 """`columnformer compare RUN_A RUN_B ...`: a side-by-side table of what the runs learned.
 
-Runs without ``analysis.json`` are analysed first (with default options).
+Runs without a current ``analysis.json`` (missing, or made from another checkpoint file, split or checkpoint choice) are analysed first.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 COLUMNS = (
@@ -30,13 +29,10 @@ COLUMNS = (
 
 
 def load_or_analyze(run_dir: str | Path, analyze_opts=None) -> dict:
-    run_dir = Path(run_dir)
-    path = run_dir / "analysis.json"
-    if not path.exists():
-        from .analyze import analyze_run
+    """The run's analysis for ``analyze_opts`` (split, checkpoint): analysis.json when it is current, else made anew."""
+    from .analyze import current_analysis
 
-        analyze_run(run_dir, analyze_opts, quiet=True)
-    return json.loads(path.read_text())
+    return current_analysis(run_dir, analyze_opts, quiet=True)
 
 
 def _get(d, path):

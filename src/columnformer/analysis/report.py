@@ -359,17 +359,15 @@ def _slim(analysis: dict) -> dict:
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, top_m: int | None = None, analyze_opts=None) -> Path:
-    """Write ``RUN_DIR/report.html`` (or ``out``); runs ``analyze`` first when analysis.json is missing."""
+    """Write ``RUN_DIR/report.html`` (or ``out``); runs ``analyze`` first when analysis.json is missing or stale
+    (made from another checkpoint file, split or checkpoint choice than ``analyze_opts`` ask for)."""
     from ..run import MetricsLog, read_run_config
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    apath = run_dir / "analysis.json"
-    if not apath.exists() or not (run_dir / "analysis_arrays.npz").exists():
-        from .analyze import analyze_run
+    from .analyze import current_analysis
 
-        analyze_run(run_dir, analyze_opts)
-    analysis = json.loads(apath.read_text())
+    analysis = current_analysis(run_dir, analyze_opts, quiet=False)  # analysed again when missing or stale
     arrays = np.load(run_dir / "analysis_arrays.npz")
     geometry = cfg.model.geometry.build()
     layout = sheet_layout(geometry)
