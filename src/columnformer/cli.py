@@ -16,7 +16,6 @@ import sys
 # files, checkpoints that do not fit, out-of-range numbers), 1 a runtime failure (a run locked by another
 # process, a missing optional package, a read-only location, out of memory), 3 training diverged.
 EXIT_RUNTIME, EXIT_INPUT, EXIT_DIVERGED = 1, 2, 3
-EXIT_CONFIG = EXIT_INPUT
 
 
 def _cmd_train(args) -> int:

@@ -63,7 +63,7 @@ class _Session:
     """Per-forward cache of tapped (cast / concatenated) weights of untied layers."""
 
     def __init__(self) -> None:
-        self.taps: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None, list]] = {}
+        self.taps: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None, _Stash]] = {}
 
 
 @contextlib.contextmanager
@@ -190,9 +190,9 @@ def untied_linear_fused(x: torch.Tensor, layers: list["UntiedLinear"]) -> list[t
 def _fused(x: torch.Tensor, layers: list["UntiedLinear"], session: _Session, bias: bool) -> list[torch.Tensor]:
     key = tuple(id(layer) for layer in layers)
     if key not in session.taps:
-        stash = _Stash([layer.out_features for layer in layers], bias)
-        params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias else [])
         splits = [layer.out_features for layer in layers]
+        stash = _Stash(splits, bias)
+        params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias else [])
         w, b = _Tap.apply(stash, _compute_dtype(layers[0].weight), splits, len(layers), *params)
         session.taps[key] = (w, b, stash)
     w, b, stash = session.taps[key]

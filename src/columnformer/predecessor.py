@@ -113,9 +113,8 @@ def convert_state_dict(pred: dict[str, torch.Tensor], model: torch.nn.Module) ->
         if key == GEOMETRY_KEY:
             _check_geometry(value, model)
             continue
-        last = key.split(".")[-2 if key.endswith((".weight", ".bias")) else -1]
-        if last in _UNSUPPORTED or key.split(".")[-1] in _UNSUPPORTED:
-            what = _UNSUPPORTED.get(last) or _UNSUPPORTED[key.split(".")[-1]]
+        what = next((_UNSUPPORTED[part] for part in key.split(".") if part in _UNSUPPORTED), None)
+        if what is not None:
             raise PredecessorImportError(
                 f"key {key!r}: {what} have no counterpart in this library yet; only dense untied / tied vision "
                 "columnformers (the vit / ff / r tiny families and other sizes of the same classes) can be imported"
