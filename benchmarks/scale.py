@@ -74,12 +74,18 @@ def child(a) -> dict:
     h, w = grid_shape(a.n)
     geo = grid(h, w)
     t0 = time.perf_counter()
-    conn = Connectivity.local(geo, a.k) if a.kind == "sparse" else Connectivity.dense(geo)
+    conn = Connectivity.dense(geo) if a.kind == "dense" else Connectivity.local(geo, a.k)
     res["conn_s"] = time.perf_counter() - t0
     cfg = SheetConfig(width=a.width, steps=a.steps, recurrent=True, heads=a.heads, qk_dim=a.qk_dim,
-                      mlp_ratio=1.0, untied_attn=True, untied_mlp=True, untied_norm=True)
+                      mlp_ratio=1.0, untied_attn=True, untied_mlp=True, untied_norm=True,
+                      sparse_kernel="auto" if a.kind == "dense" else a.kind)
     model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
     res["params"] = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    plan = model.block_plan()
+    res["plan_s"] = time.perf_counter() - t0
+    if plan is not None:
+        res["plan"] = plan.describe()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randn(a.batch, a.n, a.width)
     times = []
@@ -136,7 +142,7 @@ def fit_slope(xs, ys) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
-    p.add_argument("--kinds", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
+    p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"], choices=["gather", "block", "dense"])
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--heads", type=int, default=1)

@@ -1,14 +1,18 @@
 """ColumnAttention: how columns read each other.
 
-One math, two kernels. For every query column q and each of its incoming edges k::
+One math, three kernels. For every query column q and each of its incoming edges k::
 
     score[q, k] = <Q_q, K_k> / sqrt(d) + bias[q, k]
     A[q, :]     = softmax over the edges of q
     out[q]      = sum_k A[q, k] V_k
     wiring      = mean over (batch, head, q) of sum_k W[q, k] A[q, k],   W = D**p / mean(D**p)
 
-The dense kernel lists all N x N pairs; the sparse kernel (``sparse_attention.py``) visits only
-the K edges of each column. Which one runs is decided by the ``Connectivity``, never by a flag.
+The dense kernel lists all N x N pairs; the gather kernel (``sparse_attention.py``) visits only
+the K edges of each column; the block-sparse kernel (``block_sparse.py``) computes the same K edges
+as dense attention between tiles of nearby columns and their key sets (a ``BlockPlan``). Dense or
+sparse is decided by the ``Connectivity``; among the sparse kernels the sheet picks (its
+``sparse_kernel`` option: ``auto`` by the plan's cost model, or ``gather`` / ``block``) and passes a
+plan when the block kernel is to run.
 The wiring cost and the attention entropy are reduced to scalars inside the kernel, so no
 attention map is kept unless ``record_attn`` asks for it.
 """
@@ -16,25 +20,17 @@ attention map is kept unless ``record_attn`` asks for it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_stats import AttentionStats
+from .block_sparse import BlockPlan, block_sparse_attention
 from .layers import UntiedLinear, linear, untied_linear_fused
+from .sparse_attention import sparse_attention
 
 
 _NULL = contextlib.nullcontext()
-
-
-@dataclass
-class AttentionStats:
-    """What one attention call reports: scalars always, the map only on request."""
-
-    wiring: torch.Tensor  # scalar, differentiable: mean_{b,h,q} sum_k W[q,k] A[q,k]
-    entropy: torch.Tensor  # scalar, detached: mean_{b,h,q} of -sum_k A log A
-    attn: torch.Tensor | None = None  # (B, H, N, N) dense or (B, H, N, K) sparse
 
 
 def dense_attention_reference(
@@ -191,15 +187,18 @@ def attention(
     edge_index: torch.Tensor | None = None,
     edge_mask: torch.Tensor | None = None,
     record_attn: bool = False,
+    plan: BlockPlan | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention restricted to a connectivity's edges; picks the kernel from them.
 
     ``edge_index``/``edge_mask`` (N, K) come from a sparse ``Connectivity``; ``None`` means all pairs.
+    ``plan``: a :class:`~columnformer.block_sparse.BlockPlan` of those edges runs the block-sparse kernel.
     """
     if edge_index is None:
         return dense_attention(q, k, v, bias, wiring_weight, record_attn=record_attn)
-    from .sparse_attention import sparse_attention  # the sparse kernel lives in its own module
-
+    if plan is not None:
+        out, wiring, entropy, attn = block_sparse_attention(q, k, v, bias, wiring_weight, plan, record_attn)
+        return out, AttentionStats(wiring, entropy, attn)
     return sparse_attention(q, k, v, bias, wiring_weight, edge_index, edge_mask, record_attn=record_attn)
 
 
@@ -250,6 +249,7 @@ class ColumnAttention(nn.Module):
         edge_mask: torch.Tensor | None = None,
         record_attn: bool = False,
         record_qk: bool = False,
+        plan: BlockPlan | None = None,
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
         N, B, C = x.shape
         H = self.heads
@@ -260,7 +260,7 @@ class ColumnAttention(nn.Module):
         q = q.view(N, B, H, self.qk_dim)  # (N, B, H, d)
         k = k.view(N, B, H, self.qk_dim)  # (N, B, H, d)
         v = (self.v(x) if self.v is not None else x).view(N, B, H, C // H)  # (N, B, H, C/H)
-        out, stats = attention(q, k, v, self.bias, wiring_weight, edge_index, edge_mask, record_attn)
+        out, stats = attention(q, k, v, self.bias, wiring_weight, edge_index, edge_mask, record_attn, plan)
         out = out.reshape(N, B, C)  # (N, B, C)
         if self.proj is not None:
             out = self.proj(out)

@@ -35,6 +35,7 @@ and measure one, so none is claimed.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -62,11 +63,12 @@ class BlockPlan:
         perm: (R,) long, the column of each row (N for padding rows: a zero row appended inside).
         row_of: (N,) long, the row of each column.
         keys: (T, U) long, each tile's key set (source columns; N pads).
-        slot: (R, K) long, ``row * U + u`` for an edge served by the block part (u its key slot);
-            -1 for gathered, padding or masked edges.
-        g_src, g_edge: (R, G) long, each row's gathered edges: source column (N pads) and edge slot.
+        e_slot, e_col: (E,) long, the edges served by the block part, rows ascending: ``row * U + u``
+            (u the source's key slot) and ``column * K + e`` (the edge in (N, K) edge arrays).
+        tile_edges: T + 1 offsets of each tile's edges in ``e_slot`` (a list).
+        g_src, g_col: (R, G) long, each row's gathered edges: source column (N pads) and ``column * K + e``.
         g_valid: (R, G) bool.
-        pad_slot: (R_pad,) long, ``row * U`` of the padding rows (they get one zero score, see below).
+        pad_slot: ``row * U`` of the padding rows, ascending (a list; they get one zero score).
         min_readers: sources read by fewer columns of a tile are gathered.
         versions: the (index, mask) tensor versions the plan was built from (``rewire_sheet`` bumps them).
     """
@@ -77,11 +79,13 @@ class BlockPlan:
     perm: torch.Tensor
     row_of: torch.Tensor
     keys: torch.Tensor
-    slot: torch.Tensor
+    e_slot: torch.Tensor
+    e_col: torch.Tensor
+    tile_edges: list
     g_src: torch.Tensor
-    g_edge: torch.Tensor
+    g_col: torch.Tensor
     g_valid: torch.Tensor
-    pad_slot: torch.Tensor
+    pad_slot: list
     min_readers: int
     cost: float
     gather_cost: float
@@ -100,7 +104,7 @@ class BlockPlan:
         return self.g_src.shape[1]
 
     def to(self, device: torch.device) -> "BlockPlan":
-        moved = {f: getattr(self, f).to(device) for f in ("perm", "row_of", "keys", "slot", "g_src", "g_edge", "g_valid", "pad_slot")}
+        moved = {f: getattr(self, f).to(device) for f in ("perm", "row_of", "keys", "e_slot", "e_col", "g_src", "g_col", "g_valid")}
         return BlockPlan(**{**self.__dict__, **moved})
 
     def describe(self) -> dict:
@@ -203,27 +207,29 @@ def _plan_for_tiles(tiles: list[np.ndarray], idx: np.ndarray, msk: np.ndarray, P
     pair_slot[kept] = rank
     edge_u = np.full(src.shape, -1, dtype=np.int64)
     edge_u[valid] = pair_slot[inv]
-    slot_rows = np.full((R, K), -1, dtype=np.int64)
-    slot_rows[rows] = np.where(edge_u >= 0, rows[:, None] * U + edge_u, -1)
-    gathered = valid & (edge_u < 0)
+    in_blk = edge_u >= 0  # (Nr, K), row-major order = rows ascending
+    r_b, e_b = np.nonzero(in_blk)
+    e_slot = rows[r_b] * U + edge_u[r_b, e_b]
+    e_col = perm[rows[r_b]] * K + e_b
+    tile_edges = np.searchsorted(rows[r_b], np.arange(T + 1) * P).tolist()
+    gathered = valid & ~in_blk
     G = int(gathered.sum(1).max()) if gathered.size else 0
     g_src = np.full((R, G), n, dtype=np.int64)
-    g_edge = np.zeros((R, G), dtype=np.int64)
+    g_col = np.zeros((R, G), dtype=np.int64)
     g_valid = np.zeros((R, G), dtype=bool)
     if G:
         r_i, e_i = np.nonzero(gathered)  # row-major: edge order within each column
         cstart = np.searchsorted(r_i, np.arange(len(rows)))
         j = np.arange(len(r_i)) - cstart[r_i]
         g_src[rows[r_i], j] = src[r_i, e_i]
-        g_edge[rows[r_i], j] = e_i
+        g_col[rows[r_i], j] = perm[rows[r_i]] * K + e_i
         g_valid[rows[r_i], j] = True
     pad_rows = np.flatnonzero(~real)
     cost, gather_cost = plan_costs(T, P, U, int(gathered.sum()), int(valid.sum()), G * R)
+    t = torch.from_numpy
     return BlockPlan(
-        n=n, k=K, tile=P,
-        perm=torch.from_numpy(perm), row_of=torch.from_numpy(row_of), keys=torch.from_numpy(keys),
-        slot=torch.from_numpy(slot_rows), g_src=torch.from_numpy(g_src), g_edge=torch.from_numpy(g_edge),
-        g_valid=torch.from_numpy(g_valid), pad_slot=torch.from_numpy(pad_rows * U),
+        n=n, k=K, tile=P, perm=t(perm), row_of=t(row_of), keys=t(keys), e_slot=t(e_slot), e_col=t(e_col),
+        tile_edges=tile_edges, g_src=t(g_src), g_col=t(g_col), g_valid=t(g_valid), pad_slot=(pad_rows * U).tolist(),
         min_readers=min_readers, cost=cost, gather_cost=gather_cost,
     )
 
@@ -249,45 +255,37 @@ def _heads_first_padded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Tiles:
-    """Per-call tensors shared by forward and backward (rows in tile order)."""
+    """Per-call edge values in the plan's order: bias and wiring weight of block and gathered edges."""
 
-    def __init__(self, plan: BlockPlan, bias, wiring_weight, cdt, BH):
+    def __init__(self, plan: BlockPlan, bias, wiring_weight, cdt):
         self.plan = plan
-        perm_real = plan.perm.clamp(max=plan.n - 1)
-        K = plan.k
-        valid = plan.slot >= 0  # (R, K)
-        self.valid = valid
-        self.slot_flat = plan.slot[valid]  # (E_b,) row * U + u, rows ascending
-        self.rows_of_edge = torch.div(self.slot_flat, plan.key_slots, rounding_mode="floor")
-        zero = torch.zeros((), dtype=cdt, device=plan.perm.device)
-        b_rows = bias.index_select(0, perm_real).to(cdt) if bias is not None else None
-        w_rows = wiring_weight.index_select(0, perm_real).to(cdt)
-        self.b_block = b_rows[valid] if b_rows is not None else zero.expand(self.slot_flat.shape)
-        self.w_block = w_rows[valid]
+        w = wiring_weight.reshape(-1).to(cdt)
+        self.w_block = w.index_select(0, plan.e_col)
+        self.b_block = bias.reshape(-1).to(cdt).index_select(0, plan.e_col) if bias is not None else None
         if plan.gathered:
             gv = plan.g_valid
-            bg = b_rows.gather(1, plan.g_edge) if b_rows is not None else torch.zeros(plan.g_edge.shape, dtype=cdt)
-            self.g_bias = torch.where(gv, bg, torch.full((), float("-inf"), dtype=cdt))  # (R, G)
-            self.g_w = torch.where(gv, w_rows.gather(1, plan.g_edge), zero)  # (R, G)
-        # where each row's block part starts in the flat slot list (rows are ascending)
-        self.edge_start = torch.searchsorted(self.rows_of_edge, torch.arange(plan.perm.shape[0] + 1, device=plan.perm.device))
-        self.K = K
+            b = bias.reshape(-1).to(cdt)[plan.g_col] if bias is not None else torch.zeros(gv.shape, dtype=cdt, device=gv.device)
+            self.g_bias = b.masked_fill_(~gv, float("-inf"))  # (R, G)
+            self.g_w = w[plan.g_col].masked_fill_(~gv, 0.0)  # (R, G)
 
     def chunk_mask(self, t0: int, t1: int, cdt) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """(c, P, U) additive mask of tiles [t0, t1); the flat slots of their block edges in the scores'
         (c * P, U + G) layout; and the range [e0, e1) of those edges in the plan's edge list."""
         plan = self.plan
-        P, U = plan.tile, plan.key_slots
+        P, U, G = plan.tile, plan.key_slots, plan.gathered
         r0, r1 = t0 * P, t1 * P
-        e0, e1 = int(self.edge_start[r0]), int(self.edge_start[r1])
+        e0, e1 = plan.tile_edges[t0], plan.tile_edges[t1]
         m = torch.full(((t1 - t0) * P * U,), float("-inf"), dtype=cdt, device=plan.perm.device)
-        local = self.slot_flat[e0:e1] - r0 * U
-        m[local] = self.b_block[e0:e1]
-        G = plan.gathered
+        local = plan.e_slot[e0:e1] - r0 * U
+        if self.b_block is not None:
+            m[local] = self.b_block[e0:e1]
+        else:
+            m[local] = 0.0
+        lo, hi = bisect.bisect_left(plan.pad_slot, r0 * U), bisect.bisect_left(plan.pad_slot, r1 * U)
+        if hi > lo:  # padding rows: one zero score on slot 0 keeps their softmax finite (outputs dropped)
+            m[torch.tensor(plan.pad_slot[lo:hi], device=m.device) - r0 * U] = 0.0
         if G:  # the same slots in the (c*P, U + G) layout of the concatenated scores
             local = torch.div(local, U, rounding_mode="floor") * (U + G) + local % U
-        pads = plan.pad_slot[(plan.pad_slot >= r0 * U) & (plan.pad_slot < r1 * U)] - r0 * U
-        m[pads] = 0.0  # padding rows: one zero score on slot 0 keeps their softmax finite (their outputs are dropped)
         return m.view(t1 - t0, P, U), local, e0, e1
 
 
@@ -327,9 +325,9 @@ class _BlockSparseAttention(torch.autograd.Function):
             qt, kt, vt = (_heads_first_padded(x, cdt) for x in (q, k, v))
             qr = qt.index_select(1, plan.perm)  # (BH, R, d), padding rows zero
             del qt
-            tiles = _Tiles(plan, bias, wiring_weight, cdt, BH)
+            tiles = _Tiles(plan, bias, wiring_weight, cdt)
             out_r = torch.empty(BH, R, dv, dtype=cdt, device=q.device)
-            edge_probs = torch.empty(BH, tiles.slot_flat.shape[0] if record else 0, dtype=cdt, device=q.device)
+            edge_probs = torch.empty(BH, plan.e_slot.shape[0] if record else 0, dtype=cdt, device=q.device)
             g_probs = torch.empty(BH, R, G, dtype=cdt, device=q.device) if (G and record) else None
             wiring = torch.zeros((), dtype=cdt, device=q.device)
             entropy = torch.zeros((), dtype=cdt, device=q.device)
@@ -390,11 +388,11 @@ class _BlockSparseAttention(torch.autograd.Function):
                 go = _heads_first_padded(g_out, cdt).index_select(1, plan.perm)  # (BH, R, dv), padding rows zero
             else:
                 go = torch.zeros(BH, R, dv, dtype=cdt, device=dev)
-            tiles = _Tiles(plan, bias, wiring_weight, cdt, BH)
+            tiles = _Tiles(plan, bias, wiring_weight, cdt)
             dq_r = torch.empty(BH, R, d, dtype=cdt, device=dev) if need_q else None
             dk = torch.zeros(BH, N + 1, d, dtype=cdt, device=dev) if need_k else None
             dvv = torch.zeros(BH, N + 1, dv, dtype=cdt, device=dev) if need_v else None
-            d_edge = torch.empty(tiles.slot_flat.shape[0], dtype=cdt, device=dev) if need_bias else None
+            d_edge = torch.empty(plan.e_slot.shape[0], dtype=cdt, device=dev) if need_bias else None
             dg_bias = torch.zeros(R, G, dtype=cdt, device=dev) if (need_bias and G) else None
             for t0 in range(0, T, step):
                 t1 = min(T, t0 + step)
@@ -454,11 +452,11 @@ class _BlockSparseAttention(torch.autograd.Function):
             if dvv is not None:
                 dv_out = dvv[:, :N].view(B, H, N, dv).permute(2, 0, 1, 3).to(v.dtype)
             if need_bias:
-                d_rows = torch.zeros(R, plan.k, dtype=cdt, device=dev)
-                d_rows[tiles.valid] = d_edge
+                flat = torch.zeros(N * plan.k, dtype=cdt, device=dev)
+                flat[plan.e_col] = d_edge
                 if G:
-                    d_rows.scatter_add_(1, plan.g_edge, torch.where(plan.g_valid, dg_bias, 0.0))
-                dbias = d_rows.index_select(0, plan.row_of).to(bias.dtype)
+                    flat[plan.g_col[plan.g_valid]] = dg_bias[plan.g_valid]
+                dbias = flat.view(N, plan.k).to(bias.dtype)
         return dq, dk_out, dv_out, dbias, None, None, None, None
 
 
@@ -495,10 +493,8 @@ def block_sparse_attention(
 def _edge_map(plan: BlockPlan, edge_probs, g_probs, B, H) -> torch.Tensor:
     """(B, H, N, K) attention per edge (0 on padding edges), in column order."""
     BH = B * H
-    R = plan.perm.shape[0]
-    rows = torch.zeros(BH, R, plan.k, dtype=edge_probs.dtype, device=edge_probs.device)
-    valid = plan.slot >= 0
-    rows[:, valid] = edge_probs.detach()
+    flat = torch.zeros(BH, plan.n * plan.k, dtype=edge_probs.dtype, device=edge_probs.device)
+    flat[:, plan.e_col] = edge_probs.detach()
     if plan.gathered:
-        rows.scatter_add_(2, plan.g_edge.expand(BH, -1, -1), torch.where(plan.g_valid, g_probs.detach(), 0.0))
-    return rows.index_select(1, plan.row_of).view(B, H, plan.n, plan.k)
+        flat[:, plan.g_col[plan.g_valid]] = g_probs.detach()[:, plan.g_valid]
+    return flat.view(B, H, plan.n, plan.k)

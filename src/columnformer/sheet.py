@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .attention import AttentionStats, ColumnAttention, local_bias_init
+from .block_sparse import BlockPlan, build_block_plan
 from .connectivity import Connectivity
 from .geometry import Geometry
 from .layers import INIT_STD, Mlp, layer_norm, untied_session
@@ -54,6 +55,10 @@ class SheetConfig(BaseModel):
     attn_residual: bool = Field(True, description="residual connection around attention")
     inject: Literal["first", "every"] = Field("first", description="write input tokens at the first step or every step")
     wiring_p: float = Field(1.0, gt=0, description="wiring weight W = D^p / mean(D^p)")
+    sparse_kernel: Literal["auto", "gather", "block"] = Field(
+        "auto", description="kernel for a sparse connectivity: block-sparse tiles (block), per-edge gather (gather), "
+        "or whichever the block plan's cost model estimates cheaper (auto); same math, ignored for dense sheets",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "SheetConfig":
@@ -111,9 +116,10 @@ class ColumnBlock(nn.Module):
         edge_index: torch.Tensor | None,
         edge_mask: torch.Tensor | None,
         record: frozenset,
+        plan: BlockPlan | None = None,
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
         a, stats, qk = self.attn(
-            self.norm1(x), wiring_weight, edge_index, edge_mask, "attn" in record, "qk" in record
+            self.norm1(x), wiring_weight, edge_index, edge_mask, "attn" in record, "qk" in record, plan
         )
         x = x + a if self.attn_residual else a  # (N, B, C)
         x = x + self.mlp(self.norm2(x))
@@ -163,6 +169,12 @@ class Columnformer(nn.Module):
         self.connectivity = connectivity or Connectivity.dense(geometry)
         if self.connectivity.n != geometry.n:
             raise ValueError(f"connectivity has {self.connectivity.n} columns but the geometry has {geometry.n}")
+        if self.connectivity.is_dense and cfg.sparse_kernel != "auto":
+            raise ValueError(
+                f"sparse_kernel={cfg.sparse_kernel!r} needs a sparse connectivity (local / local_long_range); "
+                "a dense sheet always runs the dense kernel: leave sparse_kernel at 'auto'"
+            )
+        self._plan: BlockPlan | None = None  # built on first use, rebuilt when the edge buffers change
         n, c = geometry.n, cfg.width
         self.register_buffer("input_idx", torch.from_numpy(_area(geometry, input_area, "input_area")), persistent=False)
         self.register_buffer("output_idx", torch.from_numpy(_area(geometry, output_area, "output_area")), persistent=False)
@@ -202,6 +214,28 @@ class Columnformer(nn.Module):
     def n(self) -> int:
         return self.geometry.n
 
+    def block_plan(self) -> BlockPlan | None:
+        """The block-sparse plan of the current edges if the block kernel is to run, else None.
+
+        Built from the geometry's coordinates on first use and cached; rebuilt when the edge buffers
+        change (``rewire_sheet``, ``load_state_dict``) or move to another device. With
+        ``sparse_kernel='auto'`` the block kernel runs when its plan's estimated cost is below the gather
+        kernel's (``block_sparse.plan_costs``).
+        """
+        if self.edge_index is None or self.cfg.sparse_kernel == "gather":
+            return None
+        versions = (self.edge_index._version, self.edge_mask._version, self.edge_index.data_ptr())
+        plan = self._plan
+        if plan is None or plan.versions != versions:
+            plan = build_block_plan(self.geometry.coords, self.edge_index, self.edge_mask)
+            plan.versions = versions
+            plan = plan.to(self.edge_index.device)
+            plan.versions = versions
+            self._plan = plan
+        if self.cfg.sparse_kernel == "auto" and plan.cost >= plan.gather_cost:
+            return None
+        return plan
+
     def forward(
         self, tokens: torch.Tensor, record: Iterable[str] = (), steps: int | None = None
     ) -> tuple[torch.Tensor, Trace]:
@@ -233,6 +267,7 @@ class Columnformer(nn.Module):
         x = tokens.new_zeros(self.n, B, C).index_add(0, self.input_idx, inp)  # (N, B, C)
         if self.pos_embed is not None:
             x = x + self.pos_embed.unsqueeze(1)
+        plan = self.block_plan()
         trace = Trace(
             attn=[] if "attn" in record else None,
             features=[] if "features" in record else None,
@@ -244,7 +279,7 @@ class Columnformer(nn.Module):
             if self.time_embed is not None:
                 x = x + self.time_embed[min(t, self.cfg.steps - 1)]
             block = self.blocks[0 if self.cfg.recurrent else t]
-            x, stats, qk = block(x, self.wiring_weight, self.edge_index, self.edge_mask, record)
+            x, stats, qk = block(x, self.wiring_weight, self.edge_index, self.edge_mask, record, plan)
             trace.wiring.append(stats.wiring)
             trace.entropy.append(stats.entropy)
             if trace.attn is not None:

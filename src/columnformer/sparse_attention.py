@@ -26,15 +26,15 @@ input dtype, so bf16 autocast inputs work; the output has the inputs' dtype, as 
 matmuls would give under autocast.
 
 GPU note: this is plain PyTorch (index_select / index_add_), so it runs on CUDA unchanged, but it
-is not a fused kernel; a FlexAttention / block-sparse path is not implemented here (no GPU was
-available to develop and test it).
+is not a fused kernel. For local connectivity the block-sparse kernel (``block_sparse.py``) computes
+the same edges with dense tile matmuls; this gather kernel remains for irregular edge sets.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention import AttentionStats
+from .attention_stats import AttentionStats
 
 # Upper bound on the elements of one gathered (chunk, K, B, H, d) tensor; a few such tensors live
 # at once inside a chunk. 2^22 float32 elements = 16 MiB.
