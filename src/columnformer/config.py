@@ -255,6 +255,12 @@ class RunConfig(_Strict):
             raise ValueError(
                 "train.rewire.every needs a sparse sheet: set model.connectivity.kind to 'local' or 'local_long_range'"
             )
+        if self.model.sheet.sparse_kernel != "auto" and conn.kind == "dense":
+            raise ValueError(
+                f"model.sheet.sparse_kernel={self.model.sheet.sparse_kernel} (the {self.model.sheet.sparse_kernel} "
+                "backend of sparse attention) needs a sparse connectivity: set model.connectivity.kind to 'local' or "
+                "'local_long_range', or leave sparse_kernel=auto for a dense sheet"
+            )
         return self
 
 

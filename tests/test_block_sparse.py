@@ -1,0 +1,185 @@
+"""The block-sparse kernel: the gather kernel's math on tiles of columns (values and gradients)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from columnformer import Columnformer, SheetConfig, grid, stacked
+from columnformer.block_sparse import block_sparse_attention, build_block_plan, tile_order
+from columnformer.config import build_config
+from columnformer.connectivity import Connectivity, rewire_sheet
+from columnformer.geometry import from_coords, sphere
+from columnformer.sparse_attention import sparse_attention
+
+
+def _random_coords_geometry(n=70, seed=0):
+    return from_coords(np.random.default_rng(seed).normal(size=(n, 3)) * 3)
+
+
+GEOMETRIES = {
+    "grid_local": lambda: Connectivity.local(grid(11, 9), 9),
+    "grid_long_range": lambda: Connectivity.local_plus_long_range(grid(11, 9), 9, 3, seed=1),
+    "stacked_long_range": lambda: Connectivity.local_plus_long_range(stacked([(6, 6), (4, 4)], 1.0), 7, 2, seed=2),
+    "sphere_local": lambda: Connectivity.local(sphere(90), 10),
+    "coords_local": lambda: Connectivity.local(_random_coords_geometry(), 8),
+    "grid_rewired": lambda: Connectivity.local(grid(10, 10), 9).rewire(torch.rand(100, 9), 0.3, seed=3),
+}
+
+
+def _inputs(n, k, b=3, h=2, d=4, dv=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, kk = (torch.randn(n, b, h, d, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(n, b, h, dv, dtype=torch.float64, generator=g).requires_grad_()
+    bias = torch.randn(n, k, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.rand(n, k, dtype=torch.float64, generator=g)
+    return q, kk, v, bias, w
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+@pytest.mark.parametrize("tile,min_readers,chunk", [(16, 1, 2), (16, 3, 1), (32, 2, None)])
+def test_block_kernel_equals_gather_kernel(name, tile, min_readers, chunk):
+    conn = GEOMETRIES[name]()
+    n, k = conn.index.shape
+    plan = build_block_plan(conn.geometry.coords, conn.index, conn.mask, tile=tile, min_readers=min_readers)
+    if min_readers == 3:
+        assert plan.gathered > 0  # the gathered part is exercised, not only the tiles
+    q, kk, v, bias, w = _inputs(n, k)
+    ref, st = sparse_attention(q, kk, v, bias, w, conn.index, conn.mask, record_attn=True)
+    g_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * g_out).sum() + 3.0 * st.wiring, [q, kk, v, bias])
+    out, wiring, entropy, attn = block_sparse_attention(q, kk, v, bias, w, plan, record_attn=True, chunk=chunk)
+    grads = torch.autograd.grad((out * g_out).sum() + 3.0 * wiring, [q, kk, v, bias])
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(wiring, st.wiring)
+    torch.testing.assert_close(entropy, st.entropy)
+    torch.testing.assert_close(attn, st.attn)
+    for got, want, what in zip(grads, ref_grads, ("q", "k", "v", "bias")):
+        torch.testing.assert_close(got, want, msg=lambda m: f"d{what}: {m}")
+
+
+def test_block_kernel_without_bias_and_under_bf16_autocast():
+    conn = GEOMETRIES["grid_long_range"]()
+    n, k = conn.index.shape
+    plan = build_block_plan(conn.geometry.coords, conn.index, conn.mask, tile=16, min_readers=2)
+    q, kk, v, _, w = _inputs(n, k)
+    ref, st = sparse_attention(q, kk, v, None, w, conn.index, conn.mask)
+    out, wiring, _, _ = block_sparse_attention(q, kk, v, None, w, plan)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(wiring, st.wiring)
+    qf, kf, vf = (x.detach().float() for x in (q, kk, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_bf, _ = sparse_attention(qf.bfloat16(), kf.bfloat16(), vf.bfloat16(), None, w.float(), conn.index, conn.mask)
+        out_bf, _, _, _ = block_sparse_attention(qf.bfloat16(), kf.bfloat16(), vf.bfloat16(), None, w.float(), plan)
+    assert out_bf.dtype == ref_bf.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf.float(), ref_bf.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_block_kernel_saves_no_edge_sized_tensors():
+    """Backward recomputes the tile scores: what autograd keeps is the inputs, nothing of size B*N*K."""
+    conn = Connectivity.local(grid(16, 16), 25)
+    n, k = conn.index.shape
+    plan = build_block_plan(conn.geometry.coords, conn.index, conn.mask, tile=16, min_readers=1)
+    q, kk, v, bias, w = _inputs(n, k, b=4, h=1, d=4, dv=4)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, wiring, _, _ = block_sparse_attention(q, kk, v, bias, w, plan)
+    (out.sum() + wiring).backward()
+    saved_elems = sum(t.numel() for t in saved)
+    inputs_elems = sum(t.numel() for t in (q, kk, v, bias, w))
+    assert saved_elems <= inputs_elems, (saved_elems, inputs_elems)
+    assert 4 * n * k > inputs_elems - n * k  # (B*N*K probabilities alone would exceed the q/k/v inputs here)
+
+
+def test_tiles_are_compact_squares_on_a_power_of_two_grid():
+    g = grid(16, 16)
+    tiles = tile_order(g.coords, 16)
+    assert len(tiles) == 16 and all(len(t) == 16 for t in tiles)
+    assert sorted(np.concatenate(tiles).tolist()) == list(range(256))
+    for t in tiles:
+        yx = g.coords[t]
+        assert (yx.max(0) - yx.min(0)).tolist() == [3.0, 3.0]  # a 4 x 4 square
+    uneven = tile_order(grid(7, 5).coords, 8)  # 35 columns: 4 full tiles and one of 3
+    assert sorted(len(t) for t in uneven) == [3, 8, 8, 8, 8]
+
+
+def _sheet_pair(conn, **cfg):
+    base = dict(width=8, steps=3, qk_dim=4, heads=2)
+    base.update(cfg)
+    torch.manual_seed(0)
+    ref = Columnformer(SheetConfig(**base, sparse_kernel="gather"), conn.geometry, conn, "all", "all").double()
+    blk = Columnformer(SheetConfig(**base, sparse_kernel="block"), conn.geometry, conn, "all", "all").double()
+    blk.load_state_dict(ref.state_dict())
+    return ref, blk
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(),
+        dict(value_proj=True, attn_bias="zero", recurrent=False),
+        dict(attn_bias="none", inject="every", time_embed=True),
+    ],
+)
+def test_sheet_on_block_kernel_equals_gather_kernel(cfg):
+    conn = Connectivity.local_plus_long_range(grid(9, 9), 12, 4, seed=0)
+    ref, blk = _sheet_pair(conn, **cfg)
+    assert ref.block_plan() is None and blk.block_plan() is not None
+    x = torch.randn(2, 81, 8, dtype=torch.float64)
+    outs = []
+    for m in (ref, blk):
+        out, trace = m(x, record=("attn", "qk"))
+        (out.square().sum() + 0.1 * trace.wiring_cost).backward()
+        outs.append((out, trace))
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(torch.stack(outs[1][1].attn), torch.stack(outs[0][1].attn))
+    torch.testing.assert_close(outs[1][1].attn_entropy, outs[0][1].attn_entropy)
+    for (name, p_ref), p_blk in zip(ref.named_parameters(), blk.parameters()):
+        torch.testing.assert_close(p_blk.grad, p_ref.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_plan_follows_rewiring_and_loaded_edges():
+    conn = Connectivity.local(grid(10, 10), 9)
+    ref, blk = _sheet_pair(conn)
+    x = torch.randn(2, 100, 8, dtype=torch.float64)
+    _, trace = blk(x, record=("attn",))
+    plan_before = blk.block_plan()
+    for m in (ref, blk):
+        rewire_sheet(m, torch.stack(trace.attn), 0.3, seed=4)
+    plan_after = blk.block_plan()
+    assert plan_after is not plan_before  # the edge buffers changed: the plan was rebuilt
+    torch.testing.assert_close(blk(x)[0], ref(x)[0])
+    # a fresh sheet loading the rewired edges from a state dict plans them too
+    fresh = Columnformer(blk.cfg, conn.geometry, conn, "all", "all").double()
+    fresh.load_state_dict(blk.state_dict())
+    torch.testing.assert_close(fresh(x)[0], ref(x)[0])
+
+
+def test_auto_picks_block_for_a_stencil_and_gather_for_scattered_edges():
+    local = Connectivity.local(grid(32, 32), 64)
+    sheet = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2), local.geometry, local, "all", "all")
+    plan = sheet.block_plan()
+    assert plan is not None and plan.cost < plan.gather_cost
+    rng = np.random.default_rng(0)
+    n, k = 400, 8
+    index = np.stack([np.r_[i, rng.choice(np.delete(np.arange(n), i), k - 1, replace=False)] for i in range(n)])
+    scattered = Connectivity.from_index(grid(20, 20), index)
+    sheet = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2), scattered.geometry, scattered, "all", "all")
+    assert sheet.block_plan() is None  # random edges share no keys within a tile: the gather kernel runs
+    forced = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2, sparse_kernel="block"), scattered.geometry, scattered)
+    assert forced.block_plan() is not None
+
+
+def test_block_kernel_needs_a_sparse_connectivity():
+    with pytest.raises(ValueError, match="sparse_kernel='block' needs a sparse connectivity"):
+        Columnformer(SheetConfig(width=4, sparse_kernel="block"), grid(3, 3))
+    with pytest.raises(ValueError, match="sparse_kernel"):
+        build_config({"model": {"sheet": {"sparse_kernel": "block"}}})
+    with pytest.raises(ValueError, match="sparse_kernel"):
+        build_config({"model": {"sheet": {"sparse_kernel": "tiles"}}})
