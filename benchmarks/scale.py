@@ -139,10 +139,60 @@ def fit_slope(xs, ys) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sum((x - mx) ** 2 for x in lx)
 
 
+# ---------------------------------------------------------------------- roofline
+def machine_rates(threads: int) -> dict:
+    """This machine's fp32 GEMM rate (2048^3 matmul) and memory bandwidth (STREAM-style triad
+    ``a = b + s * c`` on three 1/3 GiB arrays, 3 x 1/3 GiB moved per pass), best of 5, ``threads`` threads."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    x, y = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        torch.mm(x, y)
+        gemm.append(2 * 2048**3 / (time.perf_counter() - t0))
+    n = GIB // 3 // 4
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    triad = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        triad.append(3 * 4 * n / (time.perf_counter() - t0))
+    return {"gemm_flops": max(gemm[1:]), "triad_bytes_per_s": max(triad[1:]), "threads": torch.get_num_threads()}
+
+
+def roofline(n: int, params: int, a, rates: dict) -> dict:
+    """Analytic work of one training step of the benchmark sheet and the lower bound it implies.
+
+    FLOPs count only useful work (multiply-add = 2, training = 3 x forward), per column, sample and step:
+    the untied query/key GEMMs 2*C*2*H*d, the untied MLP 2*2*C*hidden, and attention over the K edges only:
+    scores 2*K*H*d and weighted values 2*K*C. Bytes are the minimum traffic: every parameter, its gradient
+    and both AdamW moments moved once (16 bytes per parameter), and every activation backward needs (per
+    column, sample and step: block input, norm1 output, q, k, attention output, residual, norm2 output, MLP
+    pre-activation and activation = 7*C + 2*H*d... floats, see ``saved``) written once and read once.
+    The bound is max(FLOPs / GEMM rate, bytes / triad bandwidth); the limiter is whichever is larger.
+    """
+    C, H, d, K = a.width, a.heads, a.qk_dim, a.k
+    hidden = C  # MLP ratio 1
+    fwd = 2 * C * 2 * H * d + 2 * 2 * C * hidden + 2 * K * H * d + 2 * K * C
+    flops = 3 * fwd * n * a.batch * a.steps
+    saved = 5 * C + 2 * H * d + 2 * hidden  # x, norm1, attn out, residual, norm2, q, k, MLP pre/post activation
+    act_bytes = 2 * 4 * saved * n * a.batch * a.steps
+    nbytes = 16 * params + act_bytes
+    t_flops = flops / rates["gemm_flops"]
+    t_bytes = nbytes / rates["triad_bytes_per_s"]
+    return {"gflop": flops / 1e9, "gbytes": nbytes / 1e9, "bound_s": max(t_flops, t_bytes),
+            "limiter": "GEMM rate" if t_flops >= t_bytes else "bandwidth", "t_flops_s": t_flops, "t_bytes_s": t_bytes}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--ns", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"], choices=["gather", "block", "dense"])
+    p.add_argument("--max-n", nargs="+", default=[], metavar="KIND=N",
+                   help="largest N to run for a kind, e.g. gather=65536 (its step takes minutes beyond)")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--heads", type=int, default=1)
@@ -150,7 +200,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="training steps per child; the last is timed")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in children (0: torch default)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in children and the rate measurements")
     p.add_argument("--dense-limit-gib", type=float, default=20.0)
     p.add_argument("--million", action="store_true", help="also time local(k) on a 10^6-column grid")
     p.add_argument("--json", default=None, help="write all results to this file")
@@ -165,48 +215,63 @@ def main(argv=None) -> None:
         a.kind = a.child
         print(json.dumps(child(a)))
         return
+    max_n = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in a.max_n}
 
-    print(f"# sheet: grid, K={a.k}, width {a.width}, heads {a.heads}, qk {a.qk_dim}, MLP 1, batch {a.batch}, "
-          f"{a.steps} recurrent steps, untied; one AdamW training step; fresh process per run", flush=True)
-    results = [run_child("baseline", 0, a)]
-    base = results[0]["peak_rss_gib"]
+    print(f"# sheet: grid, K={a.k} local, width {a.width}, heads {a.heads}, qk {a.qk_dim}, MLP 1, batch {a.batch}, "
+          f"{a.steps} recurrent steps, untied, fp32; one AdamW training step; fresh process per run; "
+          f"{a.threads} threads; load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    rates = machine_rates(a.threads)
+    print(f"# this machine, same run: fp32 GEMM (2048^3) {rates['gemm_flops'] / 1e9:.1f} G FLOP/s, "
+          f"STREAM-style triad {rates['triad_bytes_per_s'] / 1e9:.1f} GB/s ({rates['threads']} threads)", flush=True)
+    results = [{"kind": "machine", **rates}, run_child("baseline", 0, a)]
+    base = results[1]["peak_rss_gib"]
     print(f"# baseline RSS (python + torch + columnformer imported): {base:.2f} GiB", flush=True)
-    print("| N | kind | step time (s) | peak RSS (GiB) | note |\n|---:|---|---:|---:|---|", flush=True)
+    print("| N | kernel | step (s) | peak RSS (GiB) | KiB / column | analytic GFLOP | min GB | roofline bound (s) "
+          "| step / bound | limiter | note |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|", flush=True)
     for n in sorted(a.ns):
         for kind in a.kinds:
+            if n > max_n.get(kind, n):
+                continue
             if kind == "dense":
                 pred = predict_dense_bytes(n, a) / GIB
                 if pred > a.dense_limit_gib:
-                    r = {"kind": kind, "n": n, "refused": True, "predicted_gib": pred}
-                    results.append(r)
-                    print(f"| {n:,} | dense | — | — | refused: predicted {pred:.0f} GiB > "
-                          f"{a.dense_limit_gib:.0f} GiB limit (N² maps) |", flush=True)
+                    results.append({"kind": kind, "n": n, "refused": True, "predicted_gib": pred})
+                    print(f"| {n:,} | dense | — | — | — | | | | | | refused: predicted {pred:.0f} GiB > "
+                          f"{a.dense_limit_gib:.0f} GiB (N² maps) |", flush=True)
                     continue
             r = run_child(kind, n, a)
             results.append(r)
             if "error" in r:
-                print(f"| {n:,} | {kind} | — | — | failed: {r['error']} |", flush=True)
-            else:
-                print(f"| {n:,} | {kind} | {r['step_s']:.2f} | {r['peak_rss_gib']:.2f} | |", flush=True)
-    sparse = [r for r in results if r["kind"] == "sparse" and "step_s" in r and r["n"] >= 4096]
-    if len(sparse) >= 2:
-        ns = [r["n"] for r in sparse]
-        st = fit_slope(ns, [r["step_s"] for r in sparse])
-        sm = fit_slope(ns, [r["peak_rss_gib"] for r in sparse])
-        smb = fit_slope(ns, [max(r["peak_rss_gib"] - base, 1e-3) for r in sparse])
-        big = max(sparse, key=lambda r: r["n"])
-        per_col = (big["peak_rss_gib"] - base) * GIB / big["n"]
-        print(f"\nsparse log-log slope (N >= 4096): time {st:.3f}, peak RSS {sm:.3f} "
-              f"(RSS minus baseline {smb:.3f})")
-        print(f"memory per column at N={big['n']:,}: {per_col / 1024:.1f} KiB -> 10^6 columns ≈ "
-              f"{per_col * 1e6 / GIB:.1f} GiB (same model, batch {a.batch})")
-    for n in (8192, 4096):
-        d = [r for r in results if r["n"] == n and "step_s" in r]
-        if len(d) == 2:
-            ds = {r["kind"]: r for r in d}
-            print(f"speed-up sparse vs dense at N={n:,}: {ds['dense']['step_s'] / ds['sparse']['step_s']:.1f}x, "
-                  f"memory {ds['dense']['peak_rss_gib'] / ds['sparse']['peak_rss_gib']:.1f}x less")
-            break
+                print(f"| {n:,} | {kind} | — | — | — | | | | | | failed: {r['error']} |", flush=True)
+                continue
+            r["kib_per_column"] = (r["peak_rss_gib"] - base) * GIB / n / 1024
+            r["roofline"] = rl = roofline(n, r["params"], a, rates)
+            plan = r.get("plan")
+            note = f"tile {plan['tile']}, {plan['key_slots']} key slots" if plan else ""
+            print(f"| {n:,} | {kind} | {r['step_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['kib_per_column']:.1f} | "
+                  f"{rl['gflop']:.1f} | {rl['gbytes']:.2f} | {rl['bound_s']:.2f} | {r['step_s'] / rl['bound_s']:.1f} | "
+                  f"{rl['limiter']} | {note} |", flush=True)
+    print()
+    for kind in a.kinds:
+        rows = [r for r in results if r.get("kind") == kind and "step_s" in r and r["n"] >= 4096]
+        if len(rows) >= 2:
+            ns = [r["n"] for r in rows]
+            st = fit_slope(ns, [r["step_s"] for r in rows])
+            smb = fit_slope(ns, [max(r["peak_rss_gib"] - base, 1e-3) for r in rows])
+            big = max(rows, key=lambda r: r["n"])
+            per_col = (big["peak_rss_gib"] - base) * GIB / big["n"]
+            print(f"{kind}: log-log slope over N >= 4096: time {st:.3f}, peak RSS minus baseline {smb:.3f}; "
+                  f"{per_col / 1024:.1f} KiB per column at N={big['n']:,} -> 10^6 columns ≈ {per_col * 1e6 / GIB:.1f} GiB")
+    by = {(r["kind"], r["n"]): r for r in results if "step_s" in r}
+    for n in sorted(a.ns):
+        if ("gather", n) in by and ("block", n) in by:
+            g, b = by[("gather", n)], by[("block", n)]
+            print(f"N={n:,}: block kernel {g['step_s'] / b['step_s']:.2f}x faster than the gather kernel "
+                  f"({b['step_s']:.2f} s vs {g['step_s']:.2f} s), peak RSS {b['peak_rss_gib']:.2f} vs {g['peak_rss_gib']:.2f} GiB")
+        if ("dense", n) in by and ("block", n) in by:
+            d, b = by[("dense", n)], by[("block", n)]
+            print(f"N={n:,}: block kernel {d['step_s'] / b['step_s']:.1f}x faster than dense attention, "
+                  f"{d['peak_rss_gib'] / b['peak_rss_gib']:.1f}x less memory")
     if a.million:
         r = run_child("million", 10**6, a)
         results.append(r)
@@ -215,6 +280,7 @@ def main(argv=None) -> None:
         else:
             print(f"local(k={a.k}) on a 1000x1000 grid (10^6 columns): {r['build_s']:.1f} s, "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+    print(f"# load average after: {os.getloadavg()[0]:.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
