@@ -47,6 +47,15 @@ class GeometryConfig(_Strict):
         1.0, gt=0, description="distance between stacked layers (multilayer: the predecessor's depth_offset)"
     )
     n: int = Field(64, ge=1)
+    span: bool = Field(
+        False, description="stacked only: stretch every layer over the widest one's extent (a retinotopic input map)"
+    )
+
+    @model_validator(mode="after")
+    def _span_only_stacked(self) -> "GeometryConfig":
+        if self.span and self.kind != "stacked":
+            raise ValueError(f"geometry.span=true applies to kind=stacked only (got kind={self.kind}); remove span")
+        return self
 
     @property
     def num_columns(self) -> int:
@@ -62,7 +71,7 @@ class GeometryConfig(_Strict):
         if self.kind == "grid":
             return g.grid(*self.shape)
         if self.kind == "stacked":
-            return g.stacked(self.layers, self.spacing)
+            return g.stacked(self.layers, self.spacing, span=self.span)
         if self.kind == "multilayer":
             return g.multilayer(self.layers, self.spacing)
         return g.sphere(self.n)

@@ -9,6 +9,7 @@ Builders::
 
     grid(h, w)                      # h x w sheet, unit spacing (any h, w)
     stacked([(16, 16), (8, 8)], 2)  # stack of centred grids, layer i at height i * spacing
+    stacked([(8, 8), (64, 64)], 1, span=True)  # every layer stretched over the widest (retinotopic)
     sphere(n)                       # Fibonacci lattice, great-circle distances, ~unit spacing
     from_coords(array)              # user coordinates of any dimension, Euclidean
     multilayer([(8, 8)] * 6, 2.0)   # the predecessor's layout (clane9/columnformers multilayer_geometry)
@@ -177,24 +178,30 @@ def grid(h: int, w: int | None = None) -> Geometry:
     return Geometry(_grid_coords(h, w), layer_shapes=((h, w),), name=f"grid({h}x{w})")
 
 
-def stacked(layers: Sequence[tuple[int, int] | int], spacing: float = 1.0) -> Geometry:
+def stacked(layers: Sequence[tuple[int, int] | int], spacing: float = 1.0, span: bool = False) -> Geometry:
     """A stack of grids (e.g. ``[(16, 16), (8, 8), (4, 4)]``), each centred, layer i at height i*spacing.
 
-    Columns are ordered layer by layer (bottom first), row-major inside a layer.
+    ``span=True`` stretches every layer to the extent of the widest one (a retinotopic map: an 8 x 8
+    input layer under a 64 x 64 sheet has spacing 9, each input column below the sheet area it
+    covers); by default layers keep unit spacing. Columns are ordered layer by layer (bottom first),
+    row-major inside a layer.
     """
     if len(layers) < 1:
         raise GeometryError("stacked() needs at least one layer, e.g. stacked([(8, 8), (8, 8)])")
     if spacing <= 0:
         raise GeometryError(f"layer spacing must be > 0, got {spacing}")
     shapes = tuple((s, s) if isinstance(s, int) else (int(s[0]), int(s[1])) for s in layers)
+    extent = np.array([max(h for h, _ in shapes) - 1, max(w for _, w in shapes) - 1], dtype=np.float64)
     coords, labels = [], []
     for i, (h, w) in enumerate(shapes):
         xy = _grid_coords(h, w)
         xy -= xy.mean(axis=0, keepdims=True)  # centre every layer over the same point
+        if span:
+            xy *= extent / np.maximum(np.array([h - 1, w - 1], dtype=np.float64), 1.0)
         z = np.full((len(xy), 1), i * spacing)
         coords.append(np.concatenate([xy, z], axis=1))
         labels.append(np.full(len(xy), i))
-    desc = ",".join(f"{h}x{w}" for h, w in shapes)
+    desc = ",".join(f"{h}x{w}" for h, w in shapes) + (", span" if span else "")
     return Geometry(
         np.concatenate(coords), layer=np.concatenate(labels), layer_shapes=shapes, name=f"stacked({desc})"
     )

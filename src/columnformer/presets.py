@@ -78,6 +78,22 @@ PRESETS: dict[str, dict] = {
             pos_embed=True, time_embed=True,
         ),
     ),
+    # A wide sheet that trains on a laptop CPU: one 64x64 grid (4,096 columns, read by the head) over a
+    # retinotopic input layer (the 8x8 pixels, stretched to span the sheet: each pixel's column lies one
+    # unit below the 9x9 patch of the sheet it covers), 4,160 columns in all. Each column reads its 24
+    # nearest columns plus 8 long-range ones drawn from p ~ exp(-d/16) (K = 32); narrow columns (width 16,
+    # q/k 8). Sparse attention runs on the block-sparse kernel (sparse_kernel auto).
+    "wide": dict(
+        image_size=(8, 8), in_chans=1, patch=1, num_classes=10, pool="avg",
+        input_area="bottom", output_area="top",
+        geometry=dict(kind="stacked", layers=[(8, 8), (64, 64)], spacing=1.0, span=True),
+        connectivity=dict(kind="local_long_range", k=24, k_long=8, long_range_scale=16.0, seed=0),
+        sheet=dict(
+            width=16, steps=4, recurrent=True, heads=1, qk_dim=8, value_proj=False, mlp_ratio=2.0,
+            attn_bias="local", bias_sigma=2.0, untied_attn=True, untied_mlp=True, untied_norm=True,
+            pos_embed=True, time_embed=True,
+        ),
+    ),
 }
 
 
