@@ -47,11 +47,13 @@ import torch
 CHUNK_ELEMENTS = 1 << 19
 TILE_SIZES = (16, 32, 64)
 MIN_READERS = (1, 2, 3, 4)
-# Cost model, in units of one dense score element of the block kernel (forward + backward: the two
-# score/value matmuls, bias add, softmax, recompute, four gradient matmuls). A gathered edge of either
-# kernel moves d + dv floats twice per pass through an index_select / index_add_ and runs matrix-vector
-# products; measured on a 2-core AVX2 CPU (benchmarks/scale.py) it costs ~6 dense score elements.
-GATHER_EDGE_COST = 6.0
+# Cost model, in units of one dense score element of the block kernel (forward + backward: the score
+# and value matmuls, mask, softmax, recompute, gradient matmuls). A gathered edge, in the block kernel's
+# gathered part or in the gather kernel, moves its key and value rows through index_select / index_add_
+# and runs elementwise products. Calibrated on a 2-core AVX2 CPU from training steps of the `wide` preset
+# (B*H = 64, d = 8) with forced plans (tile 16, min_readers 1/2/3, and the gather kernel): a gathered edge
+# costs 9-11 score elements; on the benchmark sheet of benchmarks/scale.py (B*H = 8, d = 16) about 8.
+GATHER_EDGE_COST = 10.0
 TILE_OVERHEAD = 40.0  # fixed cost per (batch*head, tile): kernel launches amortised over a chunk
 
 
@@ -61,13 +63,15 @@ class BlockPlan:
 
     Attributes:
         tile: P, columns per tile; ``T`` tiles, ``R = T * P`` rows (padding rows read a dummy column).
-        perm: (R,) long, the column of each row (N for padding rows: a zero row appended inside).
+        perm: (R,) long, the column of each row (column 0 for padding rows, see ``row_valid``).
+        row_valid: (R,) float, 1 for rows holding a column, 0 for padding rows.
         row_of: (N,) long, the row of each column.
-        keys: (T, U) long, each tile's key set (source columns; N pads).
+        keys: (T, U) long, each tile's key set (source columns; unused slots read column 0, masked).
         e_slot, e_col: (E,) long, the edges served by the block part, rows ascending: ``row * U + u``
             (u the source's key slot) and ``column * K + e`` (the edge in (N, K) edge arrays).
         tile_edges: T + 1 offsets of each tile's edges in ``e_slot`` (a list).
-        g_src, g_col: (R, G) long, each row's gathered edges: source column (N pads) and ``column * K + e``.
+        g_src, g_col: (R, G) long, each row's gathered edges: source column and ``column * K + e`` (0 on
+            padding, masked by ``g_valid``).
         g_valid: (R, G) bool.
         pad_slot: ``row * U`` of the padding rows, ascending (a list; they get one zero score).
         min_readers: sources read by fewer columns of a tile are gathered.
@@ -78,6 +82,7 @@ class BlockPlan:
     k: int
     tile: int
     perm: torch.Tensor
+    row_valid: torch.Tensor
     row_of: torch.Tensor
     keys: torch.Tensor
     e_slot: torch.Tensor
@@ -105,7 +110,7 @@ class BlockPlan:
         return self.g_src.shape[1]
 
     def to(self, device: torch.device) -> "BlockPlan":
-        moved = {f: getattr(self, f).to(device) for f in ("perm", "row_of", "keys", "e_slot", "e_col", "g_src", "g_col", "g_valid")}
+        moved = {f: getattr(self, f).to(device) for f in ("perm", "row_valid", "row_of", "keys", "e_slot", "e_col", "g_src", "g_col", "g_valid")}
         return BlockPlan(**{**self.__dict__, **moved})
 
     def describe(self) -> dict:
@@ -202,7 +207,7 @@ def _plan_for_tiles(tiles: list[np.ndarray], idx: np.ndarray, msk: np.ndarray, P
     starts = np.searchsorted(kt, np.arange(T))
     rank = np.arange(len(kept)) - starts[kt]
     U = max(1, int(np.bincount(kt, minlength=T).max()) if len(kept) else 1)
-    keys = np.full((T, U), n, dtype=np.int64)
+    keys = np.zeros((T, U), dtype=np.int64)
     keys[kt, rank] = uniq[kept] % (n + 1)
     pair_slot = np.full(len(uniq), -1, dtype=np.int64)
     pair_slot[kept] = rank
@@ -215,7 +220,7 @@ def _plan_for_tiles(tiles: list[np.ndarray], idx: np.ndarray, msk: np.ndarray, P
     tile_edges = np.searchsorted(rows[r_b], np.arange(T + 1) * P).tolist()
     gathered = valid & ~in_blk
     G = int(gathered.sum(1).max()) if gathered.size else 0
-    g_src = np.full((R, G), n, dtype=np.int64)
+    g_src = np.zeros((R, G), dtype=np.int64)
     g_col = np.zeros((R, G), dtype=np.int64)
     g_valid = np.zeros((R, G), dtype=bool)
     if G:
@@ -229,7 +234,7 @@ def _plan_for_tiles(tiles: list[np.ndarray], idx: np.ndarray, msk: np.ndarray, P
     cost, gather_cost = plan_costs(T, P, U, int(gathered.sum()), int(valid.sum()), G * R)
     t = torch.from_numpy
     return BlockPlan(
-        n=n, k=K, tile=P, perm=t(perm), row_of=t(row_of), keys=t(keys), e_slot=t(e_slot), e_col=t(e_col),
+        n=n, k=K, tile=P, perm=t(np.where(real, perm, 0)), row_valid=t(real.astype(np.float32)), row_of=t(row_of), keys=t(keys), e_slot=t(e_slot), e_col=t(e_col),
         tile_edges=tile_edges, g_src=t(g_src), g_col=t(g_col), g_valid=t(g_valid), pad_slot=(pad_rows * U).tolist(),
         min_readers=min_readers, cost=cost, gather_cost=gather_cost,
     )
@@ -246,15 +251,6 @@ def plan_costs(tiles: int, tile: int, key_slots: int, gathered: int, edges: int,
 
 
 # ---------------------------------------------------------------------- kernel
-def _heads_first_padded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(N, B, H, d) -> contiguous (B*H, N + 1, d) in ``dtype``; row N is zeros (padding reads it)."""
-    N, B, H, d = x.shape
-    out = torch.empty(B, H, N + 1, d, dtype=dtype, device=x.device)
-    out[:, :, :N].copy_(x.permute(1, 2, 0, 3))
-    out[:, :, N].zero_()
-    return out.view(B * H, N + 1, d)
-
-
 class _Tiles:
     """Per-call edge values in the plan's order: bias and wiring weight of block and gathered edges."""
 
@@ -290,24 +286,45 @@ class _Tiles:
         return m.view(t1 - t0, P, U), local, e0, e1
 
 
-def _scores(qr, kt, plan: BlockPlan, tiles: _Tiles, t0, t1, scale, BH, cdt):
-    """Scores of tiles [t0, t1): block (BH*c, P, U) concatenated with gathered (BH*c, P, G)."""
-    P, U, G = plan.tile, plan.key_slots, plan.gathered
-    c = t1 - t0
-    r0, r1 = t0 * P, t1 * P
-    d = qr.shape[-1]
-    qc = qr[:, r0:r1].reshape(BH * c, P, d)
-    ku = kt.index_select(1, plan.keys[t0:t1].reshape(-1)).view(BH * c, U, d)
-    s = torch.bmm(qc, ku.transpose(1, 2)).mul_(scale)  # (BH*c, P, U)
-    m, local, e0, e1 = tiles.chunk_mask(t0, t1, cdt)
-    s.view(BH, c, P, U).add_(m)
-    kg = None
-    if G:
-        kg = kt.index_select(1, plan.g_src[r0:r1].reshape(-1)).view(BH, c * P, G, d)
-        sg = torch.matmul(kg, qr[:, r0:r1, :, None]).squeeze(-1).mul_(scale)  # (BH, c*P, G)
-        sg.add_(tiles.g_bias[r0:r1])
-        s = torch.cat([s.view(BH, c * P, U), sg], dim=-1).view(BH * c, P, U + G)
-    return s, qc, ku, kg, local, e0, e1
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor, BH: int, cdt) -> torch.Tensor:
+    """Rows ``idx`` of an (N, B, H, d) tensor as (len(idx), B*H, d) in ``cdt``: one contiguous row per column."""
+    g = x.index_select(0, idx)
+    return g.view(len(idx), BH, x.shape[-1]).to(cdt)
+
+
+def _heads_major(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups * M, BH, d) -> contiguous (BH * groups, M, d): the layout of the batched tile matmuls."""
+    L, BH, d = x.shape
+    return x.permute(1, 0, 2).reshape(BH * groups, L // groups, d)
+
+
+class _Chunk:
+    """Scores of tiles [t0, t1) and the gathered operands backward reuses.
+
+    ``s``: (BH*c, P, U+G) block scores (masked) concatenated with the gathered ones.
+    Layout: inputs and accumulators stay columns-first, (N, B*H, d), so every gather moves whole rows of
+    B*H*d values; each chunk's operands are permuted to heads-major (B*H*c, P|U, d) for the tile matmuls.
+    """
+
+    def __init__(self, q, k, plan: BlockPlan, tiles: _Tiles, t0, t1, scale, BH, cdt):
+        P, U, G = plan.tile, plan.key_slots, plan.gathered
+        c = t1 - t0
+        self.r0, self.r1 = r0, r1 = t0 * P, t1 * P
+        self.keys = plan.keys[t0:t1].reshape(-1)
+        self.qrow = _gather_rows(q, plan.perm[r0:r1], BH, cdt)  # (cP, BH, d)
+        self.qb = _heads_major(self.qrow, c)  # (BH*c, P, d)
+        self.kb = _heads_major(_gather_rows(k, self.keys, BH, cdt), c)  # (BH*c, U, d)
+        s = torch.bmm(self.qb, self.kb.transpose(1, 2)).mul_(scale)  # (BH*c, P, U)
+        m, self.local, self.e0, self.e1 = tiles.chunk_mask(t0, t1, cdt)
+        s.view(BH, c, P, U).add_(m)
+        self.kg = None
+        if G:
+            self.gsrc = plan.g_src[r0:r1].reshape(-1)
+            self.kg = _gather_rows(k, self.gsrc, BH, cdt).view(c * P, G, BH, -1)  # (cP, G, BH, d)
+            sg = (self.kg * self.qrow[:, None]).sum(-1).mul_(scale)  # (cP, G, BH)
+            sg.add_(tiles.g_bias[r0:r1, :, None])
+            s = torch.cat([s.view(BH, c * P, U), sg.permute(2, 0, 1)], dim=-1).view(BH * c, P, U + G)
+        self.s = s
 
 
 def _plogp(p: torch.Tensor) -> torch.Tensor:
@@ -329,11 +346,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         R = T * P
         step = chunk or max(1, CHUNK_ELEMENTS // (BH * P * (U + G)))
         with torch.autocast(q.device.type, enabled=False):
-            qt, kt, vt = (_heads_first_padded(x, cdt) for x in (q, k, v))
-            qr = qt.index_select(1, plan.perm)  # (BH, R, d), padding rows zero
-            del qt
             tiles = _Tiles(plan, bias, wiring_weight, cdt)
-            out_r = torch.empty(BH, R, dv, dtype=cdt, device=q.device)
+            out_rows = torch.empty(R, BH, dv, dtype=cdt, device=q.device)
             edge_probs = torch.empty(BH, plan.e_slot.shape[0] if record else 0, dtype=cdt, device=q.device)
             g_probs = torch.empty(BH, R, G, dtype=cdt, device=q.device) if (G and record) else None
             wiring = torch.zeros((), dtype=cdt, device=q.device)
@@ -341,35 +355,33 @@ class _BlockSparseAttention(torch.autograd.Function):
             for t0 in range(0, T, step):
                 t1 = min(T, t0 + step)
                 c = t1 - t0
-                r0, r1 = t0 * P, t1 * P
-                s, _, _, _, local, e0, e1 = _scores(qr, kt, plan, tiles, t0, t1, scale, BH, cdt)
-                p = torch.softmax(s, dim=-1)  # (BH*c, P, U+G)
-                del s
-                pb = p[..., :U]
-                vu = vt.index_select(1, plan.keys[t0:t1].reshape(-1)).view(BH * c, U, dv)
-                o = torch.bmm(pb, vu).view(BH, c * P, dv)
+                ch = _Chunk(q, k, plan, tiles, t0, t1, scale, BH, cdt)
+                r0, r1, local, e0, e1 = ch.r0, ch.r1, ch.local, ch.e0, ch.e1
+                p = torch.softmax(ch.s, dim=-1)  # (BH*c, P, U+G)
+                del ch.s
+                vb = _heads_major(_gather_rows(v, ch.keys, BH, cdt), c)  # (BH*c, U, dv)
+                o = torch.bmm(p[..., :U] if G else p, vb).view(BH, c * P, dv).permute(1, 0, 2)  # (cP, BH, dv)
                 ep = p.view(BH, -1).index_select(1, local)  # (BH, edges of the chunk)
                 if record:
                     edge_probs[:, e0:e1] = ep
                 wiring += torch.dot(ep.sum(0), tiles.w_block[e0:e1])
                 entropy -= _plogp(ep)
                 if G:
-                    pg = p.view(BH, c * P, U + G)[..., U:]
+                    pg = p.view(BH, c * P, U + G)[..., U:]  # (BH, cP, G)
                     if record:
                         g_probs[:, r0:r1] = pg
-                    vg = vt.index_select(1, plan.g_src[r0:r1].reshape(-1)).view(BH, c * P, G, dv)
-                    o = o + torch.matmul(pg.unsqueeze(-2), vg).squeeze(-2)
+                    vg = _gather_rows(v, ch.gsrc, BH, cdt).view(c * P, G, BH, dv)
+                    o = o + (pg.permute(1, 2, 0).contiguous().unsqueeze(-1) * vg).sum(1)
                     wiring += (pg * tiles.g_w[r0:r1]).sum()
                     entropy -= _plogp(pg)
-                out_r[:, r0:r1] = o
+                out_rows[r0:r1] = o
             denom = N * BH
             wiring, entropy = wiring / denom, entropy / denom
-            out = out_r.index_select(1, plan.row_of)  # (BH, N, dv) in column order
+            out = out_rows.index_select(0, plan.row_of).view(N, B, H, dv)
         ctx.save_for_backward(q, k, v, bias, wiring_weight)
-        ctx.cdt = cdt
-        ctx.plan, ctx.chunk = plan, chunk
+        ctx.plan, ctx.chunk, ctx.cdt = plan, chunk, cdt
         ctx.mark_non_differentiable(entropy, edge_probs)
-        out = out.view(B, H, N, dv).permute(2, 0, 1, 3).contiguous().to(torch.promote_types(q.dtype, v.dtype))
+        out = out.to(torch.promote_types(q.dtype, v.dtype))
         return out, wiring, entropy, edge_probs, (g_probs if g_probs is not None else edge_probs.new_zeros(0))
 
     @staticmethod
@@ -388,76 +400,69 @@ class _BlockSparseAttention(torch.autograd.Function):
         gw = g_wiring.to(cdt) / (N * BH) if g_wiring is not None else None
         step = ctx.chunk or max(1, CHUNK_ELEMENTS // (BH * P * (U + G)))
         with torch.autocast(dev.type, enabled=False):
-            qt, kt, vt = (_heads_first_padded(x, cdt) for x in (q, k, v))
-            qr = qt.index_select(1, plan.perm)
-            del qt
-            if g_out is not None:
-                go = _heads_first_padded(g_out, cdt).index_select(1, plan.perm)  # (BH, R, dv), padding rows zero
-            else:
-                go = torch.zeros(BH, R, dv, dtype=cdt, device=dev)
             tiles = _Tiles(plan, bias, wiring_weight, cdt)
-            dq_r = torch.empty(BH, R, d, dtype=cdt, device=dev) if need_q else None
-            dk = torch.zeros(BH, N + 1, d, dtype=cdt, device=dev) if need_k else None
-            dvv = torch.zeros(BH, N + 1, dv, dtype=cdt, device=dev) if need_v else None
+            dq_rows = torch.empty(R, BH, d, dtype=cdt, device=dev) if need_q else None
+            dk = torch.zeros(N, BH, d, dtype=cdt, device=dev) if need_k else None
+            dvv = torch.zeros(N, BH, dv, dtype=cdt, device=dev) if need_v else None
             d_edge = torch.empty(plan.e_slot.shape[0], dtype=cdt, device=dev) if need_bias else None
             dg_bias = torch.zeros(R, G, dtype=cdt, device=dev) if (need_bias and G) else None
             for t0 in range(0, T, step):
                 t1 = min(T, t0 + step)
                 c = t1 - t0
-                r0, r1 = t0 * P, t1 * P
-                s, qc, ku, kg, local, e0, e1 = _scores(qr, kt, plan, tiles, t0, t1, scale, BH, cdt)
-                p = torch.softmax(s, dim=-1)  # recomputed, bit-identical to forward: (BH*c, P, U+G)
-                del s
-                keys = plan.keys[t0:t1].reshape(-1)
-                vu = vt.index_select(1, keys).view(BH * c, U, dv)
-                goc = go[:, r0:r1].reshape(BH * c, P, dv)
-                dpb = torch.bmm(goc, vu.transpose(1, 2))  # (BH*c, P, U)
-                if G:
-                    vg = vt.index_select(1, plan.g_src[r0:r1].reshape(-1)).view(BH, c * P, G, dv)
-                    dpg = torch.matmul(vg, go[:, r0:r1, :, None]).squeeze(-1)  # (BH, c*P, G)
-                    if gw is not None:
-                        dpg.add_(gw * tiles.g_w[r0:r1])
-                    dp = torch.cat([dpb.view(BH, c * P, U), dpg], dim=-1).view(BH * c, P, U + G)
+                ch = _Chunk(q, k, plan, tiles, t0, t1, scale, BH, cdt)
+                r0, r1, local, e0, e1 = ch.r0, ch.r1, ch.local, ch.e0, ch.e1
+                p = torch.softmax(ch.s, dim=-1)  # recomputed, bit-identical to forward: (BH*c, P, U+G)
+                del ch.s
+                vb = _heads_major(_gather_rows(v, ch.keys, BH, cdt), c)  # (BH*c, U, dv)
+                if g_out is not None:  # padding rows read column 0's gradient: zero them
+                    gorow = _gather_rows(g_out, plan.perm[r0:r1], BH, cdt).mul_(plan.row_valid[r0:r1, None, None])
                 else:
-                    dp = dpb
-                del dpb
+                    gorow = torch.zeros(c * P, BH, dv, dtype=cdt, device=dev)
+                gob = _heads_major(gorow, c)  # (BH*c, P, dv)
+                dp = torch.bmm(gob, vb.transpose(1, 2))  # (BH*c, P, U)
+                if G:
+                    vg = _gather_rows(v, ch.gsrc, BH, cdt).view(c * P, G, BH, dv)
+                    dpg = (vg * gorow[:, None]).sum(-1)  # (cP, G, BH)
+                    if gw is not None:
+                        dpg.add_(gw * tiles.g_w[r0:r1, :, None])
+                    dp = torch.cat([dp.view(BH, c * P, U), dpg.permute(2, 0, 1)], dim=-1).view(BH * c, P, U + G)
                 if gw is not None:  # the wiring term: dA[q, e] += g * W[q, e] / (B H N)
                     dp.view(BH, -1).index_add_(1, local, (gw * tiles.w_block[e0:e1]).expand(BH, -1))
                 ds = torch._softmax_backward_data(dp, p, -1, cdt)  # A * (dA - sum A dA)
                 del dp
                 dsb = ds[..., :U] if G else ds
+                if G:
+                    dsg = ds.view(BH, c * P, U + G)[..., U:].permute(1, 2, 0).contiguous()  # (cP, G, BH)
                 if d_edge is not None:
                     d_edge[e0:e1] = ds.view(BH, -1).index_select(1, local).sum(0)
-                if dq_r is not None:
-                    dqc = torch.bmm(dsb, ku)
                     if G:
-                        dsg = ds.view(BH, c * P, U + G)[..., U:]
-                        dqc = dqc.view(BH, c * P, d) + torch.matmul(dsg.unsqueeze(-2), kg).squeeze(-2)
-                    dq_r[:, r0:r1] = dqc.view(BH, c * P, d).mul_(scale)
+                        dg_bias[r0:r1] = dsg.sum(-1)
+                if dq_rows is not None:
+                    dqc = torch.bmm(dsb, ch.kb).view(BH, c * P, d).permute(1, 0, 2)  # (cP, BH, d)
+                    if G:
+                        dqc = dqc + (dsg.unsqueeze(-1) * ch.kg).sum(1)
+                    dq_rows[r0:r1] = dqc.mul(scale)
                 if dk is not None:
-                    dk.index_add_(1, keys, torch.bmm(dsb.transpose(1, 2), qc).mul_(scale).view(BH, c * U, d))
+                    dkb = torch.bmm(dsb.transpose(1, 2), ch.qb).mul_(scale)  # (BH*c, U, d)
+                    dk.index_add_(0, ch.keys, dkb.view(BH, c * U, d).transpose(0, 1).contiguous())
+                    if G:
+                        dkg = (dsg.unsqueeze(-1) * ch.qrow[:, None]).mul_(scale)  # (cP, G, BH, d), contiguous
+                        dk.index_add_(0, ch.gsrc, dkg.view(c * P * G, BH, d))
                 if dvv is not None:
                     pb = p[..., :U] if G else p
-                    dvv.index_add_(1, keys, torch.bmm(pb.transpose(1, 2), goc).view(BH, c * U, dv))
-                if G:
-                    dsg = ds.view(BH, c * P, U + G)[..., U:]
-                    gsrc = plan.g_src[r0:r1].reshape(-1)
-                    if dk is not None:
-                        dkg = (dsg.unsqueeze(-1) * qr[:, r0:r1, None, :]).mul_(scale)  # (BH, c*P, G, d)
-                        dk.index_add_(1, gsrc, dkg.view(BH, c * P * G, d))
-                    if dvv is not None:
-                        pg = p.view(BH, c * P, U + G)[..., U:]
-                        dvg = pg.unsqueeze(-1) * go[:, r0:r1, None, :]  # (BH, c*P, G, dv)
-                        dvv.index_add_(1, gsrc, dvg.reshape(BH, c * P * G, dv))
-                    if dg_bias is not None:
-                        dg_bias[r0:r1] = dsg.sum(0)
+                    dvb = torch.bmm(pb.transpose(1, 2), gob)  # (BH*c, U, dv)
+                    dvv.index_add_(0, ch.keys, dvb.view(BH, c * U, dv).transpose(0, 1).contiguous())
+                    if G:
+                        pg = p.view(BH, c * P, U + G)[..., U:].permute(1, 2, 0).contiguous()  # (cP, G, BH)
+                        dvg = pg.unsqueeze(-1) * gorow[:, None]  # (cP, G, BH, dv)
+                        dvv.index_add_(0, ch.gsrc, dvg.view(c * P * G, BH, dv))
             dq = dk_out = dv_out = dbias = None
-            if dq_r is not None:
-                dq = dq_r.index_select(1, plan.row_of).view(B, H, N, d).permute(2, 0, 1, 3).to(q.dtype)
+            if dq_rows is not None:
+                dq = dq_rows.index_select(0, plan.row_of).view(N, B, H, d).to(q.dtype)
             if dk is not None:
-                dk_out = dk[:, :N].view(B, H, N, d).permute(2, 0, 1, 3).to(k.dtype)
+                dk_out = dk.view(N, B, H, d).to(k.dtype)
             if dvv is not None:
-                dv_out = dvv[:, :N].view(B, H, N, dv).permute(2, 0, 1, 3).to(v.dtype)
+                dv_out = dvv.view(N, B, H, dv).to(v.dtype)
             if need_bias:
                 flat = torch.zeros(N * plan.k, dtype=cdt, device=dev)
                 flat[plan.e_col] = d_edge
