@@ -1,24 +1,23 @@
-"""Sparse vs dense attention on wide sheets: time and peak memory of one training step against N.
+"""Wide sheets: the gather and block-sparse kernels (and dense attention) side by side, with a roofline.
 
-    python benchmarks/scale.py                      # default sweep, prints a markdown table
-    python benchmarks/scale.py --ns 1024 4096 --kinds sparse --json out.json
-    python benchmarks/scale.py --ns 1024 2048 4096 8192 16384 32768 65536 --threads 1 --repeats 1 --million
-                                                    # the run recorded in BENCHMARKS.md
+    python benchmarks/scale.py                                   # default sweep, markdown table
+    python benchmarks/scale.py --ns 1024 4096 16384 65536 131072 262144 --max-n gather=65536 dense=4096 \
+        --checkpoint                                             # the run recorded in BENCHMARKS.md
 
-``--threads 1`` is advisable on a shared/oversubscribed machine: with 2+ threads per child, OpenMP
-barriers stall when other jobs hold the cores, and small per-chunk ops pay tens of ms each.
+Model: a 2D grid sheet of N columns, untied columns of width 32, one head with query/key dimension 16,
+MLP ratio 1, recurrent, 4 steps, ``Connectivity.local(k=64)``; batch 8 of random tokens written into
+every column; one training step = forward, backward (loss = mean square output + 0.01 wiring) and an
+AdamW step, fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``dense``
+all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing.
 
-Model: a 2D grid sheet of N columns (N = 1,024 ... 131,072), untied columns of width 32, one head
-with query/key dimension 16, MLP ratio 1, recurrent, 4 steps; sparse = ``Connectivity.local(k=64)``,
-dense = all pairs. One training step = forward, backward (loss = mean square output + 0.01 wiring)
-and an AdamW step, on a batch of 8 random token sets written into every column.
-
-Every (kind, N) runs in a fresh subprocess; its peak memory is the child's RSS high-water mark
-(``ru_maxrss`` of that child's own rusage, from ``os.wait4``). Dense runs whose predicted memory exceeds
-``--dense-limit-gib`` are refused and reported as such instead of being tried (the child also
-runs under an address-space limit as a safety net). The step time is that of the second step
-(the first allocates optimizer state). Slopes are least-squares fits of log(time), log(memory)
-against log(N) on the sparse runs with N >= 4,096. ``--million`` also times building
+Every (kernel, N) runs in a fresh subprocess with the same thread count; its peak memory is the child's
+RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
+subtracting an import-only child. The step time is that of the last of ``--repeats`` steps (the first
+allocates optimizer state). In the same run the parent measures this machine's fp32 GEMM rate (2048^3
+matmul) and memory bandwidth (a STREAM-style triad on 1 GiB); :func:`roofline` turns the analytic useful
+FLOPs and minimum bytes of a step into a lower bound on its time and names the limiter. Slopes are
+least-squares fits of log(time), log(memory - baseline) against log(N) for N >= 4,096. Dense runs whose
+predicted memory exceeds ``--dense-limit-gib`` are refused, not tried. ``--million`` also times building
 ``Connectivity.local(k=64)`` on a 1000 x 1000 grid (10^6 columns) in a child.
 """
 
@@ -78,7 +77,8 @@ def child(a) -> dict:
     res["conn_s"] = time.perf_counter() - t0
     cfg = SheetConfig(width=a.width, steps=a.steps, recurrent=True, heads=a.heads, qk_dim=a.qk_dim,
                       mlp_ratio=1.0, untied_attn=True, untied_mlp=True, untied_norm=True,
-                      sparse_kernel="auto" if a.kind == "dense" else a.kind)
+                      sparse_kernel="auto" if a.kind == "dense" else a.kind.split("+")[0],
+                      checkpoint=a.kind.endswith("+ckpt"))
     model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
     res["params"] = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
@@ -190,7 +190,9 @@ def roofline(n: int, params: int, a, rates: dict) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ns", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"], choices=["gather", "block", "dense"])
+    p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"],
+                   choices=["gather", "block", "block+ckpt", "dense"])
+    p.add_argument("--checkpoint", action="store_true", help="also run block+ckpt (activation checkpointing)")
     p.add_argument("--max-n", nargs="+", default=[], metavar="KIND=N",
                    help="largest N to run for a kind, e.g. gather=65536 (its step takes minutes beyond)")
     p.add_argument("--k", type=int, default=64)
@@ -216,6 +218,8 @@ def main(argv=None) -> None:
         print(json.dumps(child(a)))
         return
     max_n = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in a.max_n}
+    if a.checkpoint and "block+ckpt" not in a.kinds:
+        a.kinds.append("block+ckpt")
 
     print(f"# sheet: grid, K={a.k} local, width {a.width}, heads {a.heads}, qk {a.qk_dim}, MLP 1, batch {a.batch}, "
           f"{a.steps} recurrent steps, untied, fp32; one AdamW training step; fresh process per run; "

@@ -183,3 +183,63 @@ def test_block_kernel_needs_a_sparse_connectivity():
         build_config({"model": {"sheet": {"sparse_kernel": "block"}}})
     with pytest.raises(ValueError, match="sparse_kernel"):
         build_config({"model": {"sheet": {"sparse_kernel": "tiles"}}})
+
+
+@pytest.mark.parametrize("kernel,recurrent", [("block", True), ("gather", False), ("auto", True)])
+def test_activation_checkpointing_changes_memory_not_results(kernel, recurrent):
+    conn = Connectivity.local_plus_long_range(grid(9, 9), 12, 4, seed=0) if kernel != "auto" else Connectivity.dense(grid(9, 9))
+    base = dict(width=8, steps=3, qk_dim=4, heads=2, recurrent=recurrent, sparse_kernel=kernel)
+    torch.manual_seed(0)
+    plain = Columnformer(SheetConfig(**base), conn.geometry, conn, "all", "all").double()
+    ckpt = Columnformer(SheetConfig(**base, checkpoint=True), conn.geometry, conn, "all", "all").double()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 81, 8, dtype=torch.float64)
+    saved = {}
+    for name, m in (("plain", plain), ("ckpt", ckpt)):
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, trace = m(x)
+        (out.square().sum() + 0.1 * trace.wiring_cost).backward()
+        saved[name] = (count[0], out)
+    torch.testing.assert_close(saved["ckpt"][1], saved["plain"][1])
+    for p_plain, p_ckpt in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p_ckpt.grad, p_plain.grad)
+    assert saved["ckpt"][0] * 5 < saved["plain"][0]  # only each step's input is kept
+
+
+def test_wide_preset_reads_its_input_everywhere_and_pools_the_sheet():
+    from columnformer.config import ModelConfig
+    from columnformer.presets import build_model, get_preset
+
+    cfg = ModelConfig.model_validate(get_preset("wide"))
+    model = build_model(cfg)
+    sheet = model.sheet
+    assert cfg.geometry.kind == "grid" and sheet.n >= 64 * 64
+    assert len(sheet.output_idx) / sheet.n >= 0.5  # the head pools at least half the sheet
+    assert sheet.connectivity.kind == "local_long_range" and sheet.block_plan() is not None
+    # retinotopic: column (y, x) of the 64x64 sheet receives pixel (y // 8, x // 8) of the 8x8 digit
+    tok = sheet.input_token.view(64, 64)
+    assert tok[0, 0] == 0 and tok[7, 7] == 0 and tok[8, 0] == 8 and tok[0, 8] == 1 and tok[63, 63] == 63
+    images = torch.randn(2, 1, 8, 8)
+    logits, _ = model(images)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()
+    reached = (sheet.pos_embed.grad.abs().sum(1) > 0).float().mean().item()  # columns whose input reaches the loss
+    assert reached >= 0.9
+
+
+def test_retinotopic_input_and_span_geometry_are_validated():
+    with pytest.raises(ValueError, match="retinotopic maps image patches onto one grid sheet"):
+        build_config({"model": {"input_area": "retinotopic", "geometry": {"kind": "stacked"}}})
+    with pytest.raises(ValueError, match="smaller than the 4x4 patch grid"):
+        build_config({"model": {"input_area": "retinotopic", "geometry": {"kind": "grid", "shape": [2, 2]}}})
+    with pytest.raises(ValueError, match="span=true applies to kind=stacked only"):
+        build_config({"model": {"geometry": {"kind": "grid", "span": True}}})
+    g = stacked([(8, 8), (64, 64)], 1.0, span=True)
+    low, high = g.coords[:64], g.coords[64:]
+    assert np.allclose(low[:, :2].min(0), high[:, :2].min(0)) and np.allclose(low[:, :2].max(0), high[:, :2].max(0))
+    assert np.allclose(np.diff(np.unique(low[:, 0])), 9.0)  # 8 rows spread over 63 units

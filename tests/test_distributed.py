@@ -31,7 +31,7 @@ TINY = [
     "train.ckpt_every=7",
 ]
 ATOL = 1e-5
-TIMING = {"samples_per_s"}
+TIMING = {"samples_per_s", "train_time_s"}
 
 
 def _free_port() -> int:

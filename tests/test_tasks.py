@@ -13,7 +13,7 @@ from columnformer.config import ConfigError, build_config
 from columnformer.train import resume, train
 
 EXPECTED = Path(__file__).parent / "expected" / "classify_digits.json"
-TIMING_KEYS = {"samples_per_s"}
+TIMING_KEYS = {"samples_per_s", "train_time_s"}
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -25,7 +25,7 @@ TINY = [
     "train.epochs=2", "train.batch_size=64", "train.threads=1", "train.progress=false",
     "train.log_every=5", "train.ckpt_every=4",
 ]
-TIMING_KEYS = {"samples_per_s"}
+TIMING_KEYS = {"samples_per_s", "train_time_s"}
 
 
 def tiny_cfg(tmp_path: Path, *extra: str):
@@ -62,6 +62,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     metrics = _metrics(run_dir)
     assert [m["epoch"] for m in metrics if m["type"] == "epoch"] == [1, 2]
     assert all("wiring_cost" in m and "task_loss" in m for m in metrics if m["type"] == "step")
+    times = [json.loads(x)["train_time_s"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"epoch", "epoch"' in x]
+    assert len(times) == 2 and 0 < times[0] < times[1] <= summary["train_time_s"] + 1e-9  # accuracy-vs-time curves
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert {"git_commit", "git_dirty", "packages", "hardware", "command", "config_schema_version",
             "checkpoint_schema_version"} <= prov.keys()

@@ -111,7 +111,10 @@ class ModelConfig(_Strict):
         "pooled", description="classifier LayerNorm after pooling (pooled) or on every output column before it "
         "(tokens: the predecessor's order)",
     )
-    input_area: Literal["bottom", "all"] = "bottom"
+    input_area: Literal["bottom", "all", "retinotopic"] = Field(
+        "bottom", description="where patch tokens enter: the bottom layer (one column per patch), all columns, or "
+        "retinotopic (a grid sheet: every column receives the token of the image patch its position maps to)",
+    )
     output_area: Literal["top", "all", "bottom"] = Field("top", description="columns the task head reads (MIM: the read-out area)")
     geometry: GeometryConfig = Field(default_factory=GeometryConfig)
     connectivity: ConnectivityConfig = Field(default_factory=ConnectivityConfig)
@@ -122,6 +125,31 @@ class ModelConfig(_Strict):
         """Patches per image along (height, width)."""
         stride = self.stride or self.patch
         return tuple((s - self.patch) // stride + 1 for s in self.image_size)
+
+    @model_validator(mode="after")
+    def _check_retinotopic(self) -> "ModelConfig":
+        if self.input_area == "retinotopic":
+            if self.geometry.kind != "grid":
+                raise ValueError(
+                    f"input_area=retinotopic maps image patches onto one grid sheet; set geometry.kind=grid "
+                    f"(got {self.geometry.kind})"
+                )
+            (h, w), (gh, gw) = self.geometry.shape, self.patch_grid
+            if h < gh or w < gw:
+                raise ValueError(
+                    f"input_area=retinotopic needs at least one column per patch: the {h}x{w} sheet is smaller than "
+                    f"the {gh}x{gw} patch grid; enlarge geometry.shape or the patch size"
+                )
+        return self
+
+    def retinotopic_tokens(self):
+        """For input_area=retinotopic: the patch token of every column of the (h, w) grid, row-major (numpy)."""
+        import numpy as np
+
+        (h, w), (gh, gw) = self.geometry.shape, self.patch_grid
+        ty = np.arange(h) * gh // h  # (h,) patch row under each sheet row
+        tx = np.arange(w) * gw // w
+        return (ty[:, None] * gw + tx[None, :]).reshape(-1)
 
 
 class DataConfig(_Strict):

@@ -83,6 +83,23 @@ def untied_session():
         _LOCAL.session = None
 
 
+def current_session() -> "_Session | None":
+    """The untied session of the forward pass in progress (None outside one)."""
+    return getattr(_LOCAL, "session", None)
+
+
+@contextlib.contextmanager
+def reuse_session(session: "_Session | None"):
+    """Make ``session`` current again, e.g. while activation checkpointing recomputes a step in backward:
+    the recomputed uses then find the same tapped weights (and stash), so the recomputed graph matches."""
+    previous = getattr(_LOCAL, "session", None)
+    _LOCAL.session = session
+    try:
+        yield session
+    finally:
+        _LOCAL.session = previous
+
+
 def _compute_dtype(ref: torch.Tensor) -> torch.dtype:
     dev = ref.device.type
     if torch.is_autocast_enabled(dev) and ref.is_floating_point():

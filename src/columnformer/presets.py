@@ -78,18 +78,18 @@ PRESETS: dict[str, dict] = {
             pos_embed=True, time_embed=True,
         ),
     ),
-    # A wide sheet that trains on a laptop CPU: one 64x64 grid (4,096 columns, read by the head) over a
-    # retinotopic input layer (the 8x8 pixels, stretched to span the sheet: each pixel's column lies one
-    # unit below the 9x9 patch of the sheet it covers), 4,160 columns in all. Each column reads its 24
-    # nearest columns plus 8 long-range ones drawn from p ~ exp(-d/16) (K = 32); narrow columns (width 16,
-    # q/k 8). Sparse attention runs on the block-sparse kernel (sparse_kernel auto).
+    # A wide sheet that trains on a laptop CPU: one 64x64 grid of 4,096 columns with a retinotopic input
+    # (each column receives the embedded pixel of the 8x8 digit its position maps to: every pixel covers an
+    # 8x8 patch of the sheet) and read out everywhere (the head averages all columns). Each column reads its
+    # 16 nearest columns plus 4 long-range ones drawn from p ~ exp(-d/16) (K = 20); narrow columns (width 16,
+    # q/k 8). Sparse attention runs on the block-sparse kernel (sparse_kernel auto picks it).
     "wide": dict(
         image_size=(8, 8), in_chans=1, patch=1, num_classes=10, pool="avg",
-        input_area="bottom", output_area="top",
-        geometry=dict(kind="stacked", layers=[(8, 8), (64, 64)], spacing=1.0, span=True),
-        connectivity=dict(kind="local_long_range", k=24, k_long=8, long_range_scale=16.0, seed=0),
+        input_area="retinotopic", output_area="all",
+        geometry=dict(kind="grid", shape=(64, 64)),
+        connectivity=dict(kind="local_long_range", k=16, k_long=4, long_range_scale=16.0, seed=0),
         sheet=dict(
-            width=16, steps=4, recurrent=True, heads=1, qk_dim=8, value_proj=False, mlp_ratio=2.0,
+            width=16, steps=4, recurrent=True, heads=1, qk_dim=8, value_proj=False, mlp_ratio=1.0,
             attn_bias="local", bias_sigma=2.0, untied_attn=True, untied_mlp=True, untied_norm=True,
             pos_embed=True, time_embed=True,
         ),
@@ -125,7 +125,10 @@ def build_backbone(cfg):
     cfg = model_config(cfg)
     geometry = cfg.geometry.build()
     connectivity = cfg.connectivity.build(geometry)
-    sheet = Columnformer(cfg.sheet, geometry, connectivity, cfg.input_area, cfg.output_area)
+    if cfg.input_area == "retinotopic":  # every column gets the token of the patch its position maps to
+        sheet = Columnformer(cfg.sheet, geometry, connectivity, "all", cfg.output_area, cfg.retinotopic_tokens())
+    else:
+        sheet = Columnformer(cfg.sheet, geometry, connectivity, cfg.input_area, cfg.output_area)
     embed = PatchEmbed(cfg.image_size, cfg.in_chans, cfg.patch, cfg.stride or cfg.patch, cfg.sheet.width)
     return embed, sheet
 

@@ -18,6 +18,7 @@ from typing import Iterable, Literal
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -25,7 +26,7 @@ from .attention import AttentionStats, ColumnAttention, local_bias_init
 from .block_sparse import BlockPlan, build_block_plan
 from .connectivity import Connectivity
 from .geometry import Geometry
-from .layers import INIT_STD, Mlp, layer_norm, untied_session
+from .layers import INIT_STD, Mlp, current_session, layer_norm, reuse_session, untied_session
 
 RECORDABLE = ("attn", "features", "qk")
 
@@ -55,6 +56,10 @@ class SheetConfig(BaseModel):
     attn_residual: bool = Field(True, description="residual connection around attention")
     inject: Literal["first", "every"] = Field("first", description="write input tokens at the first step or every step")
     wiring_p: float = Field(1.0, gt=0, description="wiring weight W = D^p / mean(D^p)")
+    checkpoint: bool = Field(
+        False, description="activation checkpointing: keep only each step's input and recompute the step in backward "
+        "(activation memory of one step instead of T; about one more forward pass of compute)",
+    )
     sparse_kernel: Literal["auto", "gather", "block"] = Field(
         "auto", description="kernel for a sparse connectivity: block-sparse tiles (block), per-edge gather (gather), "
         "or whichever the block plan's cost model estimates cheaper (auto); same math, ignored for dense sheets",
@@ -141,6 +146,18 @@ def _area(geometry: Geometry, area: Iterable[int] | str, name: str) -> np.ndarra
     return idx
 
 
+def _input_tokens(tokens: Iterable[int] | None, n_in: int) -> torch.Tensor:
+    if tokens is None:
+        return torch.arange(n_in)
+    tok = np.asarray(list(tokens), dtype=np.int64)
+    if tok.shape != (n_in,) or tok.min() < 0 or len(np.unique(tok)) != tok.max() + 1:
+        raise ValueError(
+            f"input_tokens must give each of the {n_in} input-area columns a token index, using every index "
+            f"0..T-1 (got {tok.size} entries)"
+        )
+    return torch.from_numpy(tok)
+
+
 class Columnformer(nn.Module):
     """A sheet of columns in ``geometry``, attention restricted to ``connectivity``.
 
@@ -148,6 +165,8 @@ class Columnformer(nn.Module):
         cfg: sheet options (:class:`SheetConfig`).
         geometry: where the columns sit (supplies distances and the wiring normaliser).
         connectivity: which columns each column reads; default all pairs.
+        input_tokens: for each input-area column, the index of the token written into it (several
+            columns may share a token: a retinotopic map); default one token per column, in order.
         input_area: columns where input tokens enter: ``"bottom"`` (layer 0; the whole sheet for a
             single-layer geometry), ``"all"``, or explicit indices.
         output_area: columns read by task heads: ``"top"`` (last layer), ``"all"`` or indices.
@@ -162,6 +181,7 @@ class Columnformer(nn.Module):
         connectivity: Connectivity | None = None,
         input_area: Iterable[int] | str = "bottom",
         output_area: Iterable[int] | str = "top",
+        input_tokens: Iterable[int] | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -177,6 +197,11 @@ class Columnformer(nn.Module):
         self._plan: BlockPlan | None = None  # built on first use, rebuilt when the edge buffers change
         n, c = geometry.n, cfg.width
         self.register_buffer("input_idx", torch.from_numpy(_area(geometry, input_area, "input_area")), persistent=False)
+        # which token each input-area column receives (default: token i -> i-th column; a retinotopic map
+        # writes each token into every column of the patch of the sheet it covers)
+        self.register_buffer("input_token", _input_tokens(input_tokens, len(self.input_idx)), persistent=False)
+        self.num_tokens = int(self.input_token.max()) + 1
+        self._token_per_column = input_tokens is None
         self.register_buffer("output_idx", torch.from_numpy(_area(geometry, output_area, "output_area")), persistent=False)
         self.register_buffer("wiring_weight", self.wiring_weights(self.connectivity.dist), persistent=False)
         # sparse edges travel with the model (and its checkpoints: rewiring changes them)
@@ -246,6 +271,12 @@ class Columnformer(nn.Module):
         with untied_session():
             return self._forward(tokens, record, steps)
 
+    def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | None):
+        """One block step under ``session`` (a checkpointed step recomputed in backward reuses the forward's
+        tapped untied weights, so the recomputed graph saves the same tensors)."""
+        with reuse_session(session):
+            return block(x, self.wiring_weight, self.edge_index, self.edge_mask, record, plan)
+
     def _forward(self, tokens: torch.Tensor, record: Iterable[str], steps: int | None = None) -> tuple[torch.Tensor, Trace]:
         record = frozenset(record)
         if steps is None:
@@ -257,13 +288,15 @@ class Columnformer(nn.Module):
             )
         if not record <= set(RECORDABLE):
             raise ValueError(f"record={sorted(record)}: allowed entries are {RECORDABLE}")
-        if tokens.ndim != 3 or tokens.shape[1] != len(self.input_idx) or tokens.shape[2] != self.cfg.width:
+        if tokens.ndim != 3 or tokens.shape[1] != self.num_tokens or tokens.shape[2] != self.cfg.width:
             raise ValueError(
-                f"tokens have shape {tuple(tokens.shape)} but the sheet expects (B, {len(self.input_idx)}, "
+                f"tokens have shape {tuple(tokens.shape)} but the sheet expects (B, {self.num_tokens}, "
                 f"{self.cfg.width}): one token per input-area column, width {self.cfg.width}"
             )
         B, n_in, C = tokens.shape
-        inp = tokens.transpose(0, 1)  # (n_in, B, C)
+        inp = tokens.transpose(0, 1)  # (n_tokens, B, C)
+        if not self._token_per_column:
+            inp = inp.index_select(0, self.input_token)  # (n_in, B, C): each input column's token
         x = tokens.new_zeros(self.n, B, C).index_add(0, self.input_idx, inp)  # (N, B, C)
         if self.pos_embed is not None:
             x = x + self.pos_embed.unsqueeze(1)
@@ -279,7 +312,12 @@ class Columnformer(nn.Module):
             if self.time_embed is not None:
                 x = x + self.time_embed[min(t, self.cfg.steps - 1)]
             block = self.blocks[0 if self.cfg.recurrent else t]
-            x, stats, qk = block(x, self.wiring_weight, self.edge_index, self.edge_mask, record, plan)
+            if self.cfg.checkpoint and torch.is_grad_enabled():
+                x, stats, qk = torch.utils.checkpoint.checkpoint(
+                    self._step, block, current_session(), x, record, plan, use_reentrant=False
+                )
+            else:
+                x, stats, qk = block(x, self.wiring_weight, self.edge_index, self.edge_mask, record, plan)
             trace.wiring.append(stats.wiring)
             trace.entropy.append(stats.entropy)
             if trace.attn is not None:

@@ -493,7 +493,10 @@ class Trainer:
             if not finished:
                 break
             val = self._eval_split("val")
-            record = {"type": "epoch", "epoch": self.epoch + 1, "step": self.step, **{f"val_{k}": v for k, v in val.items()}}
+            record = {
+                "type": "epoch", "epoch": self.epoch + 1, "step": self.step, "train_time_s": self.train_time,
+                **{f"val_{k}": v for k, v in val.items()},
+            }
             bad = self._bad_images()
             if bad is not None:
                 record["bad_images"] = bad

@@ -92,10 +92,11 @@ class VisionColumnformer(nn.Module):
 
     def __init__(self, embed: PatchEmbed, sheet: Columnformer, head: nn.Module, mask_token: bool = False):
         super().__init__()
-        if embed.num_patches != len(sheet.input_idx):
+        if embed.num_patches != sheet.num_tokens:
             raise ValueError(
-                f"the image gives {embed.num_patches} patches ({embed.grid[0]}x{embed.grid[1]}) but the sheet's "
-                f"input area has {len(sheet.input_idx)} columns; change patch/stride or the geometry"
+                f"the image gives {embed.num_patches} patches ({embed.grid[0]}x{embed.grid[1]}) but the sheet "
+                f"takes {sheet.num_tokens} tokens (one per input-area column, or per retinotopic patch); change "
+                "patch/stride or the geometry"
             )
         self.embed, self.sheet, self.head = embed, sheet, head
         self.mask_token = nn.Parameter(torch.zeros(sheet.cfg.width)) if mask_token else None
