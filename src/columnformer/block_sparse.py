@@ -36,7 +36,6 @@ and measure one, so none is claimed.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +109,8 @@ class BlockPlan:
         return self.g_src.shape[1]
 
     def to(self, device: torch.device) -> "BlockPlan":
-        moved = {f: getattr(self, f).to(device) for f in ("perm", "row_valid", "row_of", "keys", "e_slot", "e_col", "g_src", "g_col", "g_valid")}
+        tensors = ("perm", "row_valid", "row_of", "keys", "e_slot", "e_col", "g_src", "g_col", "g_valid")
+        moved = {f: getattr(self, f).to(device) for f in tensors}
         return BlockPlan(**{**self.__dict__, **moved})
 
     def describe(self) -> dict:
@@ -162,12 +162,12 @@ def build_block_plan(
     mask: torch.Tensor | None,
     tile: int | None = None,
     min_readers: int | None = None,
-    heads_dims: tuple[int, int] = (16, 32),
 ) -> BlockPlan:
     """The cheapest block plan (by :func:`plan_costs`) over ``TILE_SIZES`` x ``MIN_READERS``.
 
-    ``tile`` / ``min_readers`` fix one choice instead. ``heads_dims`` = (d, dv) weights the gathered
-    edges against the dense score elements (the cost model is per element, not calibrated per shape).
+    ``coords`` (N, D) place the columns (tiles are built from them); ``index``/``mask`` (N, K) are the
+    edges. ``tile`` / ``min_readers`` fix one choice instead of searching. The cost model counts elements,
+    whatever the head dimensions (calibrated on two shapes, see ``GATHER_EDGE_COST``).
     """
     idx = index.detach().cpu().numpy()
     msk = np.ones(idx.shape, bool) if mask is None else mask.detach().cpu().numpy().astype(bool)

@@ -252,9 +252,7 @@ class Columnformer(nn.Module):
         versions = (self.edge_index._version, self.edge_mask._version, self.edge_index.data_ptr())
         plan = self._plan
         if plan is None or plan.versions != versions:
-            plan = build_block_plan(self.geometry.coords, self.edge_index, self.edge_mask)
-            plan.versions = versions
-            plan = plan.to(self.edge_index.device)
+            plan = build_block_plan(self.geometry.coords, self.edge_index, self.edge_mask).to(self.edge_index.device)
             plan.versions = versions
             self._plan = plan
         if self.cfg.sparse_kernel == "auto" and plan.cost >= plan.gather_cost:

@@ -95,7 +95,7 @@ class VisionColumnformer(nn.Module):
         if embed.num_patches != sheet.num_tokens:
             raise ValueError(
                 f"the image gives {embed.num_patches} patches ({embed.grid[0]}x{embed.grid[1]}) but the sheet "
-                f"takes {sheet.num_tokens} tokens (one per input-area column, or per retinotopic patch); change "
+                f"takes {sheet.num_tokens} tokens (its input area has {len(sheet.input_idx)} columns); change "
                 "patch/stride or the geometry"
             )
         self.embed, self.sheet, self.head = embed, sheet, head
