@@ -165,13 +165,14 @@ class Columnformer(nn.Module):
         cfg: sheet options (:class:`SheetConfig`).
         geometry: where the columns sit (supplies distances and the wiring normaliser).
         connectivity: which columns each column reads; default all pairs.
-        input_tokens: for each input-area column, the index of the token written into it (several
-            columns may share a token: a retinotopic map); default one token per column, in order.
         input_area: columns where input tokens enter: ``"bottom"`` (layer 0; the whole sheet for a
             single-layer geometry), ``"all"``, or explicit indices.
         output_area: columns read by task heads: ``"top"`` (last layer), ``"all"`` or indices.
+        input_tokens: for each input-area column, the index of the token written into it (several
+            columns may share a token: a retinotopic map); default one token per column, in order.
 
-    Shape: tokens (B, n_in, C) -> output (B, n_out, C), with n_in = len(input area).
+    Shape: tokens (B, n_tokens, C) -> output (B, n_out, C); n_tokens = len(input area) unless ``input_tokens``
+    maps several columns to one token.
     """
 
     def __init__(
