@@ -19,10 +19,12 @@ the same keys. A :class:`BlockPlan` (built once per edge set, from the columns' 
 * leaves the other edges (long-range edges, sources few columns of the tile read) to a **gather**
   part: per column up to ``G`` gathered keys, concatenated with the block scores before the softmax.
 
-Nothing of size O(N K C) or O(N U) is saved for backward: the kernel saves q, k, v (the caller's
-tensors), the (N,) log-sum-exp per (batch, head) row, and recomputes each tile's scores in
-backward (as flash attention does). Key and value gradients are accumulated with ``index_add_`` over
-the key sets; the bias gradient is read back from the score gradients at each edge's slot.
+Nothing of size O(N K C) or O(N U) is saved for backward: the kernel saves only its inputs (q, k, v,
+the bias and the wiring weight) and recomputes each tile's scores and softmax in backward (as flash
+attention does; the recomputation is bit-identical to the forward). Inputs and gradient accumulators
+stay in the caller's columns-first (N, B*H, d) layout, so every gather and ``index_add_`` moves whole rows;
+each chunk of tiles is permuted to heads-major for its matmuls. The bias gradient is read back from the
+score gradients at each edge's slot. Chunks hold ``CHUNK_ELEMENTS`` score elements (cache-sized).
 
 The plan's cost model (:func:`plan_costs`) estimates both kernels' work in units of one dense score
 element; ``sparse_kernel="auto"`` on the sheet takes the block kernel when it is estimated cheaper.
