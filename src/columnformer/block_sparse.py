@@ -63,7 +63,7 @@ class BlockPlan:
     """How the block kernel visits an (N, K) edge set. Rows are columns in tile order.
 
     Attributes:
-        tile: P, columns per tile; ``T`` tiles, ``R = T * P`` rows (padding rows read a dummy column).
+        tile: P, columns per tile; ``T`` tiles, ``R = T * P`` rows (padding rows fill the last tiles of uneven groups).
         perm: (R,) long, the column of each row (column 0 for padding rows, see ``row_valid``).
         row_valid: (R,) float, 1 for rows holding a column, 0 for padding rows.
         row_of: (N,) long, the row of each column.
