@@ -62,6 +62,18 @@ MUTATIONS = [
     ("README command with a wrong option", "README.md",
      "probe runs/mim --labels-fraction 0.1 --at-init", "probe runs/mim --label-fraction 0.1 --at-init",
      ["tests/test_readme.py"]),
+    ("data loaded before the model is built", "src/columnformer/train.py",
+     "        self.model = self.task.build_model()  # before the data",
+     "        self.data_sets = build_datasets(cfg.data, cfg.model, seed=tc.seed)\n"
+     "        self.model = self.task.build_model()  # before the data",
+     ["tests/test_messages.py", "-k", "geometry"]),
+    ("one-class training set not warned", "src/columnformer/tasks/classify.py",
+     "        if len(present) >= 2:\n", "        if True:\n", ["tests/test_messages.py", "-k", "one_class"]),
+    ("missing hf extra as a bare ImportError", "src/columnformer/extras.py",
+     "        raise MissingExtraError(", "        raise ImportError(", ["tests/test_messages.py", "-k", "hf_extra"]),
+    ("scalar section blamed on the override", "src/columnformer/config.py",
+     'else "the config file (or its preset)")', 'else f"override {item!r}")',
+     ["tests/test_messages.py", "-k", "scalar"]),
 ]
 
 

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .distributed import DistributedError
     from .run import RunLockedError
-    from .tracking import MissingExtraError
+    from .extras import MissingExtraError
     from .train import TrainingDiverged
 
     parser = build_parser()

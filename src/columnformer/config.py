@@ -407,6 +407,7 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
     if not isinstance(raw, dict):
         raise ConfigError("a config file must hold a mapping of sections (model, data, optim, train)")
     _normalise_task(raw)
+    set_by: dict[str, str] = {}  # dotted key -> the override that set it (to blame the right source)
     for item in overrides:
         path, value = parse_override(item)
         if path == ["task"] and isinstance(value, str) and isinstance(raw.get("task"), dict):
@@ -414,11 +415,18 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
             continue
         _normalise_task(raw)
         node = raw
-        for p in path[:-1]:
+        for depth, p in enumerate(path[:-1], start=1):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+                prefix = ".".join(path[:depth])
+                source = (f"the override {set_by[prefix]!r}" if prefix in set_by
+                          else "the config file (or its preset)")
+                raise ConfigError(
+                    f"{source} sets {prefix!r} to {node!r}, but {prefix!r} is a section of settings, so "
+                    f"{item!r} cannot set a key inside it; make {prefix!r} a mapping of keys to values"
+                )
         node[path[-1]] = value
+        set_by[".".join(path)] = item
     _normalise_task(raw)
     preset = raw.get("preset")
     if preset is not None:

@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .extras import MissingExtraError
+
 EXTRA_HINT = "pip install 'columnformer[tracking]'"
 
 
-class MissingExtraError(ValueError):
-    """An optional feature was asked for but its package is not installed (the message names the extra)."""
 
 
 def check_available(names: list[str] | tuple[str, ...]) -> None:

@@ -106,9 +106,11 @@ class Trainer:
         self.device = resolve_device(tc.device) if dist is None else dist.device
         seed_everything(tc.seed)
         self.task = build_task(cfg.task, cfg.model)
+        self.model = self.task.build_model()  # before the data: a geometry/input mismatch fails before a slow load
         self.data_sets = build_datasets(cfg.data, cfg.model, seed=tc.seed)  # labelled images
         self.sets = {split: self.task.dataset(ds, split, seed=tc.seed) for split, ds in self.data_sets.items()}
-        self.model = self.task.build_model()
+        for msg in self.task.data_warnings(self.data_sets) if self.is_main else ():
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
         self.init_report = None
         if cfg.init_from is not None and not resume:  # fine-tuning: weights only, the optimiser starts afresh
             self.init_report = load_pretrained(self.model, cfg.init_from)

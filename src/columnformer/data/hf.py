@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..extras import require
 from .images import DataError, build_split_datasets, check_labels, resolve_splits
 from .transforms import build_transforms
 
@@ -31,13 +32,7 @@ LABEL_NAMES = ("label", "labels", "fine_label", "class", "cls", "target")
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            "data.name=hf needs the Hugging Face datasets package: pip install 'columnformer[hf]'"
-        ) from None
-    return datasets
+    return require("datasets", "data.name=hf (Hugging Face datasets)", "hf")
 
 
 def _looks_local(path: str) -> bool:

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..extras import require
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -29,11 +31,7 @@ class BadImageError(ValueError):
 
 
 def _pil():
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is installed with the hf extra
-        raise ImportError("image datasets need Pillow: pip install 'columnformer[hf]'") from None
-    return Image
+    return require("PIL.Image", "image files (data.name=folder or hf)", "hf")
 
 
 def decode_image(raw: Any, mode: str, draft_size: tuple[int, int] | None = None):

@@ -3,6 +3,7 @@
 A :class:`Task` owns everything that differs between objectives:
 
     dataset(ds, split, seed)  the batches: wraps a labelled image dataset, yields a tuple of tensors
+    data_warnings(sets)       problems with the data that make a result meaningless (printed, not fatal)
     build_model()             the backbone (patch embedding + sheet) with the head this task needs
     forward(model, batch)     -> (outputs (B, ...), Trace)
     loss(outputs, batch, reduction, train)   "mean" over the batch, or "sum" over its samples
@@ -48,6 +49,10 @@ class Task:
     def dataset(self, ds, split: str, seed: int = 0):
         """This task's view of a labelled image dataset (default: unchanged, (image, label) pairs)."""
         return ds
+
+    def data_warnings(self, sets) -> list[str]:
+        """Problems with the data that do not stop training but make its result meaningless (default: none)."""
+        return []
 
     # ---- model
     def build_model(self) -> nn.Module:

@@ -39,9 +39,21 @@ class ClassifyTask(Task):
     def metrics(self, sums, n):
         return {"acc": sums["correct"] / n}
 
+    def data_warnings(self, sets):
+        """One class in the training split: every prediction is that class, accuracy trivially 100 %."""
+        present = sorted({int(c) for c in sets["train"].labels.unique()})
+        if len(present) >= 2:
+            return []
+        names = getattr(sets["train"], "classes", None) or []
+        which = ", ".join(repr(names[c]) if c < len(names) else str(c) for c in present) or "none"
+        return [
+            f"the training split holds a single class ({which}): a classifier learns nothing and its accuracy "
+            "is trivially 100 %; check data.path (one sub-folder per class) or data.label_column"
+        ]
+
     def baseline(self, sets):
         """Multinomial logistic regression on flattened pixels (small in-memory sets only)."""
-        if not all(hasattr(sets[s], "images") for s in ("train", "test")):
+        if not all(hasattr(sets[s], "images") for s in ("train", "test")) or len(sets["train"].labels.unique()) < 2:
             return None
         clf = pixel_logistic_regression(sets["train"])
         return {"logreg_test_acc": float(clf.score(sets["test"].images.flatten(1).numpy(), sets["test"].labels.numpy()))}
