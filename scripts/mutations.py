@@ -74,6 +74,17 @@ MUTATIONS = [
     ("scalar section blamed on the override", "src/columnformer/config.py",
      'else "the config file (or its preset)")', 'else f"override {item!r}")',
      ["tests/test_messages.py", "-k", "scalar"]),
+    ("carved val split overlaps the carved test split", "src/columnformer/data/images.py",
+     '"val": np.sort(order[n_test : n_test + n_val])', '"val": np.sort(order[:n_val])',
+     ["tests/test_data.py", "-k", "disjoint"]),
+    ("data.augment=false ignored for image files", "src/columnformer/data/transforms.py",
+     "    if not data_cfg.augment:\n        return ev, ev\n", "", ["tests/test_data.py", "-k", "augment_false"]),
+    ("crop scale range ignored (area up to the whole image)", "src/columnformer/data/transforms.py",
+     "target = area * rng.uniform(scale[0], scale[1])", "target = area * rng.uniform(scale[0], 1.0)",
+     ["tests/test_data.py", "-k", "crop_box"]),
+    ("analyze --radius ignored", "src/columnformer/analysis/analyze.py",
+     "    loc = locality_index(A, dist, opts.radius, mask_arg)", "    loc = locality_index(A, dist, 1.5, mask_arg)",
+     ["tests/test_analysis_e2e.py", "-k", "radius"]),
 ]
 
 

@@ -118,3 +118,18 @@ def test_cli_analyze_and_compare(tmp_path_factory, capsys):
     assert main(["compare", str(a), str(b), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[1]["conn"] == "local" and rows[0]["weights"] == "untied"
+
+
+def test_cli_radius_option_takes_effect(tmp_path_factory):
+    """`analyze --radius` reaches the locality index: a wider radius holds at least as much mass, and more here."""
+    from columnformer.cli import main
+
+    run = tiny_run(tmp_path_factory, "grid")
+    loc = {}
+    for r in (1.0, 2.5):
+        assert main(["analyze", str(run), "--radius", str(r), "--max-batches", "1", "--shuffles", "2",
+                     "--no-figures", "--no-init"]) == 0
+        conn = json.loads((run / "analysis.json").read_text())["trained"]["connectivity"]
+        assert conn["locality"]["radius"] == r
+        loc[r] = conn["locality"]["mean"]
+    assert 0 < loc[1.0] < loc[2.5] < 1  # a 4x4 grid: radius 1 holds 5 columns, 2.5 holds up to 21

@@ -78,6 +78,16 @@ def test_random_resized_crop_box_in_bounds_and_scale():
         assert 0 <= l < r <= 40 and 0 <= t < b <= 30
         area = (r - l) * (b - t) / (40 * 30)
         assert 0.2 <= area <= 1.0  # rounding aside, the area fraction is in range (or the centre fallback)
+    # on a large image rounding is negligible: every area fraction lies in the scale range, and spans it
+    areas = []
+    for _ in range(300):
+        l, t, r, b = random_resized_crop_box(1000, 800, (0.3, 0.6), (3 / 4, 4 / 3), rng)
+        areas.append((r - l) * (b - t) / (1000 * 800))
+    assert 0.3 - 5e-3 <= min(areas) < 0.33 and 0.57 < max(areas) <= 0.6 + 5e-3
+    from columnformer.data.transforms import build_transforms
+
+    c = cfg("data.name=folder", "data.path=.", "data.crop_scale=[0.3,0.6]")
+    assert build_transforms(c.data, c.model)[0].scale == (0.3, 0.6)  # the configured range reaches the transform
 
 
 def test_transforms_shapes_determinism_and_normalisation():
@@ -159,7 +169,9 @@ def test_hf_save_to_disk(hf_disk):
     assert sets["train"].classes == CLASSES
     x, y = sets["train"][0]
     assert x.shape == (3, 16, 16) and y.dtype == torch.long
-    assert torch.equal(sets["test"][1][0], sets["test"][1][0])
+    sets["test"].set_epoch(3)
+    again = build_datasets(c.data, c.model, seed=1)["test"][1][0]  # eval transform: no epoch, no seed in it
+    assert torch.equal(sets["test"][1][0], again)
     assert sets["test"].labels.tolist() == [i % 3 for i in range(6)]
     pickle.loads(pickle.dumps(sets["train"]))
 
@@ -174,7 +186,9 @@ def test_hf_parquet_and_explicit_splits(tmp_path):
             "data.label_column=fine_label", "data.augment=false")
     sets = build_datasets(c.data, c.model, seed=0)
     assert (len(sets["train"]), len(sets["val"]), len(sets["test"])) == (12, 6, 6)
-    assert torch.equal(sets["train"][2][0], sets["train"][2][0])  # augment=false: eval transform
+    first = sets["train"][2][0]
+    sets["train"].set_epoch(1)
+    assert torch.equal(sets["train"][2][0], first)  # augment=false: the eval transform, the same every epoch
     single = cfg("data.name=hf", f"data.path={folder / 'train-00000-of-00001.parquet'}", "data.label_column=fine_label")
     s2 = build_datasets(single.data, single.model, seed=0)  # one file: val and test carved out of it
     assert len(s2["train"]) + len(s2["val"]) + len(s2["test"]) == 12
@@ -286,3 +300,54 @@ def test_normalisation_channels_must_match(folder):
     grey = cfg("data.name=folder", f"data.path={folder}", "model.in_chans=1")
     x, _ = build_datasets(grey.data, grey.model)["train"][0]
     assert x.shape == (1, 16, 16)
+
+
+# ------------------------------------------------------------------ splits and options take effect
+def _image_keys(ds) -> list[bytes]:
+    """One key per sample: its (deterministic, augment=false) image tensor's bytes."""
+    return [ds[i][0].numpy().tobytes() for i in range(len(ds))]
+
+
+def _assert_disjoint(sets, total: int | None = None):
+    keys = {role: _image_keys(ds) for role, ds in sets.items()}
+    for role, k in keys.items():
+        assert len(set(k)) == len(k), f"{role} holds a sample twice"
+    roles = ("train", "val", "test")
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            if sets[a] is not sets[b] and sets[a].split != sets[b].split:  # a split reused for two roles is allowed
+                assert not set(keys[a]) & set(keys[b]), f"{a} and {b} share images"
+    if total is not None:
+        assert len(set().union(*keys.values())) == total
+
+
+def test_folder_splits_are_disjoint(folder):
+    sets = build_datasets(*_cfg_parts(cfg("data.name=folder", f"data.path={folder}", "data.augment=false")), seed=0)
+    _assert_disjoint(sets)
+    assert len(sets["train"]) + len(sets["val"]) == 18  # the 18 training-folder images, carved into train + val
+
+
+def test_hf_splits_are_disjoint(hf_disk, tmp_path):
+    sets = build_datasets(*_cfg_parts(cfg("data.name=hf", f"data.path={hf_disk}", "data.augment=false")), seed=0)
+    _assert_disjoint(sets, total=18)  # 12 train (carved into train + val) + 6 test
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    _hf_dict(n_train=20)["train"].to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    for split_seed in (0, 1):  # one file: val and test both carved out of it
+        c = cfg("data.name=hf", f"data.path={folder}", "data.augment=false", f"data.split_seed={split_seed}")
+        _assert_disjoint(build_datasets(*_cfg_parts(c), seed=0), total=20)
+
+
+def test_augment_false_gives_identical_batches_across_epochs(folder):
+    for augment, same in (("false", True), ("true", False)):
+        train = build_datasets(*_cfg_parts(cfg("data.name=folder", f"data.path={folder}", f"data.augment={augment}")),
+                               seed=0)["train"]
+        train.set_epoch(0)
+        first = torch.stack([train[i][0] for i in range(len(train))])
+        train.set_epoch(1)
+        second = torch.stack([train[i][0] for i in range(len(train))])
+        assert torch.equal(first, second) == same, f"augment={augment}"
+
+
+def _cfg_parts(c):
+    return c.data, c.model

@@ -67,7 +67,12 @@ def test_cli_end_to_end(tmp_path, capsys):
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert {"git_commit", "git_dirty", "packages", "hardware", "command", "config_schema_version",
             "checkpoint_schema_version"} <= prov.keys()
-    assert prov["packages"]["torch"] == torch.__version__.split("+")[0] or prov["packages"]["torch"]
+    from importlib import metadata
+
+    assert prov["packages"]["torch"] == metadata.version("torch") and prov["packages"]["numpy"] == metadata.version("numpy")
+    assert prov["command"][1:] == sys.argv[1:] and prov["hardware"]["cpu_count"] == os.cpu_count()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(load_run.__code__.co_filename).parent, capture_output=True, text=True)
+    assert prov["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
 
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--split", "test"]) == 0
