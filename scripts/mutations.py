@@ -85,6 +85,14 @@ MUTATIONS = [
     ("analyze --radius ignored", "src/columnformer/analysis/analyze.py",
      "    loc = locality_index(A, dist, opts.radius, mask_arg)", "    loc = locality_index(A, dist, 1.5, mask_arg)",
      ["tests/test_analysis_e2e.py", "-k", "radius"]),
+    ("sdm capacity computed with r = 2.0**n in floats", "src/columnformer/sdm/theory.py",
+     "    log_r = log_neuron_count(n, r)\n    z = z_for_whole_pattern(n, prob_whole_pattern)",
+     "    log_r = math.log(2.0**n if r is None else r)\n    z = z_for_whole_pattern(n, prob_whole_pattern)",
+     ["tests/test_sdm_fuzz.py"]),
+    ("sdm --r accepts nan and inf", "src/columnformer/sdm/cli.py",
+     "    if not (math.isfinite(value) and value > 0):\n        raise argparse.ArgumentTypeError(f\"must be a finite",
+     "    if not (value > 0 or value != value):\n        raise argparse.ArgumentTypeError(f\"must be a finite",
+     ["tests/test_sdm_fuzz.py"]),
 ]
 
 

@@ -16,7 +16,7 @@ def test_beta_command(capsys):
 
 def test_bad_input_is_a_clear_error(capsys):
     assert main(["beta", "--n", "64", "--d", "70"]) == 2
-    assert "0 <= d <= n" in capsys.readouterr().err
+    assert "--d must be a Hamming radius in [2, --n = 64], got 70" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["beta", "--n", "64", "--d", "5", "--r", "lots"])
 

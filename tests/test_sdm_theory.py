@@ -125,5 +125,5 @@ def test_bad_inputs_raise_clear_errors():
         theory.fit_beta(64, 1)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         theory.fraction_to_hamming_radius(0.0, 64)
-    with pytest.raises(ValueError, match="r must be > 0"):
+    with pytest.raises(ValueError, match="r must be a finite number > 0"):
         theory.expected_intersection(64, 5, [0], r=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -10,21 +11,92 @@ from typing import Callable
 from . import theory
 
 
+# Valid ranges of the options (argparse names the option in its message: "argument --n: must be ...").
+N_MAX = 20_000  # beta: exact big-integer binomials, log-space arithmetic; seconds up to here
+OPTIMAL_D_N_MAX = 10_000  # optimal-d searches every radius for the critical distance: ~4 min at n = 10,000, r = 2^n
+RECALL_N_MAX = 10_000  # recall stores (m, n) patterns and (r, n) neurons in memory
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_in(lo: float, hi: float, lo_open: bool, hi_open: bool) -> Callable[[str], float]:
+    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a number in {span}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _parse_r(text: str | None) -> float | None:
-    """'all' / None -> r = 2^n; otherwise a float like 1e6."""
+    """'all' / None -> r = 2^n; otherwise a finite number > 0 like 1e6."""
     if text is None or text.lower() in ("all", "2^n"):
         return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--r must be a number like 1e6 or 'all', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"--r must be > 0, got {text!r}")
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 like 1e6, or 'all' (r = 2^n), got {text!r}")
     return value
 
 
+def _bad(option: str, valid: str, got) -> ValueError:
+    return ValueError(f"{option} must be {valid}, got {got}")
+
+
+def _fmt_log10(log10_value: float) -> str:
+    """A positive number given by its log10, printed finite however large (1.234e+05 or 10^3009.1)."""
+    if log10_value == -math.inf:
+        return "0 (nothing storable)"
+    return f"{10 ** log10_value:.3e}" if abs(log10_value) < 300 else f"10^{log10_value:.1f}"
+
+
+def _beta_or_na(n: int, d: int) -> str:
+    return f"{theory.fit_beta(n, max(d, 2)):.2f}" if n >= 2 else "n/a"
+
+
+def _progress(label: str, n: int):
+    """A tqdm progress callback ``(done, total)`` on stderr for long searches (large n), else None."""
+    if n < 1000:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, unit="radius", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
 def _beta(args: argparse.Namespace) -> int:
-    theory.check_n_d(args.n, args.d)
+    if args.d > args.n:
+        raise _bad("--d", f"a Hamming radius in [2, --n = {args.n}]", args.d)
+    if args.continuous and args.n < 3:
+        raise _bad("--n", "at least 3 with --continuous (hypersphere caps)", args.n)
     cov = theory.fit_beta(args.n, args.d, args.r, convention="covariance")
     lsq = theory.fit_beta(args.n, args.d, args.r, convention="least_squares")
     print(f"n={args.n} d={args.d} r={'2^n' if args.r is None else f'{args.r:g}'} "
@@ -38,19 +110,23 @@ def _beta(args: argparse.Namespace) -> int:
 
 
 def _optimal_d(args: argparse.Namespace) -> int:
-    theory.check_n_d(args.n, 0)
-    r = float(2.0**args.n) if args.r is None else args.r
-    p_snr = theory.snr_optimal_probability(args.m, r)
-    d_snr = theory.snr_optimal_radius(args.n, args.m, args.r)
-    d_cap, cap = theory.capacity_optimal_radius(args.n, args.r, args.prob_whole_pattern)
-    d_crit, crit = theory.critical_distance_optimal_radius(args.n, args.m, args.r)
-    print(f"n={args.n} m={args.m} r={r:.4g}")
-    print(f"SNR-optimal:        p*=(2mr)^(-1/3)={p_snr:.3e} -> d={d_snr} (beta {theory.fit_beta(args.n, max(d_snr, 2)):.2f})")
-    print(f"capacity-optimal:   d={d_cap} (capacity {cap:.3e} patterns, beta {theory.fit_beta(args.n, max(d_cap, 2)):.2f})")
-    print(f"critical-distance:  d={d_crit} (critical distance {crit} bits, beta {theory.fit_beta(args.n, max(d_crit, 2)):.2f})")
-    for d in args.d or []:
-        print(f"d={d}: critical distance {theory.critical_distance(args.n, d, args.m, args.r)}, "
-              f"P(>=1 neuron within d) = {theory.prob_neuron_within(args.n, d, r):.4g}")
+    n, m = args.n, args.m
+    for d in args.d or []:  # every check before any output
+        if d > n:
+            raise _bad("--d", f"Hamming radii in [0, --n = {n}]", d)
+    log_r = theory.log_neuron_count(n, args.r)
+    log10_p_snr = theory.log_snr_optimal_probability(m, log_r) / math.log(10.0)
+    d_snr = theory.snr_optimal_radius(n, m, args.r)
+    d_cap, log10_cap = theory.capacity_optimal_radius(n, args.r, args.prob_whole_pattern, log10=True)
+    d_crit, crit = theory.critical_distance_optimal_radius(n, m, args.r, progress=_progress("critical distance", n))
+    rows = [(d, theory.critical_distance(n, d, m, args.r), theory.prob_neuron_within(n, d, args.r))
+            for d in args.d or []]
+    print(f"n={n} m={m} r={'2^' + str(n) if args.r is None else f'{args.r:.4g}'}")
+    print(f"SNR-optimal:        p*=(2mr)^(-1/3)={_fmt_log10(log10_p_snr)} -> d={d_snr} (beta {_beta_or_na(n, d_snr)})")
+    print(f"capacity-optimal:   d={d_cap} (capacity {_fmt_log10(log10_cap)} patterns, beta {_beta_or_na(n, d_cap)})")
+    print(f"critical-distance:  d={d_crit} (critical distance {max(crit, 0)} bits, beta {_beta_or_na(n, d_crit)})")
+    for d, cd, prob in rows:
+        print(f"d={d}: critical distance {cd}, P(>=1 neuron within d) = {prob:.4g}")
     return 0
 
 
@@ -63,13 +139,32 @@ def _recall(args: argparse.Namespace) -> int:
     patterns = None
     n, m = args.n, args.m
     if args.patterns:
-        patterns = torch.as_tensor(np.load(args.patterns)).float()
-        if patterns.ndim != 2:
-            raise SystemExit(f"--patterns must hold a 2-D array (m, n), got shape {tuple(patterns.shape)}")
+        if not Path(args.patterns).is_file():
+            raise _bad("--patterns", "an existing .npy file", repr(args.patterns))
+        array = np.load(args.patterns, allow_pickle=False)
+        if array.ndim != 2 or array.shape[0] < 1 or not 2 <= array.shape[1] <= RECALL_N_MAX:
+            raise _bad("--patterns", f"a 2-D array (m >= 1, n in [2, {RECALL_N_MAX}])", f"shape {array.shape}")
+        if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
+            raise _bad("--patterns", "an array of finite numbers", f"dtype {array.dtype} with non-finite or non-numeric values")
+        patterns = torch.as_tensor(array).float()
         m, n = patterns.shape
+    # every check before any work (the simulations take minutes)
+    if args.max_perturbation > n:
+        raise _bad("--max-perturbation", f"a number of bits in [0, n = {n}]", args.max_perturbation)
+    for p in args.p:
+        d = theory.fraction_to_hamming_radius(p, n)
+        if d < 2:
+            p_min = theory.hamming_radius_to_fraction(2, n)
+            raise _bad("--p", f"activation probabilities that give a Hamming radius >= 2 at n = {n} (the SDM-fitted "
+                              f"beta is fitted over radii 0..d-1), i.e. >= {p_min:.3g}; or use a larger --n",
+                       f"{p:g} (radius {d})")
+    algorithms = tuple(args.algorithms or ALGORITHMS)
+    if "neuron_sdm" in algorithms and args.neurons * n > 2 * 10**8:
+        raise _bad("--neurons", f"at most {2 * 10**8 // n:,} at n = {n} (neuron_sdm holds r x n addresses in memory)",
+                   args.neurons)
     config = RecallConfig(
         n=n, m=m, num_queries=min(args.queries, m), perturbations=tuple(range(args.max_perturbation + 1)),
-        probabilities=tuple(args.p), algorithms=tuple(args.algorithms or ALGORITHMS),
+        probabilities=tuple(args.p), algorithms=algorithms,
         neurons=args.neurons, continuous=args.continuous, seed=args.seed,
     )
     result = run_recall(config, patterns, progress=lambda msg: print(msg, file=sys.stderr))
@@ -103,8 +198,8 @@ def _effective_beta(args: argparse.Namespace) -> int:
     else:
         print("error: give a RUN_DIR or --pretrained minilm", file=sys.stderr)
         return 2
-    head_dim = args.n or results[0].head_dim
-    m = args.m or n_keys or 64
+    head_dim = args.n if args.n is not None else results[0].head_dim
+    m = args.m if args.m is not None else (n_keys or 64)
     paths = eb.save_report(results, Path(args.out), head_dim, m, title)
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -117,7 +212,7 @@ def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except ValueError as exc:
+        except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
@@ -129,34 +224,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sdm = subparsers.add_parser("sdm", help="Sparse Distributed Memory theory and experiments")
     sub = sdm.add_subparsers(dest="sdm_command", required=True)
 
+    from .recall import ALGORITHMS
+
+    r_help = "number of neurons: a finite number > 0, or 'all' (default: r = 2^n, one per address)"
     p = sub.add_parser("beta", help="beta of exp(beta*cos) fitted to the SDM circle intersection")
-    p.add_argument("--n", type=int, default=64, help="dimension (default 64)")
-    p.add_argument("--d", type=int, required=True, help="Hamming radius")
-    p.add_argument("--r", type=_parse_r, default=None, help="number of neurons (default: all 2^n)")
-    p.add_argument("--continuous", action="store_true", help="also fit the continuous cap intersection")
+    p.add_argument("--n", type=_int_in(2, N_MAX), default=64, help=f"dimension, 2..{N_MAX} (default 64)")
+    p.add_argument("--d", type=_int_in(2, N_MAX), required=True, help="Hamming radius, 2..n")
+    p.add_argument("--r", type=_parse_r, default=None, help=r_help)
+    p.add_argument("--continuous", action="store_true", help="also fit the continuous cap intersection (n >= 3)")
     p.set_defaults(func=_friendly(_beta))
 
     p = sub.add_parser("optimal-d", help="SNR-, capacity- and critical-distance-optimal Hamming radii")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--m", type=int, default=1024, help="stored patterns")
-    p.add_argument("--r", type=_parse_r, default=None, help="number of neurons (default: all 2^n)")
-    p.add_argument("--prob-whole-pattern", type=float, default=0.5,
-                   help="target probability of recalling all n bits (capacity criterion)")
-    p.add_argument("--d", type=int, nargs="*", help="also report critical distance for these radii")
+    p.add_argument("--n", type=_int_in(2, OPTIMAL_D_N_MAX), default=64, help=f"dimension, 2..{OPTIMAL_D_N_MAX} (default 64)")
+    p.add_argument("--m", type=_int_in(1, 10**15), default=1024, help="stored patterns, >= 1 (default 1024)")
+    p.add_argument("--r", type=_parse_r, default=None, help=r_help)
+    p.add_argument("--prob-whole-pattern", type=_float_in(0, 1, True, True), default=0.5,
+                   help="target probability of recalling all n bits (capacity criterion), in (0, 1)")
+    p.add_argument("--d", type=_int_in(0, N_MAX), nargs="*", help="also report critical distance for these radii (0..n)")
     p.set_defaults(func=_friendly(_optimal_d))
 
     p = sub.add_parser("recall", help="recall vs perturbation table + figure for all memories")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--m", type=int, default=1024)
+    p.add_argument("--n", type=_int_in(2, RECALL_N_MAX), default=64, help=f"dimension, 2..{RECALL_N_MAX} (default 64)")
+    p.add_argument("--m", type=_int_in(1, 10**6), default=1024, help="stored patterns, 1..10^6 (default 1024)")
     p.add_argument("--patterns", help=".npy array (m, n) of patterns instead of random ones")
-    p.add_argument("--queries", type=int, default=256, help="stored patterns used as queries")
-    p.add_argument("--max-perturbation", type=int, default=12, help="bits flipped: 0..this")
-    p.add_argument("--p", type=float, nargs="+", default=[1e-13, 1e-11, 1e-9, 1e-7, 1e-5, 1e-3, 1e-2, 1e-1],
-                   help="activation probabilities defining the Hamming radii")
-    p.add_argument("--algorithms", nargs="+", help="subset of algorithms (default: all)")
-    p.add_argument("--neurons", type=int, default=100_000, help="r for neuron-based / finite SDM")
+    p.add_argument("--queries", type=_int_in(1, 10**6), default=256, help="stored patterns used as queries (>= 1)")
+    p.add_argument("--max-perturbation", type=_int_in(0, RECALL_N_MAX), default=12, help="bits flipped: 0..this (<= n)")
+    p.add_argument("--p", type=_float_in(0, 1, True, False), nargs="+",
+                   default=[1e-13, 1e-11, 1e-9, 1e-7, 1e-5, 1e-3, 1e-2, 1e-1],
+                   help="activation probabilities in (0, 1] defining the Hamming radii (each must give a radius >= 2)")
+    p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, metavar="ALGORITHM",
+                   help=f"subset of algorithms (default: all): {', '.join(ALGORITHMS)}")
+    p.add_argument("--neurons", type=_int_in(1, 10**8), default=100_000, help="r for neuron-based / finite SDM, >= 1")
     p.add_argument("--continuous", action="store_true", help="unit-vector data, perturbed to cosine 1-2k/n")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     p.add_argument("--out", default="sdm_recall", help="output directory")
     p.set_defaults(func=_friendly(_recall))
 
@@ -164,9 +264,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", nargs="?", help="trained Columnformer run directory")
     p.add_argument("--pretrained", choices=["minilm"], help="use all-MiniLM-L6-v2 (extra [sdm-pretrained])")
     p.add_argument("--split", default="test")
-    p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, help="dimension for the SDM references (default: head dim)")
-    p.add_argument("--m", type=int, help="patterns (keys) for the SDM references")
+    p.add_argument("--num-images", type=_int_in(1, 10**6), default=64)
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
+    p.add_argument("--n", type=_int_in(2, N_MAX), help="dimension for the SDM references, 2..20000 (default: head dim)")
+    p.add_argument("--m", type=_int_in(1, 10**15), help="patterns (keys) for the SDM references, >= 1")
     p.add_argument("--out", default="sdm_effective_beta", help="output directory")
     p.set_defaults(func=_friendly(_effective_beta))

@@ -57,6 +57,16 @@ class RecallConfig:
             raise ValueError(f"perturbations must be bit counts in [0, n={self.n}], got {self.perturbations}")
         if any(not 0 < p <= 1 for p in self.probabilities):
             raise ValueError(f"activation probabilities must be in (0, 1], got {self.probabilities}")
+        if not self.perturbations or not self.probabilities:
+            raise ValueError("need at least one perturbation and one activation probability")
+        if self.neurons < 1:
+            raise ValueError(f"need neurons >= 1, got neurons={self.neurons}")
+        small = [p for p in self.probabilities if theory.fraction_to_hamming_radius(p, self.n) < 2]
+        if small:
+            raise ValueError(
+                f"probabilities {small} give Hamming radii < 2 at n={self.n}; the SDM-fitted beta needs d >= 2: "
+                f"use probabilities >= {theory.hamming_radius_to_fraction(2, self.n):.3g}"
+            )
 
 
 @dataclass

@@ -45,13 +45,20 @@ def _check_dv(n: int, dv: int) -> None:
         raise ValueError(f"Hamming distance dv must be an integer in [0, n={n}], got {dv!r}")
 
 
+def _check_r(r: float | None) -> None:
+    if r is not None and not (math.isfinite(r) and r > 0):
+        raise ValueError(f"number of neurons r must be a finite number > 0 (or None for r = 2^n), got r={r!r}")
+
+
+def log_neuron_count(n: int, r: float | None) -> float:
+    """log r, with ``r=None`` meaning one neuron at every address (log 2^n: no overflow for large n)."""
+    _check_r(r)
+    return n * math.log(2.0) if r is None else math.log(r)
+
+
 def _log_neuron_fraction(n: int, r: float | None) -> float:
     """log(r / 2^n): the fraction of addresses that hold a neuron."""
-    if r is None:
-        return 0.0
-    if r <= 0:
-        raise ValueError(f"number of neurons r must be > 0 (or None for r = 2^n), got r={r!r}")
-    return math.log(r) - n * math.log(2.0)
+    return log_neuron_count(n, r) - n * math.log(2.0)
 
 
 # --------------------------------------------------------------------------- conversions
@@ -82,21 +89,42 @@ def ball_volume(n: int, d: int) -> int:
 
 
 def hamming_radius_to_fraction(d: int, n: int) -> float:
-    """Fraction p(d) of {0,1}^n inside a Hamming ball of radius ``d`` (activation prob.)."""
+    """Fraction p(d) of {0,1}^n inside a Hamming ball of radius ``d`` (activation prob.; may underflow
+    to 0 for large n: use :func:`log_ball_fractions` there)."""
     return math.exp(math.log(ball_volume(n, d)) - n * math.log(2.0))
+
+
+def log_ball_fractions(n: int) -> np.ndarray:
+    """log p(d) for every radius d = 0..n, from one running sum of exact binomials: (n + 1,)."""
+    check_n_d(n, 0)
+    out, total, comb = np.empty(n + 1), 0, 1
+    log_space = n * math.log(2.0)
+    for d in range(n + 1):
+        total += comb
+        out[d] = math.log(total) - log_space
+        comb = comb * (n - d) // (d + 1)  # C(n, d + 1)
+    return out
 
 
 def fraction_to_hamming_radius(p: float, n: int) -> int:
     """Smallest radius d with p(d) >= ``p`` (the binomial quantile, as in the original code)."""
-    check_n_d(n, 0)
     if not 0.0 < p <= 1.0:
         raise ValueError(f"space fraction p must be in (0, 1], got p={p!r}")
-    log_target = math.log(p) + n * math.log(2.0)
-    total = 0
+    return log_fraction_to_hamming_radius(math.log(p), n)
+
+
+def log_fraction_to_hamming_radius(log_p: float, n: int) -> int:
+    """:func:`fraction_to_hamming_radius` given log p (so p below the float range works)."""
+    check_n_d(n, 0)
+    if not (log_p <= 0.0):  # also rejects nan
+        raise ValueError(f"space fraction p must be in (0, 1], got log p={log_p!r}")
+    log_target = log_p + n * math.log(2.0)
+    total, comb = 0, 1
     for d in range(n + 1):
-        total += math.comb(n, d)
+        total += comb
         if math.log(total) >= log_target - 1e-12:
             return d
+        comb = comb * (n - d) // (d + 1)
     return n
 
 
@@ -301,16 +329,22 @@ def fit_beta(
 # --------------------------------------------------------------------------- optimal radii
 def snr_optimal_probability(m: int, r: float) -> float:
     """Signal-to-noise-optimal activation probability p* = (2 m r)^(-1/3) (Kanerva 1988)."""
-    if m < 1 or r <= 0:
-        raise ValueError(f"need m >= 1 patterns and r > 0 neurons, got m={m}, r={r}")
-    return float((2.0 * m * r) ** (-1.0 / 3.0))
+    if m < 1 or not (math.isfinite(r) and r > 0):
+        raise ValueError(f"need m >= 1 patterns and a finite r > 0 neurons, got m={m}, r={r}")
+    return math.exp(log_snr_optimal_probability(m, math.log(r)))
+
+
+def log_snr_optimal_probability(m: int, log_r: float) -> float:
+    """log p* = -(log 2 + log m + log r) / 3, for r beyond the float range (r = 2^n at large n)."""
+    if m < 1:
+        raise ValueError(f"need m >= 1 patterns, got m={m}")
+    return -(math.log(2.0) + math.log(m) + log_r) / 3.0
 
 
 def snr_optimal_radius(n: int, m: int, r: float | None = None) -> int:
     """Hamming radius whose activation probability first reaches p* (r=None: 2^n)."""
     check_n_d(n, 0)
-    rr = float(2.0**n) if r is None else float(r)
-    return fraction_to_hamming_radius(snr_optimal_probability(m, rr), n)
+    return log_fraction_to_hamming_radius(log_snr_optimal_probability(m, log_neuron_count(n, r)), n)
 
 
 def z_for_whole_pattern(n: int, prob_whole_pattern: float = 0.5) -> float:
@@ -332,22 +366,64 @@ def memory_capacity(p: float, r: float, z: float) -> float:
     return float((pr * pr / (z * z) - pr) / (p * pr + (p * pr) ** 2))
 
 
+def _log_capacity(log_p: float, log_r: float, z: float) -> tuple[int, float]:
+    """:func:`memory_capacity` in log space: ``(sign, log |capacity|)`` (no overflow for r = 2^n, large n)."""
+    a = log_p + log_r  # log p r
+    b = log_p + a  # log p^2 r
+    log_z2 = 2.0 * math.log(abs(z)) if z != 0 else -math.inf
+    log_den = float(np.logaddexp(b, 2.0 * b))
+    t1, t2 = 2.0 * a - log_z2, a  # (pr)^2 / z^2 and pr
+    if t1 == t2:
+        return 0, -math.inf
+    sign = 1 if t1 > t2 else -1
+    hi, lo = max(t1, t2), min(t1, t2)
+    return sign, hi + math.log1p(-math.exp(lo - hi)) - log_den
+
+
 def capacity_optimal_radius(
-    n: int, r: float | None = None, prob_whole_pattern: float = 0.5
+    n: int, r: float | None = None, prob_whole_pattern: float = 0.5, log10: bool = False
 ) -> tuple[int, float]:
-    """Integer radius maximising :func:`memory_capacity`; returns ``(d, capacity)``."""
-    check_n_d(n, 0)
-    rr = float(2.0**n) if r is None else float(r)
+    """Integer radius maximising :func:`memory_capacity`; returns ``(d, capacity)``.
+
+    Computed in log space, so any n and r work; ``log10=True`` returns log10 of the capacity instead
+    (a capacity beyond the float range is then still a finite number)."""
+    log_r = log_neuron_count(n, r)
     z = z_for_whole_pattern(n, prob_whole_pattern)
-    caps = [memory_capacity(hamming_radius_to_fraction(d, n), rr, z) for d in range(n + 1)]
-    best = int(np.argmax(caps))
-    return best, caps[best]
+    curve = [_log_capacity(lp, log_r, z) for lp in log_ball_fractions(n)]
+    best = max(range(n + 1), key=lambda d: (curve[d][0], curve[d][0] * curve[d][1], -d))
+    sign, mag = curve[best]
+    if log10:
+        return best, (mag / math.log(10.0) if sign > 0 else -math.inf)
+    return best, (sign * math.exp(mag) if sign else 0.0)
 
 
-def prob_neuron_within(n: int, d: int, r: float) -> float:
-    """Probability that at least one of ``r`` random neurons is within ``d`` of a query."""
-    p = hamming_radius_to_fraction(d, n)
-    return float(-math.expm1(r * math.log1p(-p))) if p < 1 else 1.0
+def prob_neuron_within(n: int, d: int, r: float | None) -> float:
+    """Probability that at least one of ``r`` random neurons is within ``d`` of a query (``None``: a neuron at
+    every address, so 1)."""
+    if r is None:
+        return 1.0
+    _check_r(r)
+    log_p = math.log(ball_volume(n, d)) - n * math.log(2.0)
+    if log_p >= 0:
+        return 1.0
+    return float(-math.expm1(r * math.log1p(-math.exp(log_p))))
+
+
+def _logaddexp(a: float, b: float) -> float:
+    """log(e^a + e^b) for Python floats (np.logaddexp without the array overhead)."""
+    hi, lo = (a, b) if a >= b else (b, a)
+    return hi if lo == -math.inf else hi + math.log1p(math.exp(lo - hi))
+
+
+def _read_error_from_log(n: int, m: int, log_signal: float, log_p: float, log_r: float) -> float:
+    """n Phi(-signal / noise) with noise^2 = signal + (m - 1)(p^2 r + (p^2 r)^2), all in log space."""
+    b = 2.0 * log_p + log_r  # log p^2 r
+    log_other = math.log(m - 1) + _logaddexp(b, 2.0 * b) if m > 1 else -math.inf
+    log_noise_var = _logaddexp(log_signal, log_other)
+    if log_noise_var == -math.inf:
+        return n / 2.0
+    snr = math.exp(min(log_signal - 0.5 * log_noise_var, 700.0))  # beyond e^700 no bit is wrong anyway
+    return n * 0.5 * math.erfc(snr / math.sqrt(2.0))  # n Phi(-snr)
 
 
 def read_error_distance(n: int, d: int, m: int, x: int, r: float | None = None) -> float:
@@ -357,39 +433,80 @@ def read_error_distance(n: int, d: int, m: int, x: int, r: float | None = None) 
     variance I(x) + (m - 1)(p^2 r + (p^2 r)^2) from the other random patterns; each
     bit is wrong with probability Phi(-signal / noise).
     """
-    rr = float(2.0**n) if r is None else float(r)
-    p = hamming_radius_to_fraction(d, n)
-    signal = float(np.exp(log_expected_intersection(n, d, [x], rr))[0])
-    noise_var = signal + (m - 1) * (p * p * rr + (p * p * rr) ** 2)
-    if noise_var <= 0:
-        return n / 2.0
-    return float(n * stats.norm.cdf(-signal / math.sqrt(noise_var)))
+    log_r = log_neuron_count(n, r)
+    log_p = math.log(ball_volume(n, d)) - n * math.log(2.0)
+    log_signal = float(log_expected_intersection(n, d, [x], r)[0])
+    return _read_error_from_log(n, m, log_signal, log_p, log_r)
+
+
+def _log_intersections(n: int, d: int, r: float | None, volume: int | None = None):
+    """Yield log expected intersection for dv = 0, 1, 2, ..., n (the lune form, one term per step).
+
+    The binomials of the lune, C(j-1, (j-1)/2) and C(n-j, d-(j-1)/2) for odd j, are updated by exact
+    integer recurrences rather than recomputed, so the whole sequence costs O(n) big-integer steps.
+    ``volume``: the ball volume if the caller has it (it is O(d) binomials to compute)."""
+    log_frac = _log_neuron_fraction(n, r)
+    volume = ball_volume(n, d) if volume is None else volume
+    lune = 0
+    yield math.log(volume) + log_frac
+    central, side = 1, math.comb(n - 1, d)  # C(0, 0), C(n-1, d): the j = 1 terms
+    for j in range(1, n + 1):
+        if j % 2 == 1:
+            half = (j - 1) // 2
+            if side:
+                lune += central * side
+            # next odd j + 2: C(j+1, half+1) and C(n-j-2, d-half-1)
+            central = central * j * (j + 1) // ((half + 1) * (half + 1))
+            top, k = n - j, d - half
+            side = side * k * (top - k) // (top * (top - 1)) if k >= 1 and top >= 2 else 0
+        count = volume - lune
+        yield math.log(count) + log_frac if count > 0 else -math.inf
 
 
 def critical_distance(n: int, d: int, m: int, r: float | None = None) -> int:
     """Largest starting distance x for which one read moves the query closer (x' < x).
 
     Kanerva's critical distance: queries started further away diverge.  Returns 0 if
-    even a query 1 bit away is not pulled in.
+    even a query 1 bit away is not pulled in. Log space throughout (any n, any r).
     """
     check_n_d(n, d)
+    return _critical_distance(n, d, m, r, ball_volume(n, d))
+
+
+def _critical_distance(n: int, d: int, m: int, r: float | None, volume: int) -> int:
+    if m < 1:
+        raise ValueError(f"need m >= 1 stored patterns, got m={m}")
+    log_r = log_neuron_count(n, r)
+    log_p = math.log(volume) - n * math.log(2.0)
     best = 0
-    for x in range(1, n // 2 + 1):
-        if read_error_distance(n, d, m, x, r) < x:
+    intersections = _log_intersections(n, d, r, volume)
+    next(intersections)  # dv = 0
+    for x, log_signal in zip(range(1, n // 2 + 1), intersections):
+        if _read_error_from_log(n, m, log_signal, log_p, log_r) < x:
             best = x
         else:
             break
     return best
 
 
-def critical_distance_optimal_radius(n: int, m: int, r: float | None = None) -> tuple[int, int]:
+def critical_distance_optimal_radius(
+    n: int, m: int, r: float | None = None, progress=None
+) -> tuple[int, int]:
     """Radius d (1..n/2) maximising :func:`critical_distance`; returns ``(d, distance)``.
 
-    Ties go to the smallest radius."""
+    Ties go to the smallest radius. ``progress``: optional callable ``(done, total)`` for long searches."""
     check_n_d(n, 0)
     best = (1, -1)
-    for d in range(1, n // 2 + 1):
-        cd = critical_distance(n, d, m, r)
+    total = n // 2
+    volume, comb = 1, n  # ball volume of radius d, C(n, d + 1): updated as d grows
+    for d in range(1, total + 1):
+        volume += comb
+        comb = comb * (n - d) // (d + 1)
+        cd = _critical_distance(n, d, m, r, volume)
         if cd > best[1]:
             best = (d, cd)
+        if progress is not None:
+            progress(d, total)
+        if cd == total:  # the largest possible distance: no later radius can beat it (ties go to the smallest)
+            break
     return best
