@@ -386,11 +386,13 @@ def capacity_optimal_radius(
     """Integer radius maximising :func:`memory_capacity`; returns ``(d, capacity)``.
 
     Computed in log space, so any n and r work; ``log10=True`` returns log10 of the capacity instead
-    (a capacity beyond the float range is then still a finite number)."""
+    (a capacity beyond the float range is then still a finite number). For r = 2^n the curve has a plateau
+    flat to the last bit (n = 200: d = 9..15); equal values go to the smallest radius. The float formula
+    of earlier versions picked within such plateaus by rounding (n = 200: d = 13)."""
     log_r = log_neuron_count(n, r)
     z = z_for_whole_pattern(n, prob_whole_pattern)
     curve = [_log_capacity(lp, log_r, z) for lp in log_ball_fractions(n)]
-    best = max(range(n + 1), key=lambda d: (curve[d][0], curve[d][0] * curve[d][1], -d))
+    best = max(range(n + 1), key=lambda d: (curve[d][0], curve[d][0] * curve[d][1], -d))  # ties: smallest d
     sign, mag = curve[best]
     if log10:
         return best, (mag / math.log(10.0) if sign > 0 else -math.inf)
