@@ -50,7 +50,7 @@ MUTATIONS = [
      '    made = data.get("made_from")\n', '    return None\n    made = data.get("made_from")\n',
      ["tests/test_stale_analysis.py"]),
     ("block kernel: key gradients scattered to the wrong columns", "src/columnformer/block_sparse.py",
-     "dk.index_add_(1, keys, torch.bmm(", "dk.index_add_(1, keys.flip(0), torch.bmm(", ["tests/test_block_sparse.py"]),
+     "dk.index_add_(0, ch.keys, dkb.view(", "dk.index_add_(0, ch.keys.flip(0), dkb.view(", ["tests/test_block_sparse.py"]),
     ("block kernel: wiring gradient dropped", "src/columnformer/block_sparse.py",
      "index_add_(1, local, (gw * tiles.w_block[e0:e1])", "index_add_(1, local, 0 * (gw * tiles.w_block[e0:e1])",
      ["tests/test_block_sparse.py"]),
