@@ -422,8 +422,9 @@ def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...]
                 source = (f"the override {set_by[prefix]!r}" if prefix in set_by
                           else "the config file (or its preset)")
                 raise ConfigError(
-                    f"{source} sets {prefix!r} to {node!r}, but {prefix!r} is a section of settings, so "
-                    f"{item!r} cannot set a key inside it; make {prefix!r} a mapping of keys to values"
+                    f"{source} sets {prefix!r} to {node!r}, a value, so {item!r} cannot set a key inside it "
+                    f"({prefix!r} is not a section there); if {prefix!r} should hold settings, make it a mapping "
+                    "of keys to values"
                 )
         node[path[-1]] = value
         set_by[".".join(path)] = item
