@@ -15,6 +15,8 @@ class ClassifyConfig(TaskConfig):
 
     name: Literal["classify"] = "classify"
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training cross-entropy")
+    baseline: bool = Field(True, description="fit logistic regression on the training pixels as a reference "
+                                             "(summary.json baseline.logreg_test_acc); false skips it")
 
 
 class ClassifyTask(Task):
@@ -53,7 +55,9 @@ class ClassifyTask(Task):
 
     def baseline(self, sets):
         """Multinomial logistic regression on flattened pixels (small in-memory sets only)."""
-        if not all(hasattr(sets[s], "images") for s in ("train", "test")) or len(sets["train"].labels.unique()) < 2:
+        if not self.cfg.baseline or not all(hasattr(sets[s], "images") for s in ("train", "test")):
+            return None
+        if len(sets["train"].labels.unique()) < 2:
             return None
         clf = pixel_logistic_regression(sets["train"])
         return {"logreg_test_acc": float(clf.score(sets["test"].images.flatten(1).numpy(), sets["test"].labels.numpy()))}
