@@ -19,6 +19,7 @@ Conventions
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable, Literal, Sequence
 
@@ -178,25 +179,14 @@ def log_expected_intersection(
     """log of the expected number of the ``r`` neurons in the ball intersection, per ``dv``.
 
     Uses the lune form, accumulated over dv so all n + 1 distances cost O(n) big-integer
-    terms.  Entries are ``-inf`` where the balls do not intersect (dv > 2d).
+    steps (:func:`_log_intersections`).  Entries are ``-inf`` where the balls do not intersect (dv > 2d).
     """
     check_n_d(n, d)
     dv_list = [int(v) for v in dvs]
     for dv in dv_list:
         _check_dv(n, dv)
-    log_frac = _log_neuron_fraction(n, r)
-    volume = ball_volume(n, d)
-    counts = [volume]
-    lune = 0
-    for j in range(1, max(dv_list, default=0) + 1):
-        half = (j - 1) // 2
-        if j % 2 == 1 and d - half >= 0:
-            lune += math.comb(j - 1, half) * math.comb(n - j, d - half)
-        counts.append(volume - lune)
-    return np.asarray(
-        [math.log(counts[dv]) + log_frac if counts[dv] > 0 else -math.inf for dv in dv_list],
-        dtype=float,
-    )
+    logs = list(itertools.islice(_log_intersections(n, d, r), max(dv_list, default=0) + 1))
+    return np.asarray([logs[dv] for dv in dv_list], dtype=float)
 
 
 def expected_intersection(
