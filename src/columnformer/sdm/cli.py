@@ -70,10 +70,6 @@ def _fmt_log10(log10_value: float) -> str:
     return f"{10 ** log10_value:.3e}" if abs(log10_value) < 300 else f"10^{log10_value:.1f}"
 
 
-def _beta_or_na(n: int, d: int) -> str:
-    return f"{theory.fit_beta(n, max(d, 2)):.2f}" if n >= 2 else "n/a"
-
-
 def _progress(label: str, n: int):
     """A tqdm progress callback ``(done, total)`` on stderr for long searches (large n), else None."""
     if n < 1000:
@@ -122,9 +118,9 @@ def _optimal_d(args: argparse.Namespace) -> int:
     rows = [(d, theory.critical_distance(n, d, m, args.r), theory.prob_neuron_within(n, d, args.r))
             for d in args.d or []]
     print(f"n={n} m={m} r={'2^' + str(n) if args.r is None else f'{args.r:.4g}'}")
-    print(f"SNR-optimal:        p*=(2mr)^(-1/3)={_fmt_log10(log10_p_snr)} -> d={d_snr} (beta {_beta_or_na(n, d_snr)})")
-    print(f"capacity-optimal:   d={d_cap} (capacity {_fmt_log10(log10_cap)} patterns, beta {_beta_or_na(n, d_cap)})")
-    print(f"critical-distance:  d={d_crit} (critical distance {max(crit, 0)} bits, beta {_beta_or_na(n, d_crit)})")
+    print(f"SNR-optimal:        p*=(2mr)^(-1/3)={_fmt_log10(log10_p_snr)} -> d={d_snr} (beta {theory.fit_beta(n, max(d_snr, 2)):.2f})")
+    print(f"capacity-optimal:   d={d_cap} (capacity {_fmt_log10(log10_cap)} patterns, beta {theory.fit_beta(n, max(d_cap, 2)):.2f})")
+    print(f"critical-distance:  d={d_crit} (critical distance {max(crit, 0)} bits, beta {theory.fit_beta(n, max(d_crit, 2)):.2f})")
     for d, cd, prob in rows:
         print(f"d={d}: critical distance {cd}, P(>=1 neuron within d) = {prob:.4g}")
     return 0
