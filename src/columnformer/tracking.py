@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .extras import MissingExtraError
+from .extras import MissingExtraError, require
 
 EXTRA_HINT = "pip install 'columnformer[tracking]'"
 
@@ -60,11 +60,8 @@ def _scalars(record: dict) -> dict[str, float]:
 
 class TensorBoardTracker:
     def __init__(self, run_dir: Path, resume_step: int | None = None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise MissingExtraError(f"TensorBoard tracking needs the tensorboard package ({EXTRA_HINT}): {exc}") from None
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step or None)
+        tb = require("torch.utils.tensorboard", "TensorBoard tracking (train.tracking)", "tracking", "tensorboard")
+        self.writer = tb.SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step or None)
 
     def log(self, record: dict) -> None:
         kind, step = record.get("type", "metrics"), int(record.get("step", 0))
@@ -93,11 +90,7 @@ def _wandb_mode() -> str:
 
 class WandbTracker:
     def __init__(self, cfg, run_dir: Path, resume: bool = False):
-        try:
-            import wandb
-        except ImportError:
-            raise MissingExtraError(f"W&B tracking needs the wandb package ({EXTRA_HINT})") from None
-        self.wandb = wandb
+        self.wandb = wandb = require("wandb", "W&B tracking (train.tracking)", "tracking")
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if (resume and id_file.is_file()) else None
         mode = _wandb_mode()
