@@ -93,6 +93,13 @@ MUTATIONS = [
      "    if not (math.isfinite(value) and value > 0):\n        raise argparse.ArgumentTypeError(f\"must be a finite",
      "    if not (value > 0 or value != value):\n        raise argparse.ArgumentTypeError(f\"must be a finite",
      ["tests/test_sdm_fuzz.py"]),
+    ("arithmetic: operand pairs split by ordered pair", "src/columnformer/tasks/arithmetic.py",
+     "lo, hi = np.minimum(a, b).astype(np.uint64), np.maximum(a, b).astype(np.uint64)",
+     "lo, hi = a.astype(np.uint64), b.astype(np.uint64)", ["tests/test_arithmetic.py", "-k", "two_splits"]),
+    ("arithmetic: random_offset ignored", "src/columnformer/tasks/arithmetic.py",
+     "if offsets else np.zeros(size", "if False else np.zeros(size", ["tests/test_arithmetic.py", "-k", "offsets"]),
+    ("arithmetic: switch ignores its op token", "src/columnformer/tasks/arithmetic.py",
+     "[a + b, a - b], a * b)", "[a + b, a + b], a * b)", ["tests/test_arithmetic.py", "-k", "switch"]),
 ]
 
 
@@ -125,13 +132,15 @@ def run_tests(mutation: tuple[str, str, str] | None, tests: list[str]) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--only", default="", help="run only the mutations whose name contains this text")
     args = ap.parse_args()
+    selected = [m for m in MUTATIONS if args.only in m[0]]
     if args.list:
         for name, file, *_rest, tests in MUTATIONS:
             print(f"{name}: {file} -> {' '.join(tests)}")
         return 0
     # control: every selection passes on the unmutated copy (so a failure below is the mutation's doing)
-    selections = {tuple(t) for *_rest, t in MUTATIONS}
+    selections = {tuple(t) for *_rest, t in selected}
     for tests in sorted(selections):
         code = run_tests(None, list(tests))
         if code != 0:
@@ -140,12 +149,12 @@ def main() -> int:
     print(f"control: all {len(selections)} test selections pass on the unmutated tree\n")
     survived = 0
     print("| mutation | file | tests | result |\n|---|---|---|---|")
-    for name, file, old, new, tests in MUTATIONS:
+    for name, file, old, new, tests in selected:
         code = run_tests((file, old, new), tests)
         caught = code not in (0, 5)  # 5: no tests collected counts as not caught
         survived += not caught
         print(f"| {name} | `{file}` | `{' '.join(tests)}` | {'caught' if caught else '**SURVIVED**'} |", flush=True)
-    print(f"\n{len(MUTATIONS) - survived}/{len(MUTATIONS)} mutations caught")
+    print(f"\n{len(selected) - survived}/{len(selected)} mutations caught")
     return 1 if survived else 0
 
 

@@ -44,14 +44,13 @@ def _cmd_resume(args) -> int:
 def _cmd_eval(args) -> int:
     from torch.utils.data import DataLoader
 
-    from .data import build_datasets
     from .run import load_run
     from .tasks import build_task, evaluate
 
     run = load_run(args.run_dir, checkpoint=args.checkpoint)
     cfg = run.config
     task = build_task(cfg.task, cfg.model)
-    sets = build_datasets(cfg.data, cfg.model, seed=cfg.train.seed)
+    sets = task.datasets(cfg.data, cfg.model, seed=cfg.train.seed)
     if args.split not in sets:
         raise ValueError(f"split {args.split!r} not in this dataset; available: {', '.join(sets)}")
     loader = DataLoader(task.dataset(sets[args.split], args.split, seed=cfg.train.seed), batch_size=cfg.train.eval_batch_size)

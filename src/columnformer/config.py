@@ -20,10 +20,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .sheet import SheetConfig
-from .tasks import ClassifyConfig, MimConfig
+from .tasks import ArithmeticConfig, ClassifyConfig, MimConfig
 
-_TASK_CLASSES = {"classify": ClassifyConfig, "mim": MimConfig}
-TaskSection = Annotated[Union[ClassifyConfig, MimConfig], Field(discriminator="name")]
+_TASK_CLASSES = {
+    "classify": ClassifyConfig, "mim": MimConfig,
+    "addition": ArithmeticConfig, "multiplication": ArithmeticConfig, "switch": ArithmeticConfig,
+}
+TaskSection = Annotated[Union[ClassifyConfig, MimConfig, ArithmeticConfig], Field(discriminator="name")]
 
 CONFIG_SCHEMA_VERSION = 1
 
@@ -449,7 +452,7 @@ def _normalise_task(raw: dict) -> None:
     elif isinstance(task, dict):
         task.setdefault("name", "classify")
     elif task is not None and not isinstance(task, dict):
-        raise ConfigError(f"config key 'task' must be a task name (classify, mim) or a section, got {task!r}")
+        raise ConfigError(f"config key 'task' must be a task name ({', '.join(_TASK_CLASSES)}) or a section, got {task!r}")
     train = raw.get("train")
     if isinstance(train, dict) and "label_smoothing" in train:
         smoothing = train.pop("label_smoothing")

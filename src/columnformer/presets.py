@@ -117,18 +117,24 @@ def model_config(cfg):
     return cfg
 
 
-def build_backbone(cfg):
-    """The patch embedding and the sheet of a ModelConfig: ``(PatchEmbed, Columnformer)``."""
+def build_sheet(cfg):
+    """The :class:`Columnformer` sheet of a ModelConfig: geometry, connectivity, input and output areas."""
     from .sheet import Columnformer
-    from .vision import PatchEmbed
 
     cfg = model_config(cfg)
     geometry = cfg.geometry.build()
     connectivity = cfg.connectivity.build(geometry)
     if cfg.input_area == "retinotopic":  # every column gets the token of the patch its position maps to
-        sheet = Columnformer(cfg.sheet, geometry, connectivity, "all", cfg.output_area, cfg.retinotopic_tokens())
-    else:
-        sheet = Columnformer(cfg.sheet, geometry, connectivity, cfg.input_area, cfg.output_area)
+        return Columnformer(cfg.sheet, geometry, connectivity, "all", cfg.output_area, cfg.retinotopic_tokens())
+    return Columnformer(cfg.sheet, geometry, connectivity, cfg.input_area, cfg.output_area)
+
+
+def build_backbone(cfg):
+    """The patch embedding and the sheet of a ModelConfig: ``(PatchEmbed, Columnformer)``."""
+    from .vision import PatchEmbed
+
+    cfg = model_config(cfg)
+    sheet = build_sheet(cfg)
     embed = PatchEmbed(cfg.image_size, cfg.in_chans, cfg.patch, cfg.stride or cfg.patch, cfg.sheet.width)
     return embed, sheet
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
-from .data import EpochSampler, build_datasets
+from .data import EpochSampler
 from .presets import count_parameters
 from .run import MetricsLog, provenance, remove_run, run_lock, write_config, write_json
 from .runtime import autocast_context, resolve_device, seed_everything
@@ -107,7 +107,7 @@ class Trainer:
         seed_everything(tc.seed)
         self.task = build_task(cfg.task, cfg.model)
         self.model = self.task.build_model()  # before the data: a geometry/input mismatch fails before a slow load
-        self.data_sets = build_datasets(cfg.data, cfg.model, seed=tc.seed)  # labelled images
+        self.data_sets = self.task.datasets(cfg.data, cfg.model, seed=tc.seed)  # labelled images, or generated
         self.sets = {split: self.task.dataset(ds, split, seed=tc.seed) for split, ds in self.data_sets.items()}
         for msg in self.task.data_warnings(self.data_sets) if self.is_main else ():
             print(f"warning: {msg}", file=sys.stderr, flush=True)

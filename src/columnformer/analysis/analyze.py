@@ -155,13 +155,12 @@ def analyze_model(model, loader, num_classes: int, opts: AnalysisOptions, device
 
 def init_model(cfg):
     """The run's model at initialisation: same config and seed, same construction order as the trainer."""
-    from ..data import build_datasets
     from ..runtime import seed_everything
     from ..tasks import build_task
 
     seed_everything(cfg.train.seed)
     task = build_task(cfg.task, cfg.model)
-    build_datasets(cfg.data, cfg.model, seed=cfg.train.seed)  # the trainer builds the data first
+    task.datasets(cfg.data, cfg.model, seed=cfg.train.seed)  # the trainer builds the data first
     model = task.build_model()
     model.eval()
     return model
@@ -170,9 +169,9 @@ def init_model(cfg):
 def _loader(cfg, split: str, batch_size: int | None):
     from torch.utils.data import DataLoader
 
-    from ..data import build_datasets
+    from ..tasks import build_task
 
-    sets = build_datasets(cfg.data, cfg.model, seed=cfg.train.seed)
+    sets = build_task(cfg.task, cfg.model).datasets(cfg.data, cfg.model, seed=cfg.train.seed)
     if split not in sets:
         raise ValueError(f"split {split!r} not in this dataset; available: {', '.join(sets)}")
     return DataLoader(sets[split], batch_size=batch_size or cfg.train.eval_batch_size, shuffle=False)

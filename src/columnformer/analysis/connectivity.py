@@ -32,9 +32,10 @@ def mean_attention(model, loader, device="cpu", max_batches: int | None = None) 
     """
     model.eval()
     total, count = None, 0
-    for i, (images, _) in enumerate(loader):
+    for i, batch in enumerate(loader):  # the model's input first: (images, labels), (tokens, target, ...)
         if max_batches is not None and i >= max_batches:
             break
+        images = batch[0]
         _, trace = model(images.to(device), record=("attn",))
         maps = torch.stack([a.float().sum(dim=(0, 1)) for a in trace.attn])  # (T, N, N|K) summed over B, H
         total = maps.cpu().double() if total is None else total + maps.cpu().double()

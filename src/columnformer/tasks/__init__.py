@@ -2,6 +2,8 @@
 
     classify   supervised image classification (tasks/classify.py)
     mim        masked image modeling: reconstruct hidden patches (tasks/mim.py)
+    addition, multiplication, switch
+               algorithmic probes on digit strings, with length generalisation (tasks/arithmetic.py)
 
 ``build_task(task_cfg, model_cfg)`` makes the task of a config's ``task`` section;
 :func:`evaluate` scores a model on a loader for any task.
@@ -9,12 +11,16 @@
 
 from __future__ import annotations
 
+from .arithmetic import ArithmeticConfig, ArithmeticTask
 from .base import Task, TaskConfig, evaluate
 from .classify import ClassifyConfig, ClassifyTask
 from .mim import MimConfig, MimTask
 
-TASKS: dict[str, type[Task]] = {"classify": ClassifyTask, "mim": MimTask}
-TASK_CONFIGS = (ClassifyConfig, MimConfig)
+TASKS: dict[str, type[Task]] = {
+    "classify": ClassifyTask, "mim": MimTask,
+    "addition": ArithmeticTask, "multiplication": ArithmeticTask, "switch": ArithmeticTask,
+}
+TASK_CONFIGS = (ClassifyConfig, MimConfig, ArithmeticConfig)
 
 
 def build_task(task_cfg: TaskConfig, model_cfg) -> Task:
@@ -22,5 +28,5 @@ def build_task(task_cfg: TaskConfig, model_cfg) -> Task:
     return TASKS[task_cfg.name](task_cfg, model_cfg)
 
 
-__all__ = ["TASKS", "TASK_CONFIGS", "ClassifyConfig", "ClassifyTask", "MimConfig", "MimTask", "Task", "TaskConfig",
+__all__ = ["TASKS", "TASK_CONFIGS", "ArithmeticConfig", "ArithmeticTask", "ClassifyConfig", "ClassifyTask", "MimConfig", "MimTask", "Task", "TaskConfig",
            "build_task", "evaluate"]

@@ -2,7 +2,9 @@
 
 A :class:`Task` owns everything that differs between objectives:
 
-    dataset(ds, split, seed)  the batches: wraps a labelled image dataset, yields a tuple of tensors
+    datasets(data, model, seed) the splits {"train", "val", "test"}: labelled images by default (data.*),
+                              generated examples for the algorithmic tasks
+    dataset(ds, split, seed)  the batches: wraps one split, yields a tuple of tensors
     data_warnings(sets)       problems with the data that make a result meaningless (printed, not fatal)
     build_model()             the backbone (patch embedding + sheet) with the head this task needs
     forward(model, batch)     -> (outputs (B, ...), Trace)
@@ -28,7 +30,7 @@ from ..runtime import autocast_context
 
 
 class TaskConfig(BaseModel):
-    """Options of one task; ``name`` selects the task (``task: classify | mim``)."""
+    """Options of one task; ``name`` selects the task (``task: classify | mim | addition | multiplication | switch``)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,6 +48,12 @@ class Task:
         self.cfg, self.model_cfg = cfg, model_config(model_cfg)
 
     # ---- data
+    def datasets(self, data_cfg, model_cfg, seed: int = 0) -> dict:
+        """The splits this task trains and evaluates on (default: the labelled images of ``data``)."""
+        from ..data import build_datasets
+
+        return build_datasets(data_cfg, model_cfg, seed=seed)
+
     def dataset(self, ds, split: str, seed: int = 0):
         """This task's view of a labelled image dataset (default: unchanged, (image, label) pairs)."""
         return ds
