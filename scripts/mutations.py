@@ -100,6 +100,17 @@ MUTATIONS = [
      "if offsets else np.zeros(size", "if False else np.zeros(size", ["tests/test_arithmetic.py", "-k", "offsets"]),
     ("arithmetic: switch ignores its op token", "src/columnformer/tasks/arithmetic.py",
      "[a + b, a - b], a * b)", "[a + b, a + b], a * b)", ["tests/test_arithmetic.py", "-k", "switch"]),
+    ("halting: halted columns keep updating", "src/columnformer/sheet.py",
+     "x = torch.where(run.unsqueeze(-1), new, x)  # (N, B, C)", "x = new  # (N, B, C)",
+     ["tests/test_halting.py", "-k", "keep_their_state"]),
+    ("halting: ACT without the remainder", "src/columnformer/sheet.py",
+     "w = torch.where(halt_now, 1 - self.cum, torch.where(", "w = torch.where(halt_now, p, torch.where(",
+     ["tests/test_halting.py", "-k", "sum_to_one"]),
+    ("halting: PonderNet without the survival product", "src/columnformer/sheet.py",
+     "            p = lam * self.survive\n", "            p = lam\n", ["tests/test_halting.py", "-k", "formulas"]),
+    ("halting: ponder cost left out of the loss", "src/columnformer/train.py",
+     "reg = tc.wiring_lambda * wiring + trace.aux_loss", "reg = tc.wiring_lambda * wiring",
+     ["tests/test_halting.py", "-k", "trainer"]),
 ]
 
 

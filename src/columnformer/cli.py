@@ -41,6 +41,16 @@ def _cmd_resume(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _cmd_eval(args) -> int:
     from torch.utils.data import DataLoader
 
@@ -54,8 +64,11 @@ def _cmd_eval(args) -> int:
     if args.split not in sets:
         raise ValueError(f"split {args.split!r} not in this dataset; available: {', '.join(sets)}")
     loader = DataLoader(task.dataset(sets[args.split], args.split, seed=cfg.train.seed), batch_size=cfg.train.eval_batch_size)
-    result = evaluate(task, run.model, loader, "cpu")
-    result = {"run": str(run.path), "checkpoint": run.checkpoint, "split": args.split, **result}
+    if args.steps is not None and not cfg.model.sheet.recurrent:
+        raise ValueError(f"--steps needs a recurrent run; {str(run.path)!r} has {cfg.model.sheet.steps} feed-forward blocks")
+    result = evaluate(task, run.model, loader, "cpu", steps=args.steps)
+    result = {"run": str(run.path), "checkpoint": run.checkpoint, "split": args.split,
+              **({"steps": args.steps} if args.steps is not None else {}), **result}
     finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
     if finite != result:
         print("warning: non-finite results (the model overflows on this data) are written as null", file=sys.stderr)
@@ -127,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", default="last", choices=("best", "last"),
         help="which checkpoint: the final model (last, default; summary.json's test_acc) or the best on validation",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=None,
+        help="recurrent runs: unroll this many steps (with halting: the most any column may run); default as trained",
     )
     p.set_defaults(func=_cmd_eval)
 

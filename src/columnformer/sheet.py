@@ -5,6 +5,21 @@
                  = Block_t(x_t)                    feed-forward: a distinct block per step
     Block(x)     = y + MLP(norm2(y)),   y = x + Attn(norm1(x))   (or y = Attn(...) without residual)
     output       = x_T at the output area
+                 = sum_t w_t x_t                   with halting (ACT / PonderNet): per-column weights w_t
+
+Halting (``halting: act | ponder``, recurrent sheets). Every column owns a halting unit
+``lambda_t = sigmoid(h(x_t))`` read after each step. The loop always runs ``steps`` steps (static
+shapes, no data-dependent control flow); a column that has halted keeps its state (the block's
+update is masked out) and its weights w_t after halting are 0.
+
+    act     (Graves 2016; Universal Transformers): p_t = lambda_t; the column halts at the first step N
+            where sum_{t<=N} p_t >= 1 - eps (or at the last step); w_t = p_t before N, w_N = R = 1 - sum_{t<N} p_t.
+            Ponder cost rho = N + R per column; the loss adds ponder_weight * mean(rho).
+    ponder  (PonderNet, Banino et al. 2021): p_t = lambda_t prod_{s<t} (1 - lambda_s), truncated the same
+            way (the remaining mass goes to the halting step); the loss adds ponder_weight * KL(w || geometric
+            prior with parameter ponder_prior, truncated to the steps and renormalised). PonderNet's expected
+            loss over halting steps is taken per sheet output; with one halting distribution per column the
+            output is the per-column expectation of the state, sum_t w_t x_t, as in ACT.
 
 Activations are kept column-major, (N, B, C), so untied layers are one batched matmul.
 ``Columnformer.forward`` returns ``(output, Trace)``: per-step wiring cost and attention entropy
@@ -26,7 +41,7 @@ from .attention import AttentionStats, ColumnAttention, local_bias_init
 from .block_sparse import BlockPlan, build_block_plan
 from .connectivity import Connectivity
 from .geometry import Geometry
-from .layers import INIT_STD, Mlp, current_session, layer_norm, reuse_session, untied_session
+from .layers import INIT_STD, Mlp, current_session, layer_norm, linear, reuse_session, untied_session
 
 RECORDABLE = ("attn", "features", "qk")
 
@@ -60,6 +75,18 @@ class SheetConfig(BaseModel):
         False, description="activation checkpointing: keep only each step's input and recompute the step in backward "
         "(activation memory of one step instead of T; about one more forward pass of compute)",
     )
+    halting: Literal["none", "act", "ponder"] = Field(
+        "none", description="adaptive computation per column (recurrent sheets): ACT or PonderNet halting; see the "
+        "module docstring",
+    )
+    halt_eps: float = Field(0.01, gt=0, lt=1, description="a column halts when its halting probability reaches 1 - eps")
+    ponder_weight: float = Field(
+        0.01, ge=0, description="weight of the ponder cost (act: tau, on N + R) or of the KL to the prior (ponder: beta)"
+    )
+    ponder_prior: float = Field(0.3, gt=0, le=1, description="ponder: parameter of the geometric prior over halting steps")
+    halt_bias: float = Field(
+        1.0, description="initial bias of the halting units (Universal Transformers: 1.0, p = 0.73 at the first step)"
+    )
     sparse_kernel: Literal["auto", "gather", "block"] = Field(
         "auto", description="kernel for a sparse connectivity: block-sparse tiles (block), per-edge gather (gather), "
         "or whichever the block plan's cost model estimates cheaper (auto); same math, ignored for dense sheets",
@@ -71,6 +98,11 @@ class SheetConfig(BaseModel):
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
         if self.time_embed and not self.recurrent:
             raise ValueError("time_embed=True needs recurrent=True (feed-forward blocks are already distinct per step)")
+        if self.halting != "none" and not self.recurrent:
+            raise ValueError(
+                f"halting={self.halting} needs recurrent=True (a feed-forward sheet has one block per step: its depth "
+                "is fixed)"
+            )
         if int(self.width * self.mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an empty MLP for width={self.width}")
         return self
@@ -83,6 +115,11 @@ class Trace:
     ``wiring`` and ``entropy`` are lists of T scalars (the wiring cost is differentiable and
     un-scaled by lambda). ``attn`` (B, H, N, N|K), ``features`` (B, N, C) and ``qk`` ((B, H, N, d) pairs)
     are filled only when requested through ``record``.
+
+    With halting: ``halt_weights`` (T, B, N) the weight of each step's state in the output (sums to 1
+    over steps), ``halt_steps`` (B, N) the steps each column ran before it halted, ``ponder`` the
+    differentiable ponder term (act: mean of N + R; ponder: mean KL to the prior) and ``aux_loss``
+    ``ponder_weight * ponder``, which the trainer adds to the loss.
     """
 
     wiring: list[torch.Tensor] = field(default_factory=list)
@@ -90,6 +127,15 @@ class Trace:
     attn: list[torch.Tensor] | None = None
     features: list[torch.Tensor] | None = None
     qk: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    halt_weights: torch.Tensor | None = None
+    halt_steps: torch.Tensor | None = None
+    ponder: torch.Tensor | None = None
+    ponder_weight: float = 0.0
+
+    @property
+    def aux_loss(self) -> torch.Tensor | float:
+        """Regularisers the sheet asks the trainer to add to the loss (already weighted): the ponder term."""
+        return 0.0 if self.ponder is None else self.ponder_weight * self.ponder
 
     @property
     def wiring_cost(self) -> torch.Tensor:
@@ -214,12 +260,17 @@ class Columnformer(nn.Module):
         self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity) for _ in range(num_blocks))
         self.pos_embed = nn.Parameter(torch.zeros(n, c)) if cfg.pos_embed else None
         self.time_embed = nn.Parameter(torch.zeros(cfg.steps, c)) if cfg.time_embed else None
+        # halting unit per column (shared when the MLPs are tied): state (N, B, C) -> logit (N, B, 1)
+        self.halt = linear(n, c, 1, cfg.untied_mlp) if cfg.halting != "none" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for emb in (self.pos_embed, self.time_embed):
             if emb is not None:
                 nn.init.trunc_normal_(emb, std=INIT_STD)
+        if self.halt is not None:
+            self.halt.reset_parameters()
+            nn.init.constant_(self.halt.bias, self.cfg.halt_bias)
         if self.cfg.attn_bias != "none":
             init = self.bias_init(self.connectivity.dist)
             for block in self.blocks:
@@ -305,18 +356,21 @@ class Columnformer(nn.Module):
             features=[] if "features" in record else None,
             qk=[] if "qk" in record else None,
         )
+        halting = None if self.halt is None else _Halting(self.cfg, self.n, B, steps, x)
         for t in range(steps):
+            h = x  # (N, B, C): the step's input
             if t > 0 and self.cfg.inject == "every":
-                x = x.index_add(0, self.input_idx, inp)
+                h = h.index_add(0, self.input_idx, inp)
             if self.time_embed is not None:
-                x = x + self.time_embed[min(t, self.cfg.steps - 1)]
+                h = h + self.time_embed[min(t, self.cfg.steps - 1)]
             block = self.blocks[0 if self.cfg.recurrent else t]
             if self.cfg.checkpoint and torch.is_grad_enabled():
-                x, stats, qk = torch.utils.checkpoint.checkpoint(
-                    self._step, block, current_session(), x, record, plan, use_reentrant=False
+                h, stats, qk = torch.utils.checkpoint.checkpoint(
+                    self._step, block, current_session(), h, record, plan, use_reentrant=False
                 )
             else:
-                x, stats, qk = block(x, self.wiring_weight, self.edge_index, self.edge_mask, record, plan)
+                h, stats, qk = block(h, self.wiring_weight, self.edge_index, self.edge_mask, record, plan)
+            x = h if halting is None else halting.step(t, x, h, self.halt)
             trace.wiring.append(stats.wiring)
             trace.entropy.append(stats.entropy)
             if trace.attn is not None:
@@ -325,4 +379,56 @@ class Columnformer(nn.Module):
                 trace.features.append(x.detach().transpose(0, 1))  # (B, N, C)
             if trace.qk is not None:
                 trace.qk.append(qk)
+        if halting is not None:
+            x = halting.finish(trace)  # (N, B, C): the halting-weighted mixture of the states
         return x[self.output_idx].transpose(0, 1), trace  # (B, n_out, C)
+
+
+class _Halting:
+    """The masked halting loop's running state (see the module docstring); one per forward pass."""
+
+    def __init__(self, cfg: SheetConfig, n: int, batch: int, steps: int, x: torch.Tensor):
+        self.cfg, self.steps = cfg, steps
+        f32 = dict(dtype=torch.float32, device=x.device)
+        self.running = torch.ones(n, batch, dtype=torch.bool, device=x.device)  # (N, B) not yet halted
+        self.cum = torch.zeros(n, batch, **f32)  # halting probability spent before this step
+        self.survive = torch.ones(n, batch, **f32)  # ponder: prod_{s<t} (1 - lambda_s)
+        self.remainder = torch.zeros(n, batch, **f32)  # act: R of the halting step
+        self.count = torch.zeros(n, batch, **f32)  # steps run
+        self.out = torch.zeros_like(x, dtype=torch.float32)  # sum_t w_t x_t
+        self.weights: list[torch.Tensor] = []
+        self.dtype = x.dtype
+
+    def step(self, t: int, x: torch.Tensor, new: torch.Tensor, unit: nn.Module) -> torch.Tensor:
+        run = self.running
+        x = torch.where(run.unsqueeze(-1), new, x)  # (N, B, C): a halted column keeps its state
+        lam = torch.sigmoid(unit(x).squeeze(-1).float())  # (N, B)
+        if self.cfg.halting == "act":
+            p = lam
+        else:
+            p = lam * self.survive
+            self.survive = self.survive * (1 - lam)
+        halt_now = run & ((self.cum + p >= 1 - self.cfg.halt_eps) | (t == self.steps - 1))
+        w = torch.where(halt_now, 1 - self.cum, torch.where(run, p, torch.zeros_like(p)))  # (N, B)
+        self.remainder = torch.where(halt_now, 1 - self.cum, self.remainder)
+        self.cum = self.cum + w
+        self.count = self.count + run.float()
+        self.running = run & ~halt_now
+        self.out = self.out + w.unsqueeze(-1) * x.float()
+        self.weights.append(w)
+        self.dtype = x.dtype
+        return x
+
+    def finish(self, trace: Trace) -> torch.Tensor:
+        w = torch.stack(self.weights)  # (T, N, B)
+        if self.cfg.halting == "act":
+            ponder = (self.count + self.remainder).mean()  # N + R
+        else:
+            t = torch.arange(1, self.steps + 1, device=w.device, dtype=torch.float32)
+            prior = self.cfg.ponder_prior * (1 - self.cfg.ponder_prior) ** (t - 1)
+            log_prior = (prior / prior.sum()).log().view(-1, 1, 1)  # (T, 1, 1) renormalised over the steps
+            ponder = (torch.special.xlogy(w, w) - w * log_prior).sum(0).mean()  # KL(w || prior)
+        trace.halt_weights = w.detach().permute(0, 2, 1)  # (T, B, N)
+        trace.halt_steps = self.count.detach().t()  # (B, N)
+        trace.ponder, trace.ponder_weight = ponder, self.cfg.ponder_weight
+        return self.out.to(self.dtype)

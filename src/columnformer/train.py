@@ -88,6 +88,7 @@ def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
 
 # ------------------------------------------------------------------ the loop
 _WINDOW_SUMS = ("loss", "task_loss", "wiring_cost", "attn_entropy", "n")
+_HALTING_SUMS = ("ponder_steps", "ponder_cost")  # logged for sheets with halting only
 
 
 class Trainer:
@@ -120,7 +121,8 @@ class Trainer:
                       f"(head shape differs or absent): {skipped}", file=sys.stderr)
         self.model = self.model.to(self.device)
         self.num_params = count_parameters(self.model)
-        self.window_keys = (*_WINDOW_SUMS, *self.task.sum_keys)
+        self.halting = getattr(getattr(self.model, "sheet", None), "halt", None) is not None
+        self.window_keys = (*_WINDOW_SUMS, *(_HALTING_SUMS if self.halting else ()), *self.task.sum_keys)
         rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
         if tc.batch_size % world:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the world size {world}")
@@ -403,17 +405,19 @@ class Trainer:
                     with autocast_context(tc.precision, self.device):
                         outputs, trace = self.task.forward(self.train_module, batch)
                     wiring = trace.wiring_cost.float()
+                    # batch-level regularisers: the wiring cost and the sheet's own (halting: the ponder cost)
+                    reg = tc.wiring_lambda * wiring + trace.aux_loss
                     if valid is None:
                         b = len(batch[0])
                         task_loss = self.task.loss(outputs, batch, reduction="mean")
-                        loss = task_loss + tc.wiring_lambda * wiring
+                        loss = task_loss + reg
                         objective = loss / accum
                     else:  # sum over this rank's samples / global count * world: DDP's mean gives the global mean
                         b = valid
                         loss_sum = self.task.loss(outputs, batch, reduction="sum") * (1.0 if b else 0.0)
                         task_loss = loss_sum / max(b, 1)
-                        loss = task_loss + tc.wiring_lambda * wiring
-                        objective = (loss_sum + tc.wiring_lambda * wiring * b) * (self.dist.world_size / global_n) / accum
+                        loss = task_loss + reg
+                        objective = (loss_sum + reg * b) * (self.dist.world_size / global_n) / accum
                     if not torch.isfinite(loss):
                         bar.close()
                         raise self.diverged(f"non-finite loss ({loss.item()})")
@@ -422,6 +426,9 @@ class Trainer:
                 self.window["task_loss"] += task_loss.item() * b
                 self.window["wiring_cost"] += wiring.item() * b
                 self.window["attn_entropy"] += trace.attn_entropy.item() * b
+                if trace.halt_steps is not None:
+                    self.window["ponder_steps"] += trace.halt_steps[:b].float().mean(1).sum().item()
+                    self.window["ponder_cost"] += trace.ponder.item() * b
                 for k, v in self.task.metric_sums(outputs[:b], [t[:b] for t in batch]).items():
                     self.window[k] += v
                 self.window["n"] += b
@@ -458,6 +465,7 @@ class Trainer:
                     "type": "step", "step": self.step, "epoch": self.epoch + 1,
                     "loss": self.window["loss"] / n, "task_loss": self.window["task_loss"] / n,
                     "wiring_cost": self.window["wiring_cost"] / n, "attn_entropy": self.window["attn_entropy"] / n,
+                    **{k: self.window[k] / n for k in (_HALTING_SUMS if self.halting else ())},
                     **self.task.metrics(self.window, n), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "samples_per_s": (n if self.dist is not None else n * world) / max(self.window["time"], 1e-9),
                 }

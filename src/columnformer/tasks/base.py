@@ -66,8 +66,9 @@ class Task:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def forward(self, model: nn.Module, batch: list[torch.Tensor], record=()) -> tuple[torch.Tensor, Any]:
-        return model(batch[0], record=record)
+    def forward(self, model: nn.Module, batch: list[torch.Tensor], record=(), steps: int | None = None) -> tuple[torch.Tensor, Any]:
+        """``steps``: run a recurrent sheet for this many steps (the maximum, with halting); None: as trained."""
+        return model(batch[0], record=record, steps=steps)
 
     # ---- objective and metrics
     def loss(self, outputs: torch.Tensor, batch: list[torch.Tensor], reduction: str = "mean", train: bool = True) -> torch.Tensor:
@@ -95,20 +96,28 @@ class Task:
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: nn.Module, loader, device, precision: str = "fp32") -> dict[str, float]:
-    """The task's loss and metrics, wiring cost and attention entropy over a loader (means per sample)."""
+def evaluate(
+    task: Task, model: nn.Module, loader, device, precision: str = "fp32", steps: int | None = None
+) -> dict[str, float]:
+    """The task's loss and metrics, wiring cost and attention entropy over a loader (means per sample).
+
+    ``steps``: unroll a recurrent sheet for this many steps (an evaluation budget; with halting the
+    maximum number of steps); None: as trained."""
     model.eval()
     totals = {"loss": 0.0, **{k: 0.0 for k in task.sum_keys}, "wiring_cost": 0.0, "attn_entropy": 0.0, "n": 0}
     for batch in loader:
         batch = [t.to(device) for t in batch]
         with autocast_context(precision, device):
-            outputs, trace = task.forward(model, batch)
+            outputs, trace = task.forward(model, batch, steps=steps)
         b = len(batch[0])
         totals["loss"] += task.loss(outputs, batch, reduction="sum", train=False).item()
         for k, v in task.metric_sums(outputs, batch).items():
             totals[k] += v
         totals["wiring_cost"] += trace.wiring_cost.item() * b
         totals["attn_entropy"] += trace.attn_entropy.item() * b
+        if trace.halt_steps is not None:  # halting sheets: mean steps run per column, and the ponder term
+            totals["ponder_steps"] = totals.get("ponder_steps", 0.0) + trace.halt_steps.float().mean(1).sum().item()
+            totals["ponder_cost"] = totals.get("ponder_cost", 0.0) + trace.ponder.item() * b
         totals["n"] += b
     model.train()
     n = max(1, totals["n"])
@@ -117,5 +126,6 @@ def evaluate(task: Task, model: nn.Module, loader, device, precision: str = "fp3
         **task.metrics(totals, n),
         "wiring_cost": totals["wiring_cost"] / n,
         "attn_entropy": totals["attn_entropy"] / n,
+        **{k: totals[k] / n for k in ("ponder_steps", "ponder_cost") if k in totals},
         "n": totals["n"],
     }

@@ -178,9 +178,9 @@ class MimTask(Task):
     def dataset(self, ds, split, seed: int = 0):
         return MaskedImages(ds, self.grid, self.num_masked, self.cfg.mask, seed)
 
-    def forward(self, model, batch, record=()):
+    def forward(self, model, batch, record=(), steps=None):
         images, mask = batch
-        return model(images, record=record, mask=mask)
+        return model(images, record=record, mask=mask, steps=steps)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction targets (B, L, P): patch pixels, normalised per patch when ``norm_pix``."""
