@@ -111,6 +111,17 @@ MUTATIONS = [
     ("halting: ponder cost left out of the loss", "src/columnformer/train.py",
      "reg = tc.wiring_lambda * wiring + trace.aux_loss", "reg = tc.wiring_lambda * wiring",
      ["tests/test_halting.py", "-k", "trainer"]),
+    ("mixture: every column mixes with column 0's coefficients", "src/columnformer/mixture.py",
+     "w = (c.to(x.dtype) @ self.weight", "w = (c[:1].expand_as(c).to(x.dtype) @ self.weight",
+     ["tests/test_mixture.py", "-k", "untied"]),
+    ("mixture: dynamic coefficients paired with other samples", "src/columnformer/mixture.py",
+     "y = (c.unsqueeze(-1) * y).sum(2)", "y = (c.flip(1).unsqueeze(-1) * y).sum(2)",
+     ["tests/test_mixture.py", "-k", "reference"]),
+    ("mixture: top-k ignored", "src/columnformer/mixture.py",
+     "if self.top_k is not None and self.top_k < self.experts:", "if False:", ["tests/test_mixture.py", "-k", "top_k"]),
+    ("mixture: topographic features at high frequency", "src/columnformer/mixture.py",
+     "freqs = np.arange(1, count + 1) * 0.5", "freqs = np.arange(1, count + 1) * 3.5",
+     ["tests/test_mixture.py", "-k", "smooth"]),
 ]
 
 

@@ -304,21 +304,30 @@ class TiedLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
-def linear(n: int, in_features: int, out_features: int, untied: bool, bias: bool = True) -> nn.Module:
-    """A per-column (untied) or shared (tied) linear layer acting on (N, B, C)."""
+def linear(n: int, in_features: int, out_features: int, untied, bias: bool = True) -> nn.Module:
+    """A per-column (``untied=True``), shared (``False``) or mixture linear layer acting on (N, B, C).
+
+    ``untied`` may also be a weight bank (``mixture.MixtureCoefficients``): the layer's per-column
+    weights are then a mixture of the bank's experts.
+    """
+    if not isinstance(untied, bool):
+        return untied.linear(in_features, out_features, bias)
     if untied:
         return UntiedLinear(n, in_features, out_features, bias=bias)
     return TiedLinear(in_features, out_features, bias=bias)
 
 
-def layer_norm(n: int, dim: int, untied: bool) -> nn.Module:
+def layer_norm(n: int, dim: int, untied) -> nn.Module:
+    """Per-column (True), shared (False) or mixture (a weight bank) LayerNorm affine."""
+    if not isinstance(untied, bool):
+        return untied.layer_norm(dim)
     return UntiedLayerNorm(n, dim) if untied else nn.LayerNorm(dim)
 
 
 class Mlp(nn.Module):
     """Column computation: Linear -> GELU -> Linear, per column or shared. (N, B, C) -> (N, B, C)."""
 
-    def __init__(self, n: int, dim: int, hidden: int, untied: bool):
+    def __init__(self, n: int, dim: int, hidden: int, untied):
         super().__init__()
         self.fc1 = linear(n, dim, hidden, untied)
         self.fc2 = linear(n, hidden, dim, untied)

@@ -42,6 +42,7 @@ from .block_sparse import BlockPlan, build_block_plan
 from .connectivity import Connectivity
 from .geometry import Geometry
 from .layers import INIT_STD, Mlp, current_session, layer_norm, linear, reuse_session, untied_session
+from .mixture import MixtureCoefficients
 
 RECORDABLE = ("attn", "features", "qk")
 
@@ -87,6 +88,19 @@ class SheetConfig(BaseModel):
     halt_bias: float = Field(
         1.0, description="initial bias of the halting units (Universal Transformers: 1.0, p = 0.73 at the first step)"
     )
+    mixture: Literal["none", "static", "topo", "dynamic"] = Field(
+        "none", description="weight banks: the parts in mixture_parts take per-column mixtures of `experts` shared "
+        "weights, with static, topographic (smooth on the sheet) or input-dependent coefficients (see mixture.py)",
+    )
+    experts: int = Field(4, ge=1, description="mixture: experts E per weight bank (one bank per block)")
+    mixture_parts: list[Literal["attn", "mlp", "norm"]] = Field(
+        default_factory=lambda: ["attn", "mlp", "norm"],
+        description="mixture: the parts whose weights are mixtures; their untied_* flags are not consulted",
+    )
+    mixture_top_k: int | None = Field(None, ge=1, description="mixture=dynamic: mix only the top-k experts")
+    mixture_conserve: bool = Field(
+        False, description="mixture: divide the MLP hidden size by `experts` (the predecessor's mlp_conserve)"
+    )
     sparse_kernel: Literal["auto", "gather", "block"] = Field(
         "auto", description="kernel for a sparse connectivity: block-sparse tiles (block), per-edge gather (gather), "
         "or whichever the block plan's cost model estimates cheaper (auto); same math, ignored for dense sheets",
@@ -103,9 +117,24 @@ class SheetConfig(BaseModel):
                 f"halting={self.halting} needs recurrent=True (a feed-forward sheet has one block per step: its depth "
                 "is fixed)"
             )
-        if int(self.width * self.mlp_ratio) < 1:
+        if self.mixture != "none":
+            if not self.mixture_parts:
+                raise ValueError("mixture needs at least one entry in mixture_parts (attn, mlp, norm)")
+            if self.mixture_top_k is not None and (self.mixture != "dynamic" or self.mixture_top_k > self.experts):
+                raise ValueError(
+                    f"mixture_top_k={self.mixture_top_k} needs mixture=dynamic and at most experts={self.experts}"
+                )
+        elif self.mixture_top_k is not None or self.mixture_conserve:
+            raise ValueError("mixture_top_k / mixture_conserve apply to a mixture: set mixture to static, topo or dynamic")
+        if int(self.mlp_hidden) < 1:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an empty MLP for width={self.width}")
         return self
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden size: int(width * mlp_ratio), divided by experts with mixture_conserve."""
+        ratio = self.mlp_ratio / self.experts if (self.mixture_conserve and "mlp" in self.mixture_parts) else self.mlp_ratio
+        return int(self.width * ratio)
 
 
 @dataclass
@@ -115,6 +144,9 @@ class Trace:
     ``wiring`` and ``entropy`` are lists of T scalars (the wiring cost is differentiable and
     un-scaled by lambda). ``attn`` (B, H, N, N|K), ``features`` (B, N, C) and ``qk`` ((B, H, N, d) pairs)
     are filled only when requested through ``record``.
+
+    With weight banks (``mixture``): per step ``expert_load`` (E,) the mean mixing coefficient of each
+    expert and ``mix_entropy`` the mean entropy of the columns' coefficients (detached).
 
     With halting: ``halt_weights`` (T, B, N) the weight of each step's state in the output (sums to 1
     over steps), ``halt_steps`` (B, N) the steps each column ran before it halted, ``ponder`` the
@@ -127,6 +159,8 @@ class Trace:
     attn: list[torch.Tensor] | None = None
     features: list[torch.Tensor] | None = None
     qk: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    expert_load: list[torch.Tensor] | None = None
+    mix_entropy: list[torch.Tensor] | None = None
     halt_weights: torch.Tensor | None = None
     halt_steps: torch.Tensor | None = None
     ponder: torch.Tensor | None = None
@@ -150,15 +184,21 @@ class Trace:
 class ColumnBlock(nn.Module):
     """One sheet: per-column norm -> attention (communication) -> norm -> MLP (computation)."""
 
-    def __init__(self, cfg: SheetConfig, connectivity: Connectivity):
+    def __init__(self, cfg: SheetConfig, connectivity: Connectivity, coords: np.ndarray | None = None):
         super().__init__()
         n, c = connectivity.n, cfg.width
         self.attn_residual = cfg.attn_residual
-        self.norm1 = layer_norm(n, c, cfg.untied_norm)
+        # weight sharing per part: untied (True), tied (False) or this block's weight bank
+        self.coef = None
+        share = {"attn": cfg.untied_attn, "mlp": cfg.untied_mlp, "norm": cfg.untied_norm}
+        if cfg.mixture != "none":
+            self.coef = MixtureCoefficients(n, c, cfg.experts, cfg.mixture, coords, cfg.mixture_top_k)
+            share.update({part: self.coef for part in cfg.mixture_parts})
+        self.norm1 = layer_norm(n, c, share["norm"])
         edge_shape = None if cfg.attn_bias == "none" else tuple(connectivity.dist.shape)
-        self.attn = ColumnAttention(n, c, cfg.heads, cfg.qk_dim, cfg.value_proj, cfg.untied_attn, edge_shape)
-        self.norm2 = layer_norm(n, c, cfg.untied_norm)
-        self.mlp = Mlp(n, c, int(c * cfg.mlp_ratio), cfg.untied_mlp)
+        self.attn = ColumnAttention(n, c, cfg.heads, cfg.qk_dim, cfg.value_proj, share["attn"], edge_shape)
+        self.norm2 = layer_norm(n, c, share["norm"])
+        self.mlp = Mlp(n, c, cfg.mlp_hidden, share["mlp"])
 
     def forward(
         self,
@@ -169,6 +209,8 @@ class ColumnBlock(nn.Module):
         record: frozenset,
         plan: BlockPlan | None = None,
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
+        if self.coef is not None:
+            self.coef.update(x)  # this step's mixing coefficients (dynamic: from the block's input)
         a, stats, qk = self.attn(
             self.norm1(x), wiring_weight, edge_index, edge_mask, "attn" in record, "qk" in record, plan
         )
@@ -257,7 +299,8 @@ class Columnformer(nn.Module):
         self.register_buffer("edge_mask", None if conn.is_dense else conn.mask.clone())
 
         num_blocks = 1 if cfg.recurrent else cfg.steps
-        self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity) for _ in range(num_blocks))
+        coords = geometry.coords if cfg.mixture == "topo" else None
+        self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity, coords) for _ in range(num_blocks))
         self.pos_embed = nn.Parameter(torch.zeros(n, c)) if cfg.pos_embed else None
         self.time_embed = nn.Parameter(torch.zeros(cfg.steps, c)) if cfg.time_embed else None
         # halting unit per column (shared when the MLPs are tied): state (N, B, C) -> logit (N, B, 1)
@@ -373,6 +416,10 @@ class Columnformer(nn.Module):
             x = h if halting is None else halting.step(t, x, h, self.halt)
             trace.wiring.append(stats.wiring)
             trace.entropy.append(stats.entropy)
+            if block.coef is not None:
+                load, mix_entropy = block.coef.stats()
+                trace.expert_load = (trace.expert_load or []) + [load]
+                trace.mix_entropy = (trace.mix_entropy or []) + [mix_entropy]
             if trace.attn is not None:
                 trace.attn.append(stats.attn)
             if trace.features is not None:

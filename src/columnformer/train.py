@@ -55,16 +55,20 @@ class RunExistsError(FileExistsError):
 
 # ------------------------------------------------------------------ building blocks
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only; none on biases, norms, embeddings and attention biases."""
+    """Weight decay on weight matrices only; none on biases, norms, embeddings, attention biases and the
+    temperatures of mixture coefficients."""
     from torch import nn
 
     from .layers import UntiedLayerNorm
+    from .mixture import MixtureLayerNorm
+    from .sequence import TokenEmbed
 
     no_decay_ids = set()
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
-            norm = isinstance(module, (nn.LayerNorm, UntiedLayerNorm))
-            if norm or pname in ("bias", "pos_embed", "time_embed", "pool_weight", "mask_token", "query_embed"):
+            norm = isinstance(module, (nn.LayerNorm, UntiedLayerNorm, MixtureLayerNorm, TokenEmbed))
+            names = ("bias", "pos_embed", "time_embed", "pool_weight", "mask_token", "query_embed", "scale")
+            if norm or pname in names:
                 no_decay_ids.add(id(p))  # biases (incl. attention biases), norms, embeddings
     decay, no_decay = [], []
     for p in model.parameters():
