@@ -122,6 +122,11 @@ MUTATIONS = [
     ("mixture: topographic features at high frequency", "src/columnformer/mixture.py",
      "freqs = np.arange(1, count + 1) * 0.5", "freqs = np.arange(1, count + 1) * 3.5",
      ["tests/test_mixture.py", "-k", "smooth"]),
+    ("communication: linmixing wiring cost of signed weights", "src/columnformer/attention.py",
+     "mag = weights.float().abs()", "mag = weights.float()", ["tests/test_communication.py", "-k", "every_mode"]),
+    ("communication: selection without its static query", "src/columnformer/attention.py",
+     "return self.query.to(k.dtype).unsqueeze(1).expand(N, B, H, d), k", "return torch.zeros_like(k), k",
+     ["tests/test_communication.py", "-k", "every_mode"]),
 ]
 
 

@@ -31,6 +31,7 @@ from .sparse_attention import sparse_attention
 
 
 _NULL = contextlib.nullcontext()
+COMMUNICATION_MODES = ("attention", "static_mix", "selection", "linmixing")
 
 
 def dense_attention_reference(
@@ -202,6 +203,37 @@ def attention(
     return sparse_attention(q, k, v, bias, wiring_weight, edge_index, edge_mask, record_attn=record_attn)
 
 
+def linear_mixing(
+    v: torch.Tensor,
+    weights: torch.Tensor,
+    wiring_weight: torch.Tensor,
+    edge_index: torch.Tensor | None = None,
+    edge_mask: torch.Tensor | None = None,
+    record_attn: bool = False,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Static linear mixing (the predecessor's ``linmixing``): ``out[q] = sum_k weights[q, k] V_k``, no softmax.
+
+    v: (N, B, H, dv); weights, wiring_weight: (N, N) dense or (N, K) on the edges ``edge_index``. The
+    weights may be negative: the wiring cost is ``mean_q sum_k W[q, k] |weights[q, k]|`` and the entropy that of
+    the normalised magnitudes ``|weights| / sum_k |weights|`` (both independent of batch and head).
+    """
+    N, B, H, dv = v.shape
+    flat = v.reshape(N, B * H * dv)
+    if edge_index is None:
+        out = weights.to(flat.dtype) @ flat  # (N, B*H*dv)
+    else:
+        if edge_mask is not None:
+            weights = weights.masked_fill(~edge_mask, 0.0)
+        out = torch.einsum("nk,nkx->nx", weights.to(flat.dtype), flat[edge_index])  # gathers (N, K, B*H*dv)
+    mag = weights.float().abs()
+    wiring = (mag * wiring_weight).sum(-1).mean()
+    with torch.no_grad():
+        p = mag / mag.sum(-1, keepdim=True).clamp_min(1e-30)
+        entropy = -torch.special.xlogy(p, p).sum(-1).mean()
+    attn = weights.detach().expand(B, H, *weights.shape) if record_attn else None
+    return out.view(N, B, H, dv), AttentionStats(wiring, entropy, attn)
+
+
 def local_bias_init(dist: torch.Tensor, sigma: float = 2.0, min_value: float = -8.0) -> torch.Tensor:
     """The predecessor's local attention-bias initialisation: ``clamp(-d^2 / (2 sigma^2), min)``."""
     return torch.clamp(-(dist**2) / (2 * sigma**2), min=min_value)
@@ -217,8 +249,14 @@ class ColumnAttention(nn.Module):
         qk_dim: query/key dimension per head.
         value_proj: learn value and output projections; if False the value is the column's
             (normalised) input split across heads, as in the seed README, and C % H must be 0.
-        untied: every column owns its query/key (and value/projection) weights.
+        untied: every column owns its query/key (and value/projection) weights (True), shares them
+            (False), or takes them from a weight bank (a ``mixture.MixtureCoefficients``).
         edge_shape: shape of the learned per-edge bias, (N, N) dense or (N, K) sparse; None: no bias.
+        mode: how the communication weights are made (every kernel, the wiring cost included):
+            ``attention`` softmax(Q K^T / sqrt(d) + bias), data-dependent queries and keys;
+            ``static_mix`` softmax(bias): the learned per-edge weights alone, no queries or keys;
+            ``selection`` a learned static query per column (and head) against data-dependent keys;
+            ``linmixing`` the per-edge bias itself as linear weights, no softmax (the predecessor's linmixing).
     """
 
     def __init__(
@@ -230,13 +268,21 @@ class ColumnAttention(nn.Module):
         value_proj: bool = False,
         untied: bool = True,
         edge_shape: tuple[int, int] | None = None,
+        mode: str = "attention",
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"column width {dim} is not divisible by heads={heads}; pick heads dividing the width")
-        self.heads, self.qk_dim, self.dim = heads, qk_dim, dim
-        self.q = linear(n, dim, heads * qk_dim, untied)
-        self.k = linear(n, dim, heads * qk_dim, untied)
+        if mode not in COMMUNICATION_MODES:
+            raise ValueError(f"attention mode must be one of {COMMUNICATION_MODES}, got {mode!r}")
+        if mode in ("static_mix", "linmixing") and edge_shape is None:
+            raise ValueError(f"mode={mode} weighs the edges by the learned per-edge bias: it needs attn_bias local or zero")
+        self.heads, self.qk_dim, self.dim, self.mode = heads, qk_dim, dim, mode
+        self.q = linear(n, dim, heads * qk_dim, untied) if mode == "attention" else None
+        self.k = linear(n, dim, heads * qk_dim, untied) if mode in ("attention", "selection") else None
+        self.query = nn.Parameter(torch.empty(n, heads, qk_dim)) if mode == "selection" else None  # static queries
+        if self.query is not None:
+            nn.init.trunc_normal_(self.query, std=1.0)
         self.v = linear(n, dim, dim, untied) if value_proj else None
         self.proj = linear(n, dim, dim, untied) if value_proj else None
         self.bias = nn.Parameter(torch.zeros(edge_shape)) if edge_shape is not None else None
@@ -253,16 +299,30 @@ class ColumnAttention(nn.Module):
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
         N, B, C = x.shape
         H = self.heads
+        v = (self.v(x) if self.v is not None else x).view(N, B, H, C // H)  # (N, B, H, C/H)
+        if self.mode == "linmixing":
+            out, stats = linear_mixing(v, self.bias, wiring_weight, edge_index, edge_mask, record_attn)
+            q = k = None
+        else:
+            q, k = self._queries_keys(x)  # (N, B, H, d) each
+            out, stats = attention(q, k, v, self.bias, wiring_weight, edge_index, edge_mask, record_attn, plan)
+        out = out.reshape(N, B, C)  # (N, B, C)
+        if self.proj is not None:
+            out = self.proj(out)
+        qk = (q.detach().permute(1, 2, 0, 3), k.detach().permute(1, 2, 0, 3)) if record_qk and q is not None else None
+        return out, stats, qk
+
+    def _queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N, B, _ = x.shape
+        H, d = self.heads, self.qk_dim
+        if self.mode == "static_mix":  # Q K^T = 0: the scores are the bias alone (d = 1 keeps the kernels' shapes)
+            zero = x.new_zeros(1, 1, 1, 1).expand(N, B, H, 1)
+            return zero, zero
+        if self.mode == "selection":
+            k = self.k(x).view(N, B, H, d)
+            return self.query.to(k.dtype).unsqueeze(1).expand(N, B, H, d), k
         if isinstance(self.q, UntiedLinear) and isinstance(self.k, UntiedLinear):
             q, k = untied_linear_fused(x, [self.q, self.k])  # one batched matmul inside a session
         else:
             q, k = self.q(x), self.k(x)
-        q = q.view(N, B, H, self.qk_dim)  # (N, B, H, d)
-        k = k.view(N, B, H, self.qk_dim)  # (N, B, H, d)
-        v = (self.v(x) if self.v is not None else x).view(N, B, H, C // H)  # (N, B, H, C/H)
-        out, stats = attention(q, k, v, self.bias, wiring_weight, edge_index, edge_mask, record_attn, plan)
-        out = out.reshape(N, B, C)  # (N, B, C)
-        if self.proj is not None:
-            out = self.proj(out)
-        qk = (q.detach().permute(1, 2, 0, 3), k.detach().permute(1, 2, 0, 3)) if record_qk else None
-        return out, stats, qk
+        return q.view(N, B, H, d), k.view(N, B, H, d)

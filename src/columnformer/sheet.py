@@ -62,6 +62,11 @@ class SheetConfig(BaseModel):
     untied_attn: bool = Field(True, description="every column owns its attention weights")
     untied_mlp: bool = Field(True, description="every column owns its MLP weights")
     untied_norm: bool = Field(True, description="every column owns its LayerNorm affine")
+    attn_mode: Literal["attention", "static_mix", "selection", "linmixing"] = Field(
+        "attention", description="communication between columns: attention (data-dependent queries and keys), "
+        "static_mix (softmax of the learned per-edge weights), selection (learned static query per column, "
+        "data-dependent keys) or linmixing (the per-edge weights as linear weights, no softmax); see attention.py",
+    )
     attn_bias: Literal["local", "zero", "none"] = Field(
         "local", description="learned per-edge bias: initialised clamp(-d^2/2sigma^2, min), zeros, or absent"
     )
@@ -112,6 +117,10 @@ class SheetConfig(BaseModel):
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
         if self.time_embed and not self.recurrent:
             raise ValueError("time_embed=True needs recurrent=True (feed-forward blocks are already distinct per step)")
+        if self.attn_mode in ("static_mix", "linmixing") and self.attn_bias == "none":
+            raise ValueError(
+                f"attn_mode={self.attn_mode} weighs the edges by the learned per-edge bias; set attn_bias to local or zero"
+            )
         if self.halting != "none" and not self.recurrent:
             raise ValueError(
                 f"halting={self.halting} needs recurrent=True (a feed-forward sheet has one block per step: its depth "
@@ -196,7 +205,9 @@ class ColumnBlock(nn.Module):
             share.update({part: self.coef for part in cfg.mixture_parts})
         self.norm1 = layer_norm(n, c, share["norm"])
         edge_shape = None if cfg.attn_bias == "none" else tuple(connectivity.dist.shape)
-        self.attn = ColumnAttention(n, c, cfg.heads, cfg.qk_dim, cfg.value_proj, share["attn"], edge_shape)
+        self.attn = ColumnAttention(
+            n, c, cfg.heads, cfg.qk_dim, cfg.value_proj, share["attn"], edge_shape, mode=cfg.attn_mode
+        )
         self.norm2 = layer_norm(n, c, share["norm"])
         self.mlp = Mlp(n, c, cfg.mlp_hidden, share["mlp"])
 
@@ -316,6 +327,10 @@ class Columnformer(nn.Module):
             nn.init.constant_(self.halt.bias, self.cfg.halt_bias)
         if self.cfg.attn_bias != "none":
             init = self.bias_init(self.connectivity.dist)
+            if self.cfg.attn_mode == "linmixing" and self.cfg.attn_bias == "local":
+                # linear weights: start as the softmax of the local bias, a normalised local average
+                mask = None if self.connectivity.is_dense else self.connectivity.mask
+                init = (init if mask is None else init.masked_fill(~mask, float("-inf"))).softmax(-1)
             for block in self.blocks:
                 block.attn.bias.data.copy_(init)
 
