@@ -175,3 +175,32 @@ def test_addition_trains_end_to_end(tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "add" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["task_loss"] for m in metrics if m["type"] == "step"]
     assert losses[-1] < 0.8 * losses[0]  # it learns
+
+
+def test_analyze_draws_halting_and_expert_maps_of_a_sequence_run(tmp_path):
+    """`columnformer analyze` on an addition run with ACT and a topographic weight bank: the halting steps and
+    expert maps are measured (JSON, arrays) and drawn; the topography's classes are the operand lengths."""
+    import numpy as np
+
+    from columnformer.cli import main
+
+    args = [
+        "train", "task.name=addition", "task.train_digits=2", "task.max_digits=3", "task.train_size=128",
+        "task.val_size=64", "task.test_size=32", "model.geometry.kind=grid", "model.geometry.shape=[1,7]",
+        "model.input_area=all", "model.output_area=all", "model.sheet.width=16", "model.sheet.steps=3",
+        "model.sheet.qk_dim=8", "model.sheet.halting=act", "model.sheet.mixture=topo", "model.sheet.experts=3",
+        "train.epochs=1", "train.batch_size=32", "train.progress=false", "train.figures=false", "train.threads=1",
+        f"out_dir={tmp_path}", "name=am",
+    ]
+    assert main(args) == 0
+    assert main(["analyze", str(tmp_path / "am"), "--no-init", "--shuffles", "2"]) == 0
+    data = json.loads((tmp_path / "am" / "analysis.json").read_text())
+    halting, mixture = data["trained"]["halting"], data["trained"]["mixture"]
+    assert 1 <= halting["min_column_steps"] <= halting["mean_steps"] <= halting["max_column_steps"] <= 3
+    assert mixture["experts"] == 3 and sum(mixture["load"]) == pytest.approx(1.0, abs=1e-5)
+    assert data["trained"]["topography"]["num_classes"] == 3  # operand lengths 1..3
+    arrays = np.load(tmp_path / "am" / "analysis_arrays.npz")
+    assert arrays["halt_steps"].shape == (7,) and arrays["expert_coef"].shape == (7, 3)
+    figs = set(data["figures"])
+    assert {"halting_steps.png", "expert_maps.png"} <= figs
+    assert all((tmp_path / "am" / "figures" / "analysis" / f).is_file() for f in figs)

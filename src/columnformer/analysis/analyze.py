@@ -73,10 +73,15 @@ def _mean(x) -> float | None:
     return float(np.nanmean(x)) if x.size and np.isfinite(x).any() else None
 
 
-def analyze_model(model, loader, num_classes: int, opts: AnalysisOptions, device: str = "cpu") -> tuple[dict, dict]:
-    """All metrics of one model on one loader. Returns (JSON-ready results, per-column arrays)."""
+def analyze_model(
+    model, loader, num_classes: int, opts: AnalysisOptions, device: str = "cpu", labels_of=None
+) -> tuple[dict, dict]:
+    """All metrics of one model on one loader. Returns (JSON-ready results, per-column arrays).
+
+    ``labels_of(batch)``: the class of each sample for the topography (default: the batch's labels)."""
     t0 = time.perf_counter()
-    col = collect(model, loader, num_classes, device, opts.max_batches, opts.response)
+    extra = {} if labels_of is None else {"labels_of": labels_of}
+    col = collect(model, loader, num_classes, device, opts.max_batches, opts.response, **extra)
     sheet = model.sheet
     geometry = sheet.geometry
     A = col.mean_attn  # (T, N, E)
@@ -148,8 +153,24 @@ def analyze_model(model, loader, num_classes: int, opts: AnalysisOptions, device
         "data": {"samples": col.samples, "batches": col.batches, "accuracy": col.accuracy},
         "connectivity": conn,
         "topography": topo,
-        "seconds": time.perf_counter() - t0,
     }
+    if col.halt_steps is not None:  # adaptive computation: where on the sheet computation lingers
+        arrays["halt_steps"] = col.halt_steps.astype(np.float32)
+        results["halting"] = {
+            "mode": sheet.cfg.halting, "max_steps": T, "mean_steps": _mean(col.halt_steps),
+            "min_column_steps": float(col.halt_steps.min()), "max_column_steps": float(col.halt_steps.max()),
+            "note": "steps each column ran before halting, averaged over the split's samples",
+        }
+    if col.expert_coef is not None:  # weight banks: which expert each column uses
+        c = col.expert_coef
+        arrays["expert_coef"] = c.astype(np.float32)
+        results["mixture"] = {
+            "mode": sheet.cfg.mixture, "experts": int(c.shape[1]),
+            "load": c.mean(0), "dominant_expert_histogram": np.bincount(c.argmax(1), minlength=c.shape[1]),
+            "column_entropy_mean": _mean(-(np.where(c > 0, c * np.log(np.maximum(c, 1e-30)), 0.0)).sum(1)),
+            "note": "mean mixing coefficients of the last block's weight bank (dynamic: averaged over samples)",
+        }
+    results["seconds"] = time.perf_counter() - t0
     return results, arrays
 
 
@@ -233,13 +254,16 @@ def analyze_run(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet:
     cfg = run.config
     torch.manual_seed(opts.seed)
     loader = _loader(cfg, opts.split, opts.batch_size)
-    num_classes = cfg.model.num_classes
+    from ..tasks import build_task
+
+    task = build_task(cfg.task, cfg.model)
+    num_classes = task.analysis_classes
     model = run.model
     sheet = model.sheet
     from .layout import sheet_layout
 
     layout = sheet_layout(sheet.geometry)
-    trained, arrays = analyze_model(model, loader, num_classes, opts)
+    trained, arrays = analyze_model(model, loader, num_classes, opts, labels_of=task.analysis_labels)
     out = {
         "schema_version": ANALYSIS_SCHEMA_VERSION,
         "run": str(run_dir),
@@ -267,7 +291,7 @@ def analyze_run(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet:
     }
     init_arrays = None
     if opts.init:
-        init_results, init_arrays = analyze_model(init_model(cfg), loader, num_classes, opts)
+        init_results, init_arrays = analyze_model(init_model(cfg), loader, num_classes, opts, labels_of=task.analysis_labels)
         out["init"] = init_results
         out["init"]["note"] = "model built from the run's config with train.seed (untrained weights)"
     out["headline"] = headline(out)

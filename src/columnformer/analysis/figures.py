@@ -255,4 +255,14 @@ def analysis_figures(out: dict, arrays: dict, layout: Layout, fig_dir: Path) -> 
         smoothness(trained, init, fig_dir / "smoothness.png"),
         degrees(trained, init, fig_dir / "degree_distribution.png"),
     ]
+    if "halt_steps" in arrays:  # adaptive computation: where on the sheet computation lingers
+        names.append(sheet_maps(
+            layout, [(f"mean steps run before halting (max {trained['halting']['max_steps']})", arrays["halt_steps"],
+                      "viridis", False)], fig_dir / "halting_steps.png",
+        ))
+    if "expert_coef" in arrays:  # weight banks: the experts' maps on the sheet
+        c = arrays["expert_coef"]
+        maps = [("dominant expert", c.argmax(1), "tab10", True)]
+        maps += [(f"expert {e} coefficient", c[:, e], "magma", False) for e in range(min(c.shape[1], 7))]
+        names.append(sheet_maps(layout, maps, fig_dir / "expert_maps.png"))
     return [n for n in names if n]

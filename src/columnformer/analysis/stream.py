@@ -23,21 +23,39 @@ class Collected:
     batches: int
     accuracy: float | None
     response_kind: str
+    halt_steps: np.ndarray | None = None  # (N,) mean steps each column ran before halting (halting sheets)
+    expert_coef: np.ndarray | None = None  # (N, E) mean mixing coefficients of the last block's bank (mixtures)
+
+
+def _batch_labels(batch):
+    return batch[1]
 
 
 @torch.no_grad()
 def collect(
-    model, loader, num_classes: int, device: str = "cpu", max_batches: int | None = None, response: str = "norm"
+    model, loader, num_classes: int, device: str = "cpu", max_batches: int | None = None, response: str = "norm",
+    labels_of=_batch_labels,
 ) -> Collected:
+    """``labels_of(batch)``: the (B,) class of each sample for the per-class responses (default: ``batch[1]``)."""
     model.eval()
     n = model.sheet.n
     total, count, correct, batches = None, 0, 0, 0
+    halt_sum, coef_sum = None, None
+    bank = model.sheet.blocks[-1].coef
     stats = ResponseStats(num_classes, n)
     # float64 sums while they are small; float32 above ~64M entries (a 4-step 4096^2 dense map)
-    for i, (images, labels) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
+        images, labels = batch[0], labels_of(batch)
         logits, trace = model(images.to(device), record=("attn", "features"))
+        if trace.halt_steps is not None:
+            steps = trace.halt_steps.double().sum(0).cpu()  # (N,)
+            halt_sum = steps if halt_sum is None else halt_sum + steps
+        if bank is not None:
+            c = bank.last.double()  # (N, E) static or (N, B, E) dynamic: the last step's coefficients
+            c = (c.sum(1) if c.ndim == 3 else c * images.shape[0]).cpu()
+            coef_sum = c if coef_sum is None else coef_sum + c
         maps = torch.stack([a.float().sum(dim=(0, 1)) for a in trace.attn]).cpu()  # (T, N, E)
         if total is None:
             dtype = torch.float64 if maps.numel() <= (1 << 26) else torch.float32
@@ -54,7 +72,10 @@ def collect(
     if total is None:
         raise ValueError("the data loader yielded no batches; nothing to analyse")
     samples = int(stats.count.sum())
-    return Collected((total / count).float(), stats, samples, batches, None if correct is None else correct / max(samples, 1), response)
+    return Collected(
+        (total / count).float(), stats, samples, batches, None if correct is None else correct / max(samples, 1), response,
+        None if halt_sum is None else (halt_sum / samples).numpy(), None if coef_sum is None else (coef_sum / samples).numpy(),
+    )
 
 
 def to_builtin(x):

@@ -251,6 +251,14 @@ class ArithmeticTask(Task):
         width = m.sheet.width
         return SequenceColumnformer(TokenEmbed(cfg.vocab_in, width), sheet, SequenceHead(width, cfg.out_len, cfg.vocab_out))
 
+    @property
+    def analysis_classes(self) -> int:
+        return self.cfg.width - self.cfg.min_digits + 1
+
+    def analysis_labels(self, batch):
+        """Class of an example for ``analyze``'s topography: its operand length (min_digits -> 0)."""
+        return batch[2] - self.cfg.min_digits
+
     def loss(self, outputs, batch, reduction="mean", train=True):
         per_slot = F.cross_entropy(outputs.float().transpose(1, 2), batch[1], reduction="none")  # (B, out_len)
         per_example = per_slot.mean(1)

@@ -68,7 +68,8 @@ class Task:
 
     def forward(self, model: nn.Module, batch: list[torch.Tensor], record=(), steps: int | None = None) -> tuple[torch.Tensor, Any]:
         """``steps``: run a recurrent sheet for this many steps (the maximum, with halting); None: as trained."""
-        return model(batch[0], record=record, steps=steps)
+        extra = {} if steps is None else {"steps": steps}  # models without a steps option still work
+        return model(batch[0], record=record, **extra)
 
     # ---- objective and metrics
     def loss(self, outputs: torch.Tensor, batch: list[torch.Tensor], reduction: str = "mean", train: bool = True) -> torch.Tensor:
@@ -79,6 +80,16 @@ class Task:
 
     def metrics(self, sums: dict[str, float], n: int) -> dict[str, float]:
         return {}
+
+    # ---- analysis
+    @property
+    def analysis_classes(self) -> int:
+        """Number of classes of :meth:`analysis_labels` (the topography's per-class responses)."""
+        return self.model_cfg.num_classes
+
+    def analysis_labels(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        """The (B,) class of each sample for ``columnformer analyze`` (default: the labels, ``batch[1]``)."""
+        return batch[1]
 
     def baseline(self, sets) -> dict | None:
         """A reference result on the same data written into summary.json (None: none)."""

@@ -180,7 +180,8 @@ class MimTask(Task):
 
     def forward(self, model, batch, record=(), steps=None):
         images, mask = batch
-        return model(images, record=record, mask=mask, steps=steps)
+        extra = {} if steps is None else {"steps": steps}
+        return model(images, record=record, mask=mask, **extra)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction targets (B, L, P): patch pixels, normalised per patch when ``norm_pix``."""
