@@ -127,6 +127,12 @@ MUTATIONS = [
     ("communication: selection without its static query", "src/columnformer/attention.py",
      "return self.query.to(k.dtype).unsqueeze(1).expand(N, B, H, d), k", "return torch.zeros_like(k), k",
      ["tests/test_communication.py", "-k", "every_mode"]),
+    ("predecessor mixture weights imported with in and out swapped", "src/columnformer/predecessor.py",
+     "value = value.permute(2, 1, 0) if value.ndim == 3", "value = value.permute(2, 0, 1) if value.ndim == 3",
+     ["tests/test_predecessor.py", "-k", "logits and tut"]),
+    ("linmixing per-head weights ignored", "src/columnformer/attention.py",
+     "weights = self.bias if self.head_bias is None else self.bias + self.head_bias", "weights = self.bias",
+     ["tests/test_predecessor.py", "-k", "logits and moemixer"]),
 ]
 
 

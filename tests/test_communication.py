@@ -17,8 +17,9 @@ def _reference(attn, x, index, mask, wiring_weight):
     vh = v.view(N, B, H, C // H)
     bias = attn.bias  # (N, K) on the edges `index`
     if attn.mode == "linmixing":
-        w = bias.masked_fill(~mask, 0.0)[None, None].expand(B, H, N, -1)  # (B, H, N, K)
-        wiring = (w[0, 0].abs() * wiring_weight).sum(-1).mean()
+        per_head = bias if attn.head_bias is None else bias + attn.head_bias  # (N, K) or (H, N, K)
+        w = per_head.masked_fill(~mask, 0.0).expand(B, H, N, -1)  # (B, H, N, K)
+        wiring = (w[0].abs() * wiring_weight).sum(-1).mean()
     else:
         d = attn.qk_dim
         if attn.mode == "static_mix":
@@ -37,14 +38,19 @@ def _reference(attn, x, index, mask, wiring_weight):
 def _sheet(mode, connectivity=None, kernel="auto", geom=None, value_proj=True):
     torch.manual_seed(0)
     geom = geom or g.grid(5, 5)
-    cfg = SheetConfig(width=C, heads=H, qk_dim=4, steps=1, attn_mode=mode, value_proj=value_proj, sparse_kernel=kernel)
+    head_bias = mode == "linmixing-heads"
+    cfg = SheetConfig(width=C, heads=H, qk_dim=4, steps=1, attn_mode=mode.removesuffix("-heads"), value_proj=value_proj,
+                      sparse_kernel=kernel, attn_head_bias=head_bias)
     sheet = Columnformer(cfg, geom, connectivity, input_area="all", output_area="all")
-    with torch.no_grad():  # a bias that is not the initial one, so every edge weight matters
-        sheet.blocks[0].attn.bias.add_(0.3 * torch.randn_like(sheet.blocks[0].attn.bias))
+    attn = sheet.blocks[0].attn
+    with torch.no_grad():  # weights that are not the initial ones, so every edge weight matters
+        attn.bias.add_(0.3 * torch.randn_like(attn.bias))
+        if attn.head_bias is not None:
+            attn.head_bias.normal_(0, 0.3)
     return sheet
 
 
-@pytest.mark.parametrize("mode", ["attention", "static_mix", "selection", "linmixing"])
+@pytest.mark.parametrize("mode", ["attention", "static_mix", "selection", "linmixing", "linmixing-heads"])
 @pytest.mark.parametrize("kernel", ["dense", "gather", "block"])
 def test_every_mode_matches_its_math_on_every_kernel(mode, kernel):
     geom = g.grid(5, 5)
@@ -63,9 +69,11 @@ def test_every_mode_matches_its_math_on_every_kernel(mode, kernel):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stats.wiring, wiring, rtol=1e-4, atol=1e-6)
     g_out = torch.randn_like(out)
-    grads = torch.autograd.grad((out * g_out).sum() + stats.wiring, [block.attn.bias])
-    grads_ref = torch.autograd.grad((ref * g_out).sum() + wiring, [block.attn.bias])
-    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-4, atol=1e-5)
+    params = [p for p in (block.attn.bias, block.attn.head_bias) if p is not None]
+    grads = torch.autograd.grad((out * g_out).sum() + stats.wiring, params)
+    grads_ref = torch.autograd.grad((ref * g_out).sum() + wiring, params)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_static_modes_do_not_depend_on_the_input():
@@ -91,3 +99,5 @@ def test_linmixing_starts_as_a_local_average_and_needs_a_bias():
     for mode in ("static_mix", "linmixing"):
         with pytest.raises(ValueError, match=f"attn_mode={mode} weighs the edges"):
             SheetConfig(attn_mode=mode, attn_bias="none")
+    with pytest.raises(ValueError, match="attn_head_bias=true applies to attn_mode=linmixing"):
+        SheetConfig(attn_head_bias=True)

@@ -42,12 +42,23 @@ def _copy_into_mixture(mix, ref, one_hot: bool):
 
 
 @pytest.mark.parametrize("mode", ["static", "topo", "dynamic"])
-def test_one_expert_equals_the_tied_sheet(mode):
+def test_one_expert_is_the_tied_sheet(mode):
+    """E = 1 builds the tied layers themselves (same parameters, no coefficients), so it computes the tied sheet."""
     tied = _sheet(untied_attn=False, untied_mlp=False, untied_norm=False)
-    mix = _sheet(seed=1, mixture=mode, experts=1)
-    _copy_into_mixture(mix, tied, one_hot=False)
+    mix = _sheet(mixture=mode, experts=1)
+    assert {k: v.shape for k, v in mix.state_dict().items()} == {k: v.shape for k, v in tied.state_dict().items()}
     x = torch.randn(3, N, C)
     torch.testing.assert_close(mix(x)[0], tied(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_per_block_experts_and_conserve():
+    """A list gives every feed-forward block its own E; E = 1 blocks are tied and keep the full MLP."""
+    sheet = _sheet(recurrent=False, steps=3, mixture="static", experts=[1, 2, 4], mixture_parts=["mlp"],
+                   mixture_conserve=True, mlp_ratio=4.0, untied_attn=False, untied_norm=False)
+    assert sheet.blocks[0].coef is None and sheet.blocks[1].coef.experts == 2 and sheet.blocks[2].coef.experts == 4
+    assert [b.mlp.fc1.weight.shape for b in sheet.blocks] == [(4 * C, C), (2, C, 2 * C), (4, C, C)]
+    with pytest.raises(ValueError, match="experts lists one E per block: 2 given, the sheet has 3"):
+        SheetConfig(recurrent=False, steps=3, mixture="static", experts=[1, 2])
 
 
 def test_n_experts_with_one_hot_coefficients_equal_the_untied_sheet():
@@ -108,8 +119,8 @@ def test_mixture_runs_on_the_sparse_kernels_like_dense_reference(kernel, mode):
 
 
 def test_conserve_divides_the_mlp_and_options_are_checked():
-    assert SheetConfig(width=64, mlp_ratio=4, mixture="static", experts=4, mixture_conserve=True).mlp_hidden == 64
-    assert SheetConfig(width=64, mlp_ratio=4, mixture="static", experts=4).mlp_hidden == 256
+    assert SheetConfig(width=64, mlp_ratio=4, mixture="static", experts=4, mixture_conserve=True).mlp_hidden() == 64
+    assert SheetConfig(width=64, mlp_ratio=4, mixture="static", experts=4).mlp_hidden() == 256
     with pytest.raises(ValueError, match="mixture_top_k=2 needs mixture=dynamic"):
         SheetConfig(mixture="static", mixture_top_k=2)
     with pytest.raises(ValueError, match="apply to a mixture"):

@@ -213,25 +213,29 @@ def linear_mixing(
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Static linear mixing (the predecessor's ``linmixing``): ``out[q] = sum_k weights[q, k] V_k``, no softmax.
 
-    v: (N, B, H, dv); weights, wiring_weight: (N, N) dense or (N, K) on the edges ``edge_index``. The
-    weights may be negative: the wiring cost is ``mean_q sum_k W[q, k] |weights[q, k]|`` and the entropy that of
-    the normalised magnitudes ``|weights| / sum_k |weights|`` (both independent of batch and head).
+    v: (N, B, H, dv); weights: (N, E), or (H, N, E) per head; wiring_weight (N, E); E = N dense or K on the
+    edges ``edge_index``. The weights may be negative: the wiring cost is ``mean_{h,q} sum_k W[q, k]
+    |weights[h, q, k]|`` and the entropy that of the normalised magnitudes ``|weights| / sum_k |weights|``
+    (both independent of the batch).
     """
     N, B, H, dv = v.shape
-    flat = v.reshape(N, B * H * dv)
+    per_head = weights.ndim == 3
+    w = weights if per_head else weights.unsqueeze(0)  # (1|H, N, E)
+    if edge_mask is not None:
+        w = w.masked_fill(~edge_mask, 0.0)
+    w = w.to(v.dtype)
     if edge_index is None:
-        out = weights.to(flat.dtype) @ flat  # (N, B*H*dv)
-    else:
-        if edge_mask is not None:
-            weights = weights.masked_fill(~edge_mask, 0.0)
-        out = torch.einsum("nk,nkx->nx", weights.to(flat.dtype), flat[edge_index])  # gathers (N, K, B*H*dv)
-    mag = weights.float().abs()
+        out = torch.einsum("hnm,mbhc->nbhc", w.expand(H, -1, -1), v) if per_head else (w[0] @ v.reshape(N, -1)).view(N, B, H, dv)
+    else:  # gathers (N, K, B, H, dv)
+        vg = v[edge_index]
+        out = torch.einsum("hnk,nkbhc->nbhc", w, vg) if per_head else torch.einsum("nk,nkbhc->nbhc", w[0], vg)
+    mag = w.float().abs()
     wiring = (mag * wiring_weight).sum(-1).mean()
     with torch.no_grad():
         p = mag / mag.sum(-1, keepdim=True).clamp_min(1e-30)
         entropy = -torch.special.xlogy(p, p).sum(-1).mean()
-    attn = weights.detach().expand(B, H, *weights.shape) if record_attn else None
-    return out.view(N, B, H, dv), AttentionStats(wiring, entropy, attn)
+    attn = w.detach().expand(B, H, *w.shape[1:]) if record_attn else None
+    return out, AttentionStats(wiring, entropy, attn)
 
 
 def local_bias_init(dist: torch.Tensor, sigma: float = 2.0, min_value: float = -8.0) -> torch.Tensor:
@@ -269,6 +273,7 @@ class ColumnAttention(nn.Module):
         untied: bool = True,
         edge_shape: tuple[int, int] | None = None,
         mode: str = "attention",
+        head_bias: bool = False,
     ):
         super().__init__()
         if dim % heads:
@@ -286,6 +291,9 @@ class ColumnAttention(nn.Module):
         self.v = linear(n, dim, dim, untied) if value_proj else None
         self.proj = linear(n, dim, dim, untied) if value_proj else None
         self.bias = nn.Parameter(torch.zeros(edge_shape)) if edge_shape is not None else None
+        if head_bias and mode != "linmixing":
+            raise ValueError("head_bias (per-head edge weights) applies to mode=linmixing")
+        self.head_bias = nn.Parameter(torch.zeros(heads, *edge_shape)) if head_bias else None  # (H, N, N|K)
 
     def forward(
         self,
@@ -301,7 +309,8 @@ class ColumnAttention(nn.Module):
         H = self.heads
         v = (self.v(x) if self.v is not None else x).view(N, B, H, C // H)  # (N, B, H, C/H)
         if self.mode == "linmixing":
-            out, stats = linear_mixing(v, self.bias, wiring_weight, edge_index, edge_mask, record_attn)
+            weights = self.bias if self.head_bias is None else self.bias + self.head_bias  # (N, E) or (H, N, E)
+            out, stats = linear_mixing(v, weights, wiring_weight, edge_index, edge_mask, record_attn)
             q = k = None
         else:
             q, k = self._queries_keys(x)  # (N, B, H, d) each

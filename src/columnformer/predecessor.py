@@ -17,13 +17,17 @@ Weight layout. The predecessor keeps untied weights as (N, out, in) and the posi
     encoder.pos_embed / time_embed        -> sheet.pos_embed / time_embed
     encoder.blocks.i.{norm1,norm2}.*      -> sheet.blocks.i.{norm1,norm2}.*
     encoder.blocks.i.attn.{q,k,v,proj}.*  -> sheet.blocks.i.attn.{q,k,v,proj}.*   (untied: transposed)
-    encoder.blocks.i.attn.bias            -> sheet.blocks.i.attn.bias
-    encoder.blocks.i.mlp.{fc1,fc2}.*      -> sheet.blocks.i.mlp.{fc1,fc2}.*        (untied: transposed)
+    encoder.blocks.i.attn.{bias,head_bias} -> sheet.blocks.i.attn.{bias,head_bias}  (linmixing: per-head weights)
+    encoder.blocks.i.mlp.{fc1,fc2}.*      -> sheet.blocks.i.mlp.{fc1,fc2}.*        (untied: transposed;
+                                             MixtureLinear (out, in, E) -> (E, in, out), bias (out, E) -> (E, out))
+    encoder.blocks.i.coef.{weight,scale}  -> sheet.blocks.i.coef.{logits,scale}   (MixtureCoefficients: same formula)
     norm.* / pool.weight / head.*         -> head.norm.* / head.pool_weight / head.fc.*
     encoder.geometry                      -> checked against this model's connection lengths
 
-Mixture-of-experts, selection/mixing attention, per-head biases and direct edges have no
-counterpart yet; their keys are refused by name.
+The mixture presets ``tut-tiny`` and ``moemixer-tiny`` are the predecessor's ``vision_tut_tiny_patch16_128``
+and ``vision_moemixer_tiny_patch16_128`` (static weight banks for the MLP, ``linmixing`` attention with
+per-head weights, experts per block). Selection attention (a static query per column and head, against the
+raw input rather than a key projection) and direct edges have no counterpart; their keys are refused by name.
 """
 
 from __future__ import annotations
@@ -45,15 +49,16 @@ _RULES: list[tuple[re.Pattern, str, bool]] = [
     (re.compile(r"encoder\.(pos_embed|time_embed)"), r"sheet.\1", False),
     (re.compile(r"encoder\.blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)"), r"sheet.blocks.\1.\2.\3", False),
     (re.compile(r"encoder\.blocks\.(\d+)\.attn\.(q|k|v|proj)\.(weight|bias)"), r"sheet.blocks.\1.attn.\2.\3", True),
-    (re.compile(r"encoder\.blocks\.(\d+)\.attn\.bias"), r"sheet.blocks.\1.attn.bias", False),
+    (re.compile(r"encoder\.blocks\.(\d+)\.attn\.(bias|head_bias)"), r"sheet.blocks.\1.attn.\2", False),
+    (re.compile(r"encoder\.blocks\.(\d+)\.coef\.weight"), r"sheet.blocks.\1.coef.logits", False),
+    (re.compile(r"encoder\.blocks\.(\d+)\.coef\.scale"), r"sheet.blocks.\1.coef.scale", False),
     (re.compile(r"encoder\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)"), r"sheet.blocks.\1.mlp.\2.\3", True),
     (re.compile(r"norm\.(weight|bias)"), r"head.norm.\1", False),
     (re.compile(r"pool\.weight"), r"head.pool_weight", False),
     (re.compile(r"head\.(weight|bias)"), r"head.fc.\1", False),
 ]
+_COEF_ALIAS = re.compile(r"encoder\.blocks\.(\d+)\.(?:.+\.)coef\.(weight|scale)")
 _UNSUPPORTED = {
-    "coef": "mixture-of-experts coefficients",
-    "head_bias": "per-head attention biases",
     "query": "selection attention",
     "direct_edges": "direct edges",
 }
@@ -113,11 +118,21 @@ def convert_state_dict(pred: dict[str, torch.Tensor], model: torch.nn.Module) ->
         if key == GEOMETRY_KEY:
             _check_geometry(value, model)
             continue
+        alias = _COEF_ALIAS.fullmatch(key)
+        if alias is not None:  # a layer's reference to its block's shared coefficients: the same tensor again
+            block_key = f"encoder.blocks.{alias.group(1)}.coef.{alias.group(2)}"
+            if block_key not in pred or not torch.equal(pred[block_key], value):
+                raise PredecessorImportError(
+                    f"key {key!r} should repeat {block_key!r} (a block's layers share its mixture coefficients), "
+                    "but that key is missing or differs; is the checkpoint edited?"
+                )
+            continue
         what = next((_UNSUPPORTED[part] for part in key.split(".") if part in _UNSUPPORTED), None)
         if what is not None:
             raise PredecessorImportError(
-                f"key {key!r}: {what} have no counterpart in this library yet; only dense untied / tied vision "
-                "columnformers (the vit / ff / r tiny families and other sizes of the same classes) can be imported"
+                f"key {key!r}: {what} have no counterpart in this library yet; dense untied / tied vision "
+                "columnformers (the vit / ff / r tiny families), the mixture models (tut / moemixer) and other sizes of "
+                "the same classes can be imported"
             )
         for pattern, template, untied_linear in _RULES:
             m = pattern.fullmatch(key)
@@ -126,7 +141,10 @@ def convert_state_dict(pred: dict[str, torch.Tensor], model: torch.nn.Module) ->
             ours = m.expand(template)
             if key == "encoder.pos_embed" and value.ndim == 3:
                 value = value.squeeze(0)  # (1, N, C) -> (N, C)
-            if untied_linear and value.ndim == 3:
+            kind = _module_kind(model, ours)
+            if kind == "mixture":  # expert weights (out, in, E) -> (E, in, out); biases / norm affines (d, E) -> (E, d)
+                value = value.permute(2, 1, 0) if value.ndim == 3 else value.t()
+            elif untied_linear and value.ndim == 3:
                 value = value.transpose(1, 2)  # (N, out, in) -> (N, in, out)
             if ours not in own:
                 unknown.append(f"{key} (-> {ours}, which this model does not have)")
@@ -152,6 +170,17 @@ def convert_state_dict(pred: dict[str, torch.Tensor], model: torch.nn.Module) ->
             "KEY=VALUE overrides (e.g. model.sheet.width=192 model.sheet.steps=4)"
         )
     return out
+
+
+def _module_kind(model: torch.nn.Module, key: str) -> str:
+    """'mixture' when ``key`` is a parameter of a weight-bank layer (MixtureLinear / MixtureLayerNorm), else 'plain'."""
+    from .mixture import MixtureLayerNorm, MixtureLinear
+
+    try:
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+    except AttributeError:
+        return "plain"
+    return "mixture" if isinstance(module, (MixtureLinear, MixtureLayerNorm)) else "plain"
 
 
 def _check_geometry(pred_dist: torch.Tensor, model: torch.nn.Module) -> None:
@@ -232,7 +261,7 @@ def register(sub) -> None:
         help="convert a clane9/columnformers checkpoint into a run directory",
         description="Convert a checkpoint (or state dict) of the predecessor's vision columnformer models into a run "
         "directory that eval / analyze / report / train init_from= accept. --preset picks the model family "
-        "(vit-tiny, columnformer-ff-tiny, columnformer-rec-tiny); KEY=VALUE overrides set other sizes and the "
+        "(vit-tiny, columnformer-ff-tiny, columnformer-rec-tiny, tut-tiny, moemixer-tiny); KEY=VALUE overrides set other sizes and the "
         "data to evaluate on.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="predecessor checkpoint file (.pt / .pth)")

@@ -64,6 +64,30 @@ PRESETS: dict[str, dict] = {
         geometry=dict(kind="multilayer", layers=[(8, 8)] * 6, spacing=2.0),
         sheet=dict(_UNTIED_COLUMNS, width=384, steps=6, recurrent=True, attn_residual=False),
     ),
+    # The predecessor's mixture-of-experts models at 128 px (same function given the same weights; checked against
+    # fixtures of its own code). Tied recurrent transformer on 6 stacked 8x8 layers whose MLP weights are a static
+    # mixture of 24 experts per column, learned per-edge bias (zero init): vision_tut_tiny_patch16_128 (8.33M).
+    "tut-tiny": dict(
+        _TINY_128, **_PREDECESSOR_HEAD, input_area="bottom", output_area="top",
+        geometry=dict(kind="multilayer", layers=[(8, 8)] * 6, spacing=2.0),
+        sheet=dict(
+            _TIED_VIT, width=384, steps=6, recurrent=True, mlp_ratio=1.0, attn_bias="zero", bias_sigma=2.0,
+            mixture="static", experts=24, mixture_parts=["mlp"],
+        ),
+    ),
+    # MLP-Mixer-like: 6 feed-forward blocks on one 8x8 layer, static linear token mixing (linmixing: per-edge plus
+    # per-head weights, no softmax, no value projection) and MLPs of 1, 1, 2, 2, 4, 4 experts with the hidden size
+    # divided by E (mlp_conserve): vision_moemixer_tiny_patch16_128 (7.63M). Its mixing weights start at zero here
+    # (the predecessor draws them from a normal of std 0.02).
+    "moemixer-tiny": dict(
+        _TINY_128, **_PREDECESSOR_HEAD, input_area="all", output_area="all",
+        geometry=dict(kind="multilayer", layers=[(8, 8)], spacing=2.0),
+        sheet=dict(
+            _TIED_VIT, width=384, steps=6, recurrent=False, value_proj=False, mlp_ratio=4.0, attn_mode="linmixing",
+            attn_head_bias=True, attn_bias="zero", mixture="static", experts=[1, 1, 2, 2, 4, 4],
+            mixture_parts=["mlp"], mixture_conserve=True,
+        ),
+    ),
     # Wide sparse sheet on digits: a 4x4 input layer (the 2x2 patches of an 8x8 digit) under a
     # 128x128 sheet (16,384 columns, read by the head), 16,400 columns in all. Each column reads its
     # 48 nearest columns plus 16 long-range ones drawn from p ~ exp(-d/16): sparse attention, K = 64.

@@ -67,6 +67,9 @@ class SheetConfig(BaseModel):
         "static_mix (softmax of the learned per-edge weights), selection (learned static query per column, "
         "data-dependent keys) or linmixing (the per-edge weights as linear weights, no softmax); see attention.py",
     )
+    attn_head_bias: bool = Field(
+        False, description="linmixing: a per-head weight added to the per-edge weight (the predecessor's head_bias)"
+    )
     attn_bias: Literal["local", "zero", "none"] = Field(
         "local", description="learned per-edge bias: initialised clamp(-d^2/2sigma^2, min), zeros, or absent"
     )
@@ -97,7 +100,10 @@ class SheetConfig(BaseModel):
         "none", description="weight banks: the parts in mixture_parts take per-column mixtures of `experts` shared "
         "weights, with static, topographic (smooth on the sheet) or input-dependent coefficients (see mixture.py)",
     )
-    experts: int = Field(4, ge=1, description="mixture: experts E per weight bank (one bank per block)")
+    experts: int | list[int] = Field(
+        4, description="mixture: experts E per weight bank (one bank per block); a list gives each feed-forward "
+        "block its own E (the predecessor's per-block num_experts); a block with E = 1 is tied",
+    )
     mixture_parts: list[Literal["attn", "mlp", "norm"]] = Field(
         default_factory=lambda: ["attn", "mlp", "norm"],
         description="mixture: the parts whose weights are mixtures; their untied_* flags are not consulted",
@@ -126,24 +132,40 @@ class SheetConfig(BaseModel):
                 f"halting={self.halting} needs recurrent=True (a feed-forward sheet has one block per step: its depth "
                 "is fixed)"
             )
+        if self.attn_head_bias and self.attn_mode != "linmixing":
+            raise ValueError(f"attn_head_bias=true applies to attn_mode=linmixing (got {self.attn_mode})")
+        blocks = 1 if self.recurrent else self.steps
+        if isinstance(self.experts, list) and len(self.experts) != blocks:
+            raise ValueError(
+                f"experts lists one E per block: {len(self.experts)} given, the sheet has {blocks} block(s) "
+                f"({'recurrent' if self.recurrent else 'feed-forward, one per step'})"
+            )
+        if min(self.block_experts(i) for i in range(blocks)) < 1:
+            raise ValueError(f"experts must be >= 1 (got {self.experts})")
         if self.mixture != "none":
             if not self.mixture_parts:
                 raise ValueError("mixture needs at least one entry in mixture_parts (attn, mlp, norm)")
-            if self.mixture_top_k is not None and (self.mixture != "dynamic" or self.mixture_top_k > self.experts):
+            if self.mixture_top_k is not None and (
+                self.mixture != "dynamic" or self.mixture_top_k > min(self.block_experts(i) for i in range(blocks))
+            ):
                 raise ValueError(
                     f"mixture_top_k={self.mixture_top_k} needs mixture=dynamic and at most experts={self.experts}"
                 )
         elif self.mixture_top_k is not None or self.mixture_conserve:
             raise ValueError("mixture_top_k / mixture_conserve apply to a mixture: set mixture to static, topo or dynamic")
-        if int(self.mlp_hidden) < 1:
+        if min(self.mlp_hidden(i) for i in range(blocks)) < 1:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an empty MLP for width={self.width}")
         return self
 
-    @property
-    def mlp_hidden(self) -> int:
-        """MLP hidden size: int(width * mlp_ratio), divided by experts with mixture_conserve."""
-        ratio = self.mlp_ratio / self.experts if (self.mixture_conserve and "mlp" in self.mixture_parts) else self.mlp_ratio
-        return int(self.width * ratio)
+    def block_experts(self, block: int) -> int:
+        """Experts E of block ``block``'s weight bank."""
+        return self.experts[block] if isinstance(self.experts, list) else self.experts
+
+    def mlp_hidden(self, block: int = 0) -> int:
+        """MLP hidden size of a block: int(width * mlp_ratio), divided by its E with mixture_conserve (E > 1)."""
+        e = self.block_experts(block)
+        conserve = self.mixture != "none" and self.mixture_conserve and "mlp" in self.mixture_parts and e > 1
+        return int(self.width * (self.mlp_ratio / e if conserve else self.mlp_ratio))
 
 
 @dataclass
@@ -193,23 +215,26 @@ class Trace:
 class ColumnBlock(nn.Module):
     """One sheet: per-column norm -> attention (communication) -> norm -> MLP (computation)."""
 
-    def __init__(self, cfg: SheetConfig, connectivity: Connectivity, coords: np.ndarray | None = None):
+    def __init__(self, cfg: SheetConfig, connectivity: Connectivity, coords: np.ndarray | None = None, index: int = 0):
         super().__init__()
         n, c = connectivity.n, cfg.width
         self.attn_residual = cfg.attn_residual
-        # weight sharing per part: untied (True), tied (False) or this block's weight bank
+        # weight sharing per part: untied (True), tied (False) or this block's weight bank (E = 1: tied)
         self.coef = None
         share = {"attn": cfg.untied_attn, "mlp": cfg.untied_mlp, "norm": cfg.untied_norm}
+        experts = cfg.block_experts(index)
         if cfg.mixture != "none":
-            self.coef = MixtureCoefficients(n, c, cfg.experts, cfg.mixture, coords, cfg.mixture_top_k)
-            share.update({part: self.coef for part in cfg.mixture_parts})
+            if experts > 1:
+                self.coef = MixtureCoefficients(n, c, experts, cfg.mixture, coords, cfg.mixture_top_k)
+            share.update({part: self.coef if experts > 1 else False for part in cfg.mixture_parts})
         self.norm1 = layer_norm(n, c, share["norm"])
         edge_shape = None if cfg.attn_bias == "none" else tuple(connectivity.dist.shape)
         self.attn = ColumnAttention(
-            n, c, cfg.heads, cfg.qk_dim, cfg.value_proj, share["attn"], edge_shape, mode=cfg.attn_mode
+            n, c, cfg.heads, cfg.qk_dim, cfg.value_proj, share["attn"], edge_shape, mode=cfg.attn_mode,
+            head_bias=cfg.attn_head_bias,
         )
         self.norm2 = layer_norm(n, c, share["norm"])
-        self.mlp = Mlp(n, c, cfg.mlp_hidden, share["mlp"])
+        self.mlp = Mlp(n, c, cfg.mlp_hidden(index), share["mlp"])
 
     def forward(
         self,
@@ -311,7 +336,7 @@ class Columnformer(nn.Module):
 
         num_blocks = 1 if cfg.recurrent else cfg.steps
         coords = geometry.coords if cfg.mixture == "topo" else None
-        self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity, coords) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity, coords, i) for i in range(num_blocks))
         self.pos_embed = nn.Parameter(torch.zeros(n, c)) if cfg.pos_embed else None
         self.time_embed = nn.Parameter(torch.zeros(cfg.steps, c)) if cfg.time_embed else None
         # halting unit per column (shared when the MLPs are tied): state (N, B, C) -> logit (N, B, 1)
