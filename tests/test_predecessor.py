@@ -242,3 +242,15 @@ def test_speed_benchmark_skips_cleanly_without_a_checkout_or_timm(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("skipped: no predecessor checkout")
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "not a clane9/columnformers checkout" in out.stdout
+
+
+@pytest.mark.parametrize("preset,upstream", [
+    ("vit-tiny", "vision_transformer_tiny_patch16_128"), ("columnformer-ff-tiny", "vision_columnformer_ff_tiny_patch16_128"),
+    ("columnformer-rec-tiny", "vision_columnformer_r_tiny_patch16_128"), ("tut-tiny", "vision_tut_tiny_patch16_128"),
+    ("moemixer-tiny", "vision_moemixer_tiny_patch16_128"),
+])
+def test_full_size_presets_have_the_predecessors_parameter_counts(preset, upstream):
+    """Counted by the predecessor's own constructors (make_fixtures.py writes them into manifest.json)."""
+    from columnformer.presets import count_parameters
+
+    assert count_parameters(build_model(preset)) == MANIFEST["param_counts"][upstream]
