@@ -193,6 +193,11 @@ def test_analyze_draws_halting_and_expert_maps_of_a_sequence_run(tmp_path):
         f"out_dir={tmp_path}", "name=am",
     ]
     assert main(args) == 0
+    lines = [json.loads(x) for x in (tmp_path / "am" / "metrics.jsonl").read_text().splitlines()]
+    step = next(m for m in lines if m["type"] == "step")
+    epoch = next(m for m in lines if m["type"] == "epoch")
+    assert 0 <= step["mix_entropy"] <= np.log(3) + 1e-6 and 1 / 3 - 1e-6 <= step["expert_load_max"] <= 1
+    assert 0 <= epoch["val_mix_entropy"] <= np.log(3) + 1e-6 and 1 <= epoch["val_ponder_steps"] <= 3
     assert main(["analyze", str(tmp_path / "am"), "--no-init", "--shuffles", "2"]) == 0
     data = json.loads((tmp_path / "am" / "analysis.json").read_text())
     halting, mixture = data["trained"]["halting"], data["trained"]["mixture"]
@@ -204,3 +209,26 @@ def test_analyze_draws_halting_and_expert_maps_of_a_sequence_run(tmp_path):
     figs = set(data["figures"])
     assert {"halting_steps.png", "expert_maps.png"} <= figs
     assert all((tmp_path / "am" / "figures" / "analysis" / f).is_file() for f in figs)
+
+
+@pytest.mark.parametrize("sheet", [
+    {"untied_attn": False, "untied_mlp": False, "untied_norm": False},
+    {"recurrent": False},
+    {"mixture": "dynamic", "experts": 2},
+    {"halting": "ponder"},
+])
+@pytest.mark.parametrize("conn", [{"kind": "dense"}, {"kind": "local", "k": 4}])
+def test_sequence_model_works_with_every_sheet_option(sheet, conn):
+    """Tied/untied, recurrent/feed-forward, weight banks, halting, dense/sparse: tokens in, logits and gradients out."""
+    model_cfg = _model_cfg([1, 5])
+    model_cfg["sheet"].update(sheet)
+    model_cfg["connectivity"] = conn
+    cfg = build_config({"task": {"name": "addition", "train_digits": 1, "max_digits": 2}, "model": model_cfg})
+    task = build_task(cfg.task, cfg.model)
+    model = task.build_model()
+    batch = next(iter(torch.utils.data.DataLoader(task.datasets(cfg.data, cfg.model)["train"], batch_size=4)))
+    logits, trace = task.forward(model, batch)
+    assert logits.shape == (4, 3, 11)
+    (task.loss(logits, batch) + trace.aux_loss).backward()
+    assert model.embed.weight.grad.abs().sum() > 0  # the gradient reaches the token embedding
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -93,6 +93,7 @@ def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
 # ------------------------------------------------------------------ the loop
 _WINDOW_SUMS = ("loss", "task_loss", "wiring_cost", "attn_entropy", "n")
 _HALTING_SUMS = ("ponder_steps", "ponder_cost")  # logged for sheets with halting only
+_MIXTURE_SUMS = ("mix_entropy", "expert_load_max")  # logged for sheets with weight banks only
 
 
 class Trainer:
@@ -125,8 +126,11 @@ class Trainer:
                       f"(head shape differs or absent): {skipped}", file=sys.stderr)
         self.model = self.model.to(self.device)
         self.num_params = count_parameters(self.model)
-        self.halting = getattr(getattr(self.model, "sheet", None), "halt", None) is not None
-        self.window_keys = (*_WINDOW_SUMS, *(_HALTING_SUMS if self.halting else ()), *self.task.sum_keys)
+        sheet = getattr(self.model, "sheet", None)
+        self.halting = getattr(sheet, "halt", None) is not None
+        self.mixture = sheet is not None and any(getattr(b, "coef", None) is not None for b in sheet.blocks)
+        self.extra_keys = (*(_HALTING_SUMS if self.halting else ()), *(_MIXTURE_SUMS if self.mixture else ()))
+        self.window_keys = (*_WINDOW_SUMS, *self.extra_keys, *self.task.sum_keys)
         rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
         if tc.batch_size % world:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the world size {world}")
@@ -433,6 +437,9 @@ class Trainer:
                 if trace.halt_steps is not None:
                     self.window["ponder_steps"] += trace.halt_steps[:b].float().mean(1).sum().item()
                     self.window["ponder_cost"] += trace.ponder.item() * b
+                if trace.mix_entropy is not None:  # mean over steps; the busiest expert's share of the mixing
+                    self.window["mix_entropy"] += torch.stack(trace.mix_entropy).mean().item() * b
+                    self.window["expert_load_max"] += torch.stack([x.max() for x in trace.expert_load]).mean().item() * b
                 for k, v in self.task.metric_sums(outputs[:b], [t[:b] for t in batch]).items():
                     self.window[k] += v
                 self.window["n"] += b
@@ -469,7 +476,7 @@ class Trainer:
                     "type": "step", "step": self.step, "epoch": self.epoch + 1,
                     "loss": self.window["loss"] / n, "task_loss": self.window["task_loss"] / n,
                     "wiring_cost": self.window["wiring_cost"] / n, "attn_entropy": self.window["attn_entropy"] / n,
-                    **{k: self.window[k] / n for k in (_HALTING_SUMS if self.halting else ())},
+                    **{k: self.window[k] / n for k in self.extra_keys},
                     **self.task.metrics(self.window, n), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "samples_per_s": (n if self.dist is not None else n * world) / max(self.window["time"], 1e-9),
                 }

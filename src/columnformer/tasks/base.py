@@ -129,6 +129,10 @@ def evaluate(
         if trace.halt_steps is not None:  # halting sheets: mean steps run per column, and the ponder term
             totals["ponder_steps"] = totals.get("ponder_steps", 0.0) + trace.halt_steps.float().mean(1).sum().item()
             totals["ponder_cost"] = totals.get("ponder_cost", 0.0) + trace.ponder.item() * b
+        if trace.mix_entropy is not None:  # weight banks: mixing entropy, the busiest expert's share
+            totals["mix_entropy"] = totals.get("mix_entropy", 0.0) + torch.stack(trace.mix_entropy).mean().item() * b
+            load_max = torch.stack([x.max() for x in trace.expert_load]).mean().item()
+            totals["expert_load_max"] = totals.get("expert_load_max", 0.0) + load_max * b
         totals["n"] += b
     model.train()
     n = max(1, totals["n"])
@@ -137,6 +141,6 @@ def evaluate(
         **task.metrics(totals, n),
         "wiring_cost": totals["wiring_cost"] / n,
         "attn_entropy": totals["attn_entropy"] / n,
-        **{k: totals[k] / n for k in ("ponder_steps", "ponder_cost") if k in totals},
+        **{k: totals[k] / n for k in ("ponder_steps", "ponder_cost", "mix_entropy", "expert_load_max") if k in totals},
         "n": totals["n"],
     }
