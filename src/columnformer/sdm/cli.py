@@ -114,13 +114,18 @@ def _optimal_d(args: argparse.Namespace) -> int:
     log10_p_snr = theory.log_snr_optimal_probability(m, log_r) / math.log(10.0)
     d_snr = theory.snr_optimal_radius(n, m, args.r)
     d_cap, log10_cap = theory.capacity_optimal_radius(n, args.r, args.prob_whole_pattern, log10=True)
-    d_crit, crit = theory.critical_distance_optimal_radius(n, m, args.r, progress=_progress("critical distance", n))
-    rows = [(d, theory.critical_distance(n, d, m, args.r), theory.prob_neuron_within(n, d, args.r))
+    d_crit, crit = theory.critical_distance_optimal_radius(
+        n, m, args.r, progress=_progress("critical distance", n), noise=args.noise
+    )
+    rows = [(d, theory.critical_distance(n, d, m, args.r, args.noise), theory.prob_neuron_within(n, d, args.r))
             for d in args.d or []]
     print(f"n={n} m={m} r={'2^' + str(n) if args.r is None else f'{args.r:.4g}'}")
     print(f"SNR-optimal:        p*=(2mr)^(-1/3)={_fmt_log10(log10_p_snr)} -> d={d_snr} (beta {theory.fit_beta(n, max(d_snr, 2)):.2f})")
     print(f"capacity-optimal:   d={d_cap} (capacity {_fmt_log10(log10_cap)} patterns, beta {theory.fit_beta(n, max(d_cap, 2)):.2f})")
-    print(f"critical-distance:  d={d_crit} (critical distance {max(crit, 0)} bits, beta {theory.fit_beta(n, max(d_crit, 2)):.2f})")
+    d_cf, p_cf = theory.capacity_optimal_radius_closed_form(n, args.r, args.prob_whole_pattern)
+    print(f"  closed form (the original's): p*={p_cf:.4g} -> first d reaching it = {d_cf}")
+    print(f"critical-distance:  d={d_crit} (critical distance {max(crit, 0)} bits, beta {theory.fit_beta(n, max(d_crit, 2)):.2f}; "
+          f"noise term: {args.noise})")
     for d, cd, prob in rows:
         print(f"d={d}: critical distance {cd}, P(>=1 neuron within d) = {prob:.4g}")
     return 0
@@ -161,7 +166,7 @@ def _recall(args: argparse.Namespace) -> int:
     config = RecallConfig(
         n=n, m=m, num_queries=min(args.queries, m), perturbations=tuple(range(args.max_perturbation + 1)),
         probabilities=tuple(args.p), algorithms=algorithms,
-        neurons=args.neurons, continuous=args.continuous, seed=args.seed,
+        neurons=args.neurons, continuous=args.continuous, hamming=args.hamming, seed=args.seed,
     )
     result = run_recall(config, patterns, progress=lambda msg: print(msg, file=sys.stderr))
     for skip in result.skipped:
@@ -237,6 +242,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prob-whole-pattern", type=_float_in(0, 1, True, True), default=0.5,
                    help="target probability of recalling all n bits (capacity criterion), in (0, 1)")
     p.add_argument("--d", type=_int_in(0, N_MAX), nargs="*", help="also report critical distance for these radii (0..n)")
+    p.add_argument("--noise", choices=theory.NOISE_TERMS, default="average",
+                   help="noise a random stored pattern adds to a read: average (p^2 r, the default) or half (the "
+                        "intersection at distance n/2, the original analysis' SNR)")
     p.set_defaults(func=_friendly(_optimal_d))
 
     p = sub.add_parser("recall", help="recall vs perturbation table + figure for all memories")
@@ -252,6 +260,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"subset of algorithms (default: all): {', '.join(ALGORITHMS)}")
     p.add_argument("--neurons", type=_int_in(1, 10**8), default=100_000, help="r for neuron-based / finite SDM, >= 1")
     p.add_argument("--continuous", action="store_true", help="unit-vector data, perturbed to cosine 1-2k/n")
+    p.add_argument("--hamming", choices=("round", "floor"), default="round",
+                   help="continuous pattern SDM: map cosine to Hamming distance n(1-cos)/2 rounded (default) or "
+                        "floored (the original code's cosine_to_hamm)")
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     p.add_argument("--out", default="sdm_recall", help="output directory")
     p.set_defaults(func=_friendly(_recall))

@@ -146,13 +146,19 @@ class PatternSDM:
     ``r=None``: infinitely many (all 2^n) neurons, the exact relative intersection.
     ``r`` given: expected counts r * I / 2^n, stochastically rounded to integers each
     read (as finite neurons would), so tiny intersections read as zero neurons.
-    Continuous queries are mapped to the Hamming distance n(1 - cos)/2 (rounded).
+    Continuous queries are mapped to the Hamming distance n(1 - cos)/2, rounded to the nearest integer
+    (``hamming="round"``, the default) or floored as the original code's ``cosine_to_hamm`` does
+    (``hamming="floor"``; tolerant of float round-off of 1e-6, so bipolar queries map exactly either way).
     """
 
     def __init__(
-        self, patterns: torch.Tensor, d: int, r: float | None = None, binary: bool = True, seed: int = 0
+        self, patterns: torch.Tensor, d: int, r: float | None = None, binary: bool = True, seed: int = 0,
+        hamming: str = "round",
     ):
         _check_patterns(patterns)
+        if hamming not in ("round", "floor"):
+            raise ValueError(f"hamming must be 'round' or 'floor', got {hamming!r}")
+        self.hamming = hamming
         self.binary = binary
         self.patterns = to_bipolar(patterns) if binary else patterns / patterns.norm(dim=1, keepdim=True)
         self.n = self.patterns.shape[1]
@@ -167,7 +173,8 @@ class PatternSDM:
     def weights(self, queries: torch.Tensor) -> torch.Tensor:
         """(B, m) neuron counts shared by each query and pattern ball."""
         cos = (queries @ self.patterns.T) / (self.n if self.binary else 1.0)
-        h = torch.round(self.n * (1 - cos.clamp(-1, 1)) / 2).long()
+        x = self.n * (1 - cos.clamp(-1, 1)) / 2
+        h = (torch.round(x) if self.hamming == "round" else torch.floor(x + 1e-6)).long().clamp(0, self.n)
         w = self.table[h]
         if self.r is not None:
             frac = w - torch.floor(w)

@@ -43,6 +43,7 @@ class RecallConfig:
     neurons: int = 100_000
     min_neurons_per_pattern: float = 1.0
     continuous: bool = False
+    hamming: str = "round"  # continuous pattern SDM: cosine -> Hamming distance rounded, or floored (the original)
     max_steps: int = 50
     seed: int = 0
 
@@ -59,6 +60,8 @@ class RecallConfig:
             raise ValueError(f"activation probabilities must be in (0, 1], got {self.probabilities}")
         if not self.perturbations or not self.probabilities:
             raise ValueError("need at least one perturbation and one activation probability")
+        if self.hamming not in ("round", "floor"):
+            raise ValueError(f"hamming must be 'round' or 'floor', got {self.hamming!r}")
         if self.neurons < 1:
             raise ValueError(f"need neurons >= 1, got neurons={self.neurons}")
         small = [p for p in self.probabilities if theory.fraction_to_hamming_radius(p, self.n) < 2]
@@ -104,9 +107,9 @@ def _build(algo: str, patterns: torch.Tensor, d: int, config: RecallConfig) -> t
     if algo == "neuron_sdm":
         return mem.NeuronSDM(patterns, d, config.neurons, seed=config.seed + 1), None
     if algo == "pattern_sdm_inf":
-        return mem.PatternSDM(patterns, d, None, binary, seed=config.seed + 2), None
+        return mem.PatternSDM(patterns, d, None, binary, seed=config.seed + 2, hamming=config.hamming), None
     if algo == "pattern_sdm_finite":
-        return mem.PatternSDM(patterns, d, float(config.neurons), binary, seed=config.seed + 2), None
+        return mem.PatternSDM(patterns, d, float(config.neurons), binary, seed=config.seed + 2, hamming=config.hamming), None
     if algo == "sdm_attention":
         memory = mem.SoftmaxAttention.sdm_fitted(patterns, d, binary)
         return memory, memory.beta

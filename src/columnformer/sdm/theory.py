@@ -210,9 +210,7 @@ def log_cap_fraction(n: int, c: float) -> float:
     return math.log(frac) if frac > 0 else -math.inf
 
 
-def log_cap_intersection(
-    n: int, d: int, cosines: Iterable[float], r: float | None = None, grid: int = 4001
-) -> np.ndarray:
+def log_cap_intersection(n: int, d: int, cosines: Iterable[float], r: float | None = None) -> np.ndarray:
     """log expected neurons in the intersection of two hypersphere caps (continuous SDM).
 
     Caps on S^(n-1) have cosine threshold c = 1 - 2d/n (the Hamming radius ``d``
@@ -222,14 +220,20 @@ def log_cap_intersection(
     f_n(t) ~ (1 - t^2)^((n-3)/2), y uniform on S^(n-2) and
     s(t) = (c - t cos th) / (sqrt(1 - t^2) sin th).  ``r`` neurons are spread
     uniformly over the sphere (``None`` = fraction of the sphere, i.e. r = 1).
-    Integration is done on a grid in log space, so tiny fractions do not underflow.
+    The integral is computed by adaptive quadrature (``scipy.integrate.quad``, relative tolerance
+    1e-12, as the original's ``cap_intersection`` uses quad) of the integrand divided by its value
+    at the lower limit, so tiny fractions do not underflow; the result agrees with the original's
+    to 1e-6 relative or better (tests/test_sdm_reference.py).
     """
+    from scipy import integrate
+
     check_n_d(n, d)
     if n < 3:
         raise ValueError(f"cap intersection needs n >= 3, got n={n}")
     c = hamming_radius_to_cosine_threshold(d, n)
     log_r = 0.0 if r is None else math.log(r)
     log_norm = -special.betaln(0.5, (n - 1) / 2.0)
+    lo = max(c, -1.0)
     out = []
     for cv in cosines:
         cv = float(cv)
@@ -238,20 +242,30 @@ def log_cap_intersection(
         if cv >= 1 - 1e-12:
             out.append(log_cap_fraction(n, c) + log_r)
             continue
-        theta = math.acos(cv)
-        t = np.linspace(max(c, -1.0), 1.0, grid)[:-1]
-        one_m_t2 = np.clip(1.0 - t * t, 1e-300, None)
-        s = (c - t * math.cos(theta)) / (np.sqrt(one_m_t2) * math.sin(theta))
-        x = np.clip(1.0 - s * s, 0.0, 1.0)
-        half = 0.5 * special.betainc((n - 2) / 2.0, 0.5, x)
-        cond = np.where(s >= 0, half, 1.0 - half)
-        with np.errstate(divide="ignore"):
-            log_f = 0.5 * (n - 3) * np.log(one_m_t2) + log_norm + np.log(cond)
-        if not np.isfinite(log_f).any():
+        cos_t, sin_t = cv, math.sqrt(max(0.0, 1.0 - cv * cv))
+
+        def log_f(t: float) -> float:
+            one_m_t2 = max(1.0 - t * t, 1e-300)
+            s = (c - t * cos_t) / (math.sqrt(one_m_t2) * sin_t)
+            half = 0.5 * special.betainc((n - 2) / 2.0, 0.5, min(max(1.0 - s * s, 0.0), 1.0))
+            cond = half if s >= 0 else 1.0 - half
+            return 0.5 * (n - 3) * math.log(one_m_t2) + math.log(cond) if cond > 0 else -math.inf
+
+        # the integrand vanishes below t* where s(t) = 1 (the caps' lune starts there): integrate from there
+        ts = np.linspace(lo, 1.0, 2049)[:-1]
+        vals = np.array([log_f(t) for t in ts])
+        if not np.isfinite(vals).any():
             out.append(-math.inf)
             continue
-        log_w = np.log(np.diff(np.linspace(max(c, -1.0), 1.0, grid))[0])
-        out.append(float(special.logsumexp(log_f)) + log_w + log_r)
+        first = int(np.argmax(np.isfinite(vals)))
+        a = ts[max(first - 1, 0)]
+        shift = float(vals[np.isfinite(vals)].max())
+        peak = float(ts[int(np.nanargmax(np.where(np.isfinite(vals), vals, -np.inf)))])
+        value, _ = integrate.quad(
+            lambda t: math.exp(log_f(t) - shift), a, 1.0, points=[peak] if a < peak < 1.0 else None,
+            epsabs=0.0, epsrel=1e-12, limit=500,
+        )
+        out.append(math.log(value) + shift + log_norm + log_r if value > 0 else -math.inf)
     return np.asarray(out, dtype=float)
 
 
@@ -389,6 +403,42 @@ def capacity_optimal_radius(
     return best, (sign * math.exp(mag) if sign else 0.0)
 
 
+def log_capacity_optimal_probability(log_r: float, z: float) -> float:
+    """log of the activation probability p* where d/dp of :func:`memory_capacity` is 0, in closed form.
+
+    Setting the derivative (-2 r^2 p^3 + 3 r p^2 z^2 + z^2) / (p^2 z^2 (r p^2 + 1)^2) to zero gives the cubic's
+    real root p* = (z^(10/3) A^(-1/3) + z^(2/3) A^(1/3) + z^2) / (2 r), A = 2 r + z^4 + 2 sqrt(r^2 + r z^4)
+    (the original analysis' ``memory_derivative`` in its Optimal_d notebook, rearranged so that no power of r
+    above the first is formed: it holds for r = 2^n at any n).
+    """
+    if not math.isfinite(log_r):
+        raise ValueError(f"log r must be finite, got {log_r}")
+    z2 = z * z
+    # log A = log r + log(2 + z^4/r + 2 sqrt(1 + z^4/r))
+    q = math.exp(2.0 * math.log(abs(z)) * 2.0 - log_r) if z != 0 else 0.0  # z^4 / r
+    log_a = log_r + math.log(2.0 + q + 2.0 * math.sqrt(1.0 + q))
+    terms = [
+        (10.0 / 3.0) * math.log(abs(z)) - log_a / 3.0 if z != 0 else -math.inf,
+        (2.0 / 3.0) * math.log(abs(z)) + log_a / 3.0 if z != 0 else -math.inf,
+        math.log(z2) if z != 0 else -math.inf,
+    ]
+    return float(special.logsumexp(terms)) - math.log(2.0) - log_r
+
+
+def capacity_optimal_radius_closed_form(
+    n: int, r: float | None = None, prob_whole_pattern: float = 0.5
+) -> tuple[int, float]:
+    """The original analysis' memory-capacity-optimal radius: the first radius whose activation probability
+    reaches the closed-form optimum p* (:func:`log_capacity_optimal_probability`); returns ``(d, p*)``.
+
+    :func:`capacity_optimal_radius` (the default here) instead takes the integer radius with the largest
+    capacity; the two differ by one radius for most (n, r) other than n = 64 (sdm/README.md lists both)."""
+    log_r = log_neuron_count(n, r)
+    z = z_for_whole_pattern(n, prob_whole_pattern)
+    log_p = log_capacity_optimal_probability(log_r, z)
+    return log_fraction_to_hamming_radius(min(log_p, 0.0), n), math.exp(log_p)
+
+
 def prob_neuron_within(n: int, d: int, r: float | None) -> float:
     """Probability that at least one of ``r`` random neurons is within ``d`` of a query (``None``: a neuron at
     every address, so 1)."""
@@ -407,9 +457,8 @@ def _logaddexp(a: float, b: float) -> float:
     return hi if lo == -math.inf else hi + math.log1p(math.exp(lo - hi))
 
 
-def _read_error_from_log(n: int, m: int, log_signal: float, log_p: float, log_r: float) -> float:
-    """n Phi(-signal / noise) with noise^2 = signal + (m - 1)(p^2 r + (p^2 r)^2), all in log space."""
-    b = 2.0 * log_p + log_r  # log p^2 r
+def _read_error_from_log(n: int, m: int, log_signal: float, b: float) -> float:
+    """n Phi(-signal / noise) with noise^2 = signal + (m - 1)(b + b^2), b the log noise term, all in log space."""
     log_other = math.log(m - 1) + _logaddexp(b, 2.0 * b) if m > 1 else -math.inf
     log_noise_var = _logaddexp(log_signal, log_other)
     if log_noise_var == -math.inf:
@@ -418,17 +467,31 @@ def _read_error_from_log(n: int, m: int, log_signal: float, log_p: float, log_r:
     return n * 0.5 * math.erfc(snr / math.sqrt(2.0))  # n Phi(-snr)
 
 
-def read_error_distance(n: int, d: int, m: int, x: int, r: float | None = None) -> float:
+NOISE_TERMS = ("average", "half")
+
+
+def _log_noise_term(n: int, d: int, r: float | None, noise: str, log_p: float, log_r: float) -> float:
+    """log of the neurons one other (random) pattern shares with the query's read ball, the noise term b:
+    ``average`` p^2 r (the intersection averaged over the distances of random patterns; the default), or
+    ``half`` the expected intersection at distance n/2 (the original analysis' "new approx", its SNR figure)."""
+    if noise == "average":
+        return 2.0 * log_p + log_r
+    if noise == "half":
+        return float(log_expected_intersection(n, d, [n // 2], r)[0])
+    raise ValueError(f"noise must be one of {NOISE_TERMS}, got {noise!r}")
+
+
+def read_error_distance(n: int, d: int, m: int, x: int, r: float | None = None, noise: str = "average") -> float:
     """Expected Hamming distance to the target after one read from distance ``x``.
 
     Signal = expected neurons I(x) shared by the query and target balls; noise
-    variance I(x) + (m - 1)(p^2 r + (p^2 r)^2) from the other random patterns; each
-    bit is wrong with probability Phi(-signal / noise).
+    variance I(x) + (m - 1)(b + b^2) from the other random patterns, b = p^2 r (``noise="average"``) or
+    I(n/2) (``noise="half"``, the original's); each bit is wrong with probability Phi(-signal / noise).
     """
     log_r = log_neuron_count(n, r)
     log_p = math.log(ball_volume(n, d)) - n * math.log(2.0)
     log_signal = float(log_expected_intersection(n, d, [x], r)[0])
-    return _read_error_from_log(n, m, log_signal, log_p, log_r)
+    return _read_error_from_log(n, m, log_signal, _log_noise_term(n, d, r, noise, log_p, log_r))
 
 
 def _log_intersections(n: int, d: int, r: float | None, volume: int | None = None):
@@ -455,26 +518,28 @@ def _log_intersections(n: int, d: int, r: float | None, volume: int | None = Non
         yield math.log(count) + log_frac if count > 0 else -math.inf
 
 
-def critical_distance(n: int, d: int, m: int, r: float | None = None) -> int:
+def critical_distance(n: int, d: int, m: int, r: float | None = None, noise: str = "average") -> int:
     """Largest starting distance x for which one read moves the query closer (x' < x).
 
-    Kanerva's critical distance: queries started further away diverge.  Returns 0 if
-    even a query 1 bit away is not pulled in. Log space throughout (any n, any r).
+    Kanerva's critical distance (as the paper defines it): queries started further away diverge. Returns 0
+    if even a query 1 bit away is not pulled in. Log space throughout (any n, any r). ``noise``: see
+    :func:`read_error_distance`.
     """
     check_n_d(n, d)
-    return _critical_distance(n, d, m, r, ball_volume(n, d))
+    return _critical_distance(n, d, m, r, ball_volume(n, d), noise)
 
 
-def _critical_distance(n: int, d: int, m: int, r: float | None, volume: int) -> int:
+def _critical_distance(n: int, d: int, m: int, r: float | None, volume: int, noise: str = "average") -> int:
     if m < 1:
         raise ValueError(f"need m >= 1 stored patterns, got m={m}")
     log_r = log_neuron_count(n, r)
     log_p = math.log(volume) - n * math.log(2.0)
+    b = _log_noise_term(n, d, r, noise, log_p, log_r)
     best = 0
     intersections = _log_intersections(n, d, r, volume)
     next(intersections)  # dv = 0
     for x, log_signal in zip(range(1, n // 2 + 1), intersections):
-        if _read_error_from_log(n, m, log_signal, log_p, log_r) < x:
+        if _read_error_from_log(n, m, log_signal, b) < x:
             best = x
         else:
             break
@@ -482,7 +547,7 @@ def _critical_distance(n: int, d: int, m: int, r: float | None, volume: int) -> 
 
 
 def critical_distance_optimal_radius(
-    n: int, m: int, r: float | None = None, progress=None
+    n: int, m: int, r: float | None = None, progress=None, noise: str = "average"
 ) -> tuple[int, int]:
     """Radius d (1..n/2) maximising :func:`critical_distance`; returns ``(d, distance)``.
 
@@ -494,7 +559,7 @@ def critical_distance_optimal_radius(
     for d in range(1, total + 1):
         volume += comb
         comb = comb * (n - d) // (d + 1)
-        cd = _critical_distance(n, d, m, r, volume)
+        cd = _critical_distance(n, d, m, r, volume, noise)
         if cd > best[1]:
             best = (d, cd)
         if progress is not None:
