@@ -133,6 +133,10 @@ MUTATIONS = [
     ("linmixing per-head weights ignored", "src/columnformer/attention.py",
      "weights = self.bias if self.head_bias is None else self.bias + self.head_bias", "weights = self.bias",
      ["tests/test_predecessor.py", "-k", "logits and moemixer"]),
+    ("features: every chunk written at the first rows", "src/columnformer/brain/features.py",
+     "feats[row : row + len(x)] = x.numpy()", "feats[: len(x)] = x.numpy()", ["tests/test_features.py", "-k", "trace"]),
+    ("features: PCA projection without centring", "src/columnformer/brain/features.py",
+     "x = (x - mean) @ comps", "x = x @ comps", ["tests/test_features.py", "-k", "reductions"]),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Model meets brain: feature export for comparisons with recordings (features.py)."""
