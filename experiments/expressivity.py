@@ -11,7 +11,8 @@ Protocol (one budget and one grid for every row):
   random slot of the 6-wide input (``task.random_offset``) except in the ``untied-no-offset`` row.
 - Model: the 13-column line sheet of configs/addition.yaml (width 64, 4 heads, T = 6 recurrent steps; ACT
   rows: at most 6 steps, ponder weight tau = 0.01). Mixture rows: E = 4 experts per weight bank for attention,
-  MLP and norms.
+  MLP and norms. Control rows "T=2": the tied sheet unrolled 2 steps (about what ACT ends up running), to tell
+  adaptive halting from a short unroll.
 - Budget: 4 epochs of 20,000 examples, batch 64 (1,252 optimizer steps), AdamW with configs/addition.yaml's
   schedule; each run on one thread, two runs at a time on this 2-core machine.
 - Grid: learning rate in LRS, tried with seed 0; each row's learning rate is the one with the better final
@@ -56,6 +57,8 @@ def rows() -> list[tuple[str, str, str, list[str]]]:
             for halt, h_over in HALTING.items():
                 out.append((task, sheet, halt, [*TASKS[task], *s_over, *h_over]))
     out.append(("addition", "untied-no-offset", "T=6", [*TASKS["addition"], *SHEETS["untied"], "task.random_offset=false"]))
+    for task in ("addition", "switch"):  # control: a fixed short unroll, about the steps ACT ends up running
+        out.append((task, "tied", "T=2", [*TASKS[task], "model.sheet.steps=2"]))
     for halt, h_over in HALTING.items():  # multiplication: reported even when near 0
         out.append(("multiplication", "tied", halt, [*TASKS["multiplication"], *h_over]))
     return out
@@ -169,7 +172,7 @@ def table(r: dict) -> str:
     for row in r["rows"]:
         f = row["flops"]
         steps = row["ponder_steps"]
-        steps_txt = _pm(steps, 1, 2) if steps[0] is not None else "6 (fixed)"
+        steps_txt = _pm(steps, 1, 2) if steps[0] is not None else f"{row['halting'].removeprefix('T=')} (fixed)"
         lines.append(
             f"| {row['task']} | {row['sheet']} | {row['halting']} | {row['num_params']:,} | "
             f"{f['executed'] / 1e3:,.0f} / {f['ponder_weighted'] / 1e3:,.0f} | {_pm(row['train_time_s'], 1, 0)} | "
