@@ -17,7 +17,8 @@ n-repeat mean is NC = ncsnr^2 / (ncsnr^2 + 1/n). Normalised score: r^2 / NC.
 
 RSA (rsatoolbox). Model RDMs per area and step (correlation distance between stimuli's feature vectors) against
 brain RDMs per region (correlation distance of the repeat-averaged responses), compared by Spearman correlation;
-bootstrap over stimuli (``rsatoolbox.inference.bootstrap_sample_pattern``) for a 95% interval.
+bootstrap over stimuli (``rsatoolbox.inference.bootstrap_sample_pattern``) for a 95% interval; on at most
+``rsa_stimuli`` stimuli (a seeded subset, default 500).
 
 Writes RUN/brain/<name>/brain.json and brain.md, and figures/brain_encoding.png (mean score per area x step) and
 figures/brain_best_step.png (best step per target, per region) into that folder.
@@ -141,9 +142,12 @@ def rsa_scores(model_feats: np.ndarray, brain: np.ndarray, bootstrap: int = 100,
 
 def compare(
     features_dir: str | Path, responses: str | Path | Responses, out: str | Path | None = None, folds: int = 5,
-    bootstrap: int = 100, seed: int = 0, figures: bool = True,
+    bootstrap: int = 100, seed: int = 0, figures: bool = True, rsa_stimuli: int = 500,
 ) -> dict:
-    """Encoding and RSA of one feature export against responses; writes brain.json / brain.md (and figures)."""
+    """Encoding and RSA of one feature export against responses; writes brain.json / brain.md (and figures).
+
+    ``rsa_stimuli``: RDMs are built on at most this many stimuli (a seeded subset; an RDM of S stimuli has
+    S(S-1)/2 entries, and each bootstrap sample compares two of them)."""
     fdir = Path(features_dir)
     if not (fdir / "features.npy").is_file():
         raise FileNotFoundError(f"--features {str(fdir)!r} is not a `columnformer features` folder (no features.npy)")
@@ -174,10 +178,11 @@ def compare(
     best_area = np.array(area_ids)[best // T]
     best_step = best % T
     regions = sorted(set(resp.regions.tolist()))
+    sub = np.sort(np.random.default_rng(seed).permutation(S)[: min(S, rsa_stimuli)])  # RSA's stimuli
     rsa = {}
     for region in regions:
-        b = y[:, resp.regions == region]
-        rsa[region] = [[rsa_scores(np.asarray(feats[rows, t][:, areas == a]).reshape(S, -1), b, bootstrap, seed)
+        b = y[np.ix_(sub, resp.regions == region)]
+        rsa[region] = [[rsa_scores(np.asarray(feats[rows[sub], t][:, areas == a]).reshape(len(sub), -1), b, bootstrap, seed)
                         for t in range(T)] for a in area_ids]
     result = {
         "features": str(fdir), "stimuli": S, "targets": int(y.shape[1]), "repeats": int(resp.data.shape[1]),
@@ -189,7 +194,8 @@ def compare(
             "best_area": best_area, "best_step": best_step, "best_score": flat.max(0),
             "best_normalised": np.where(nc > 0, flat.max(0) ** 2 / np.maximum(nc, 1e-12), np.nan),
         },
-        "rsa": {"method": "Spearman between correlation-distance RDMs, bootstrap over stimuli", "per_region": rsa},
+        "rsa": {"method": "Spearman between correlation-distance RDMs, bootstrap over stimuli",
+                "stimuli": int(len(sub)), "per_region": rsa},
         "regions": {r: int((resp.regions == r).sum()) for r in regions},
     }
     out = Path(out) if out is not None else fdir / "brain"
