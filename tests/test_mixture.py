@@ -19,26 +19,15 @@ def _sheet(seed=0, geometry=None, connectivity=None, **kw):
     return Columnformer(SheetConfig(**{**base, **kw}), geometry, connectivity, input_area="all", output_area="all")
 
 
-def _copy_into_mixture(mix, ref, one_hot: bool):
-    """Load ``ref``'s (tied or untied) weights into ``mix``'s experts: expert e = column e (untied) or the one expert."""
-    sd, out = ref.state_dict(), {}
-    for key, value in mix.state_dict().items():
-        if ".coef." in key or key.startswith("blocks.0.coef"):
-            continue
-        src = sd[key]
-        if src.ndim == 2 and value.ndim == 3 and not one_hot:  # nn.Linear (out, in) -> expert (1, in, out)
-            src = src.t().unsqueeze(0)
-        elif src.ndim == value.ndim - 1:  # tied bias / LayerNorm (C,) -> (1, C)
-            src = src.unsqueeze(0)
-        assert src.shape == value.shape, key
-        out[key] = src
+def _copy_into_mixture(mix, untied):
+    """Load ``untied``'s per-column weights into ``mix``'s N experts (expert e = column e) with one-hot coefficients."""
+    out = {k: untied.state_dict()[k] for k in mix.state_dict() if ".coef." not in k}
     missing, _ = mix.load_state_dict(out, strict=False)
     assert all(".coef." in k for k in missing)
-    if one_hot:  # column n uses expert n only: softmax(100 * e_n) = e_n in float32
-        with torch.no_grad():
-            for block in mix.blocks:
-                block.coef.logits.copy_(torch.eye(N))
-                block.coef.scale.fill_(math.log(100.0))
+    with torch.no_grad():  # column n uses expert n only: softmax(100 * e_n) = e_n in float32
+        for block in mix.blocks:
+            block.coef.logits.copy_(torch.eye(N))
+            block.coef.scale.fill_(math.log(100.0))
 
 
 @pytest.mark.parametrize("mode", ["static", "topo", "dynamic"])
@@ -64,7 +53,7 @@ def test_per_block_experts_and_conserve():
 def test_n_experts_with_one_hot_coefficients_equal_the_untied_sheet():
     untied = _sheet()
     mix = _sheet(seed=1, mixture="static", experts=N)
-    _copy_into_mixture(mix, untied, one_hot=True)
+    _copy_into_mixture(mix, untied)
     x = torch.randn(3, N, C)
     out, trace = mix(x)
     torch.testing.assert_close(out, untied(x)[0], rtol=1e-5, atol=1e-6)

@@ -284,8 +284,9 @@ def simulate_responses(
 
 def _cmd_brain(args) -> int:
     out = args.out or Path(args.run_dir) / "brain" / Path(args.features).name
-    result = compare(args.features, args.responses, out, args.folds, args.bootstrap, args.seed)
-    print(markdown(result, load_responses(args.responses).regions))
+    resp = load_responses(args.responses)
+    result = compare(args.features, resp, out, args.folds, args.bootstrap, args.seed)
+    print(markdown(result, resp.regions))
     return 0
 
 
