@@ -124,9 +124,12 @@ def test_ponder_cost_reaches_every_halting_unit(halting, untied):
     assert all(torch.isfinite(p.grad).all() for p in sheet.parameters() if p.grad is not None)
 
 
-def test_halting_needs_a_recurrent_sheet():
+def test_halting_needs_a_recurrent_sheet_and_its_options_need_halting():
     with pytest.raises(ValueError, match="halting=act needs recurrent=True"):
         SheetConfig(halting="act", recurrent=False)
+    with pytest.raises(ValueError, match="ponder_weight apply only when halting is on"):
+        SheetConfig(ponder_weight=0.1)  # would be silently ignored
+    assert SheetConfig(halting="ponder", ponder_weight=0.1).ponder_weight == 0.1
 
 
 def test_trainer_adds_the_weighted_ponder_cost_and_logs_it(tmp_path):

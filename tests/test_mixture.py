@@ -116,6 +116,8 @@ def test_conserve_divides_the_mlp_and_options_are_checked():
         SheetConfig(mixture_conserve=True)
     with pytest.raises(ValueError, match="at least one entry"):
         SheetConfig(mixture="static", mixture_parts=[])
+    with pytest.raises(ValueError, match="experts, mixture_parts apply only when mixture is on"):
+        SheetConfig(experts=8, mixture_parts=["mlp"])  # would be silently ignored
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

@@ -132,6 +132,17 @@ class SheetConfig(BaseModel):
                 f"halting={self.halting} needs recurrent=True (a feed-forward sheet has one block per step: its depth "
                 "is fixed)"
             )
+        for switch, off, options in (
+            ("halting", "none", ("halt_eps", "ponder_weight", "ponder_prior", "halt_bias")),
+            ("mixture", "none", ("experts", "mixture_parts")),
+        ):  # an option of a feature that is off would be silently ignored: refuse it
+            if getattr(self, switch) == off:
+                changed = [f for f in options if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)]
+                if changed:
+                    raise ValueError(
+                        f"{', '.join(changed)} apply only when {switch} is on, but {switch}={off}: set {switch} "
+                        f"(e.g. {'act' if switch == 'halting' else 'static'}) or leave {', '.join(changed)} at the default"
+                    )
         if self.attn_head_bias and self.attn_mode != "linmixing":
             raise ValueError(f"attn_head_bias=true applies to attn_mode=linmixing (got {self.attn_mode})")
         blocks = 1 if self.recurrent else self.steps
