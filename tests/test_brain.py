@@ -35,7 +35,7 @@ def test_synthetic_cortex_finds_area_and_step_above_chance_and_the_noise_ceiling
     hits, ncs = [], []
     for i, (area, step) in enumerate([(1, 1), (0, 2)]):
         resp = B.simulate_responses(fdir, area=area, step=step, targets=12, snr=1.0, repeats=4, seed=i)
-        result = B.compare(fdir, resp, exported / f"out{i}", bootstrap=3, figures=i == 0, rsa_stimuli=200)
+        result = B.compare(fdir, resp, exported / f"out{i}", bootstrap=3, figures=i == 0, rsa_stimuli=200, blas_threads=1)
         enc = result["encoding"]
         hits += ((np.asarray(enc["best_area"]) == area) & (np.asarray(enc["best_step"]) == step)).tolist()
         ncs += list(result["noise_ceiling"]["per_target"])
@@ -55,7 +55,7 @@ def test_pure_noise_is_at_chance(exported):
     ids = json.loads((fdir / "stimuli.json").read_text())
     rng = np.random.default_rng(1)
     resp = B.Responses(rng.standard_normal((len(ids), 4, 12)), ids, np.full(12, "noise"))
-    result = B.compare(fdir, resp, exported / "noise", bootstrap=2, figures=False, rsa_stimuli=100)
+    result = B.compare(fdir, resp, exported / "noise", bootstrap=2, figures=False, rsa_stimuli=100, blas_threads=1)
     assert abs(np.mean(result["encoding"]["per_area_step_mean"])) < 0.05  # no prediction beyond chance
     assert np.nanmean(result["noise_ceiling"]["per_target"]) < 0.1
 
@@ -63,11 +63,12 @@ def test_pure_noise_is_at_chance(exported):
 def test_stimuli_are_aligned_by_id_and_bad_responses_are_named(exported, tmp_path, capsys):
     fdir = exported / "f"
     ids = json.loads((fdir / "stimuli.json").read_text())
-    resp = B.simulate_responses(fdir, area=0, step=2, targets=6, seed=2)
-    order = np.random.default_rng(0).permutation(len(ids))  # the same stimuli, shuffled: same result
-    shuffled = B.Responses(resp.data[order], [ids[i] for i in order], resp.regions)
-    a = B.compare(fdir, resp, tmp_path / "a", bootstrap=2, figures=False, rsa_stimuli=50)["encoding"]["per_target"]
-    b = B.compare(fdir, shuffled, tmp_path / "b", bootstrap=2, figures=False, rsa_stimuli=50)["encoding"]["per_target"]
+    full = B.simulate_responses(fdir, area=0, step=2, targets=6, seed=2)
+    resp = B.Responses(full.data[:300], full.stimulus_ids[:300], full.regions)  # a subset of the stimuli
+    order = np.random.default_rng(0).permutation(300)  # the same stimuli, shuffled: same result
+    shuffled = B.Responses(resp.data[order], [resp.stimulus_ids[i] for i in order], resp.regions)
+    a = B.compare(fdir, resp, tmp_path / "a", bootstrap=2, figures=False, rsa_stimuli=50, blas_threads=1)["encoding"]["per_target"]
+    b = B.compare(fdir, shuffled, tmp_path / "b", bootstrap=2, figures=False, rsa_stimuli=50, blas_threads=1)["encoding"]["per_target"]
     assert np.allclose(np.sort(np.asarray(a).ravel()), np.sort(np.asarray(b).ravel()), atol=0.05)
     np.savez(tmp_path / "r.npz", responses=np.zeros((3, 2)), stimulus_ids=np.array(["x", "y", "z"]))
     assert main(["brain", str(exported / "r"), "--features", str(fdir), "--responses", str(tmp_path / "r.npz")]) == 2
