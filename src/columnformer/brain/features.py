@@ -97,7 +97,7 @@ def load_stimuli(source: str, cfg, task) -> tuple[torch.utils.data.Dataset, list
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
             raise ValueError(f"--stimuli {source!r} is not a plain .npy array ({exc})") from None
-        if hasattr(cfg.model, "image_size") and cfg.task.name in ("classify", "mim"):
+        if cfg.task.name in ("classify", "mim"):  # image runs; the algorithmic tasks take token sequences
             if array.ndim == 3 and cfg.model.in_chans == 1:
                 array = array[:, None]
             want = (cfg.model.in_chans, *cfg.model.image_size)
