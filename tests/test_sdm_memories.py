@@ -109,3 +109,45 @@ def test_recall_config_validation():
         recall.RecallConfig(algorithms=("nope",))
     with pytest.raises(ValueError, match="activation probabilities"):
         recall.RecallConfig(probabilities=(0.0,))
+
+
+def test_cap_sdm_weights_are_the_cap_intersection_at_the_grid_cosine():
+    n, d, res = 24, 6, 201
+    pats = mem.random_continuous_patterns(12, n, seed=5)
+    queries = mem.perturb_to_cosine(pats[:4], 0.7, seed=6)
+    sdm = mem.CapSDM(pats, d, None, resolution=res)
+    w = sdm.weights(queries)  # (4, 12), relative: the largest is 1
+    cos = (queries / queries.norm(dim=1, keepdim=True)) @ (pats / pats.norm(dim=1, keepdim=True)).T
+    for b in range(4):
+        grid = [-1 + 2 * math.floor((c + 1) / 2 * (res - 1) + 1e-9) / (res - 1) for c in cos[b].tolist()]
+        log_i = theory.log_cap_intersection(n, d, [min(g, 1 - 1e-12) for g in grid])
+        expect = torch.tensor([math.exp(v - max(log_i)) if v > -math.inf else 0.0 for v in log_i])
+        assert torch.allclose(w[b].float(), expect.float(), rtol=1e-6, atol=1e-30)
+    assert (w > 0).sum() < w.numel()  # far patterns (caps that do not meet) weigh exactly 0
+    # finite neurons: stochastic rounding of r * fraction, unbiased over reads
+    r = 1e6
+    finite = mem.CapSDM(pats, d, r, resolution=res, seed=1)
+    exact = torch.exp(finite.log_table[torch.floor((cos[:1].double().clamp(-1, 1) + 1) / 2 * (res - 1) + 1e-9).long()])
+    reads = torch.stack([finite.weights(queries[:1]) for _ in range(400)]).mean(0)
+    one = finite.weights(queries[:1])
+    assert torch.all(one == torch.floor(one))  # whole neurons
+    big = exact > 0.5
+    assert torch.allclose(reads[big], exact[big], rtol=0.1)
+
+
+def test_cap_memories_in_the_recall_runner():
+    cfg = recall.RecallConfig(n=24, m=64, num_queries=16, perturbations=(0, 6), probabilities=(1e-3, 1e-2),
+                              algorithms=("cap_sdm_inf", "cap_sdm_finite", "cap_attention"), continuous=True,
+                              neurons=10**6, cap_resolution=201)
+    result = recall.run_recall(cfg)
+    algos = {row["algorithm"] for row in result.rows}
+    assert algos == {"cap_sdm_inf", "cap_sdm_finite", "cap_attention"}
+    d = theory.fraction_to_hamming_radius(1e-3, 24)
+    beta = next(r["beta"] for r in result.rows if r["algorithm"] == "cap_attention" and r["d"] == d)
+    assert beta == pytest.approx(theory.fit_beta(24, d, continuous=True))
+    assert beta != pytest.approx(theory.fit_beta(24, d))  # the cap fit, not the binary one
+    moved = [r for r in result.rows if r["algorithm"] == "cap_sdm_inf" and r["perturbation"] == 6]
+    assert all(r["mean_similarity"] > 1 - 2 * 6 / 24 + 0.05 for r in moved)  # it cleans up perturbed queries
+    binary = recall.run_recall(recall.RecallConfig(n=24, m=16, num_queries=4, perturbations=(0,),
+                                                   probabilities=(1e-3,), algorithms=("cap_sdm_inf",)))
+    assert not binary.rows and "continuous data only" in binary.skipped[0]["reason"]

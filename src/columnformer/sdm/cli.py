@@ -135,7 +135,7 @@ def _recall(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .recall import ALGORITHMS, RecallConfig, run_recall, save_outputs
+    from .recall import CONTINUOUS_ONLY, RecallConfig, default_algorithms, run_recall, save_outputs
 
     patterns = None
     n, m = args.n, args.m
@@ -159,7 +159,9 @@ def _recall(args: argparse.Namespace) -> int:
             raise _bad("--p", f"activation probabilities that give a Hamming radius >= 2 at n = {n} (the SDM-fitted "
                               f"beta is fitted over radii 0..d-1), i.e. >= {p_min:.3g}; or use a larger --n",
                        f"{p:g} (radius {d})")
-    algorithms = tuple(args.algorithms or ALGORITHMS)
+    algorithms = tuple(args.algorithms or default_algorithms(args.continuous))
+    if args.continuous and n < 3 and set(algorithms) & set(CONTINUOUS_ONLY):
+        raise _bad("--n", "at least 3 for the hypersphere-cap memories (cap_sdm_inf, cap_sdm_finite, cap_attention)", n)
     if "neuron_sdm" in algorithms and args.neurons * n > 2 * 10**8:
         raise _bad("--neurons", f"at most {2 * 10**8 // n:,} at n = {n} (neuron_sdm holds r x n addresses in memory)",
                    args.neurons)
@@ -257,7 +259,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    default=[1e-13, 1e-11, 1e-9, 1e-7, 1e-5, 1e-3, 1e-2, 1e-1],
                    help="activation probabilities in (0, 1] defining the Hamming radii (each must give a radius >= 2)")
     p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, metavar="ALGORITHM",
-                   help=f"subset of algorithms (default: all): {', '.join(ALGORITHMS)}")
+                   help=f"subset of algorithms (default: every one defined for the data type): {', '.join(ALGORITHMS)}")
     p.add_argument("--neurons", type=_int_in(1, 10**8), default=100_000, help="r for neuron-based / finite SDM, >= 1")
     p.add_argument("--continuous", action="store_true", help="unit-vector data, perturbed to cosine 1-2k/n")
     p.add_argument("--hamming", choices=("round", "floor"), default="round",

@@ -9,10 +9,12 @@ updated batch with :meth:`update`; :func:`converge` iterates it to a fixed point
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from . import theory
@@ -189,6 +191,63 @@ class PatternSDM:
         return torch.where(norm > 0, out / norm.clamp_min(1e-30), queries)
 
 
+@functools.lru_cache(maxsize=32)
+def _log_cap_table(n: int, d: int, resolution: int) -> np.ndarray:
+    """log cap-intersection fraction on ``resolution`` cosines over [-1, 1] (cached: the quadratures take seconds)."""
+    grid = np.linspace(-1.0, 1.0, resolution)
+    c = theory.hamming_radius_to_cosine_threshold(d, n)
+    # two caps of angular radius acos(c) meet only when their centres are less than 2 acos(c) apart
+    meet = math.cos(min(math.pi, 2 * math.acos(max(-1.0, min(1.0, c)))))
+    live = grid >= meet - 2.0 / (resolution - 1)
+    log_i = np.full(resolution, -np.inf)
+    log_i[live] = theory.log_cap_intersection(n, d, np.minimum(grid[live], 1 - 1e-12))
+    log_i.setflags(write=False)
+    return log_i
+
+
+class CapSDM:
+    """Continuous SDM on the unit hypersphere (the original's ``Cont_SDM`` / ``Cont_SDM_NeuronLimit``).
+
+    Patterns are L2-normalised; each is weighted by the expected number of neurons in the intersection of two
+    hypersphere caps (threshold cosine 1 - 2d/n, :func:`theory.log_cap_intersection`) whose centres have the
+    query's cosine with it, looked up on a grid of ``resolution`` cosines over [-1, 1] (the cosine rounded down
+    to the grid, as the original's cache). ``r=None``: infinitely many neurons (relative weights); ``r`` given:
+    expected counts stochastically rounded at every read. A query sharing no neuron with any pattern stays.
+    """
+
+    binary = False
+
+    def __init__(self, patterns: torch.Tensor, d: int, r: float | None = None, resolution: int = 1001, seed: int = 0):
+        _check_patterns(patterns)
+        self.patterns = patterns.float() / patterns.float().norm(dim=1, keepdim=True)
+        self.n = self.patterns.shape[1]
+        theory.check_n_d(self.n, d)
+        if resolution < 3:
+            raise ValueError(f"resolution must be >= 3 grid points, got {resolution}")
+        self.d, self.r, self.resolution = d, r, resolution
+        log_i = _log_cap_table(self.n, d, resolution) + (0.0 if r is None else theory.log_neuron_count(self.n, r))
+        self.log_table = torch.as_tensor(log_i)  # float64: tiny intersections keep their relative size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def weights(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, m) neuron counts (finite r) or relative weights (r=None) of each pattern for each query."""
+        q = queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        cos = (q @ self.patterns.T).clamp(-1, 1).double()
+        idx = torch.floor((cos + 1) / 2 * (self.resolution - 1) + 1e-9).long().clamp(0, self.resolution - 1)
+        log_w = self.log_table[idx]
+        if self.r is None:
+            top = log_w.max(dim=1, keepdim=True).values
+            return torch.where(torch.isfinite(top), torch.exp(log_w - top.clamp_min(-1e300)), torch.zeros_like(log_w))
+        w = torch.exp(log_w)
+        frac = w - torch.floor(w)
+        return torch.floor(w) + (torch.rand(w.shape, generator=self.gen, dtype=w.dtype) < frac).double()
+
+    def update(self, queries: torch.Tensor) -> torch.Tensor:
+        out = (self.weights(queries) @ self.patterns.double()).float()
+        norm = out.norm(dim=1, keepdim=True)
+        return torch.where(norm > 0, out / norm.clamp_min(1e-30), queries)
+
+
 class Hopfield:
     """Classical Hopfield network: W = sum of outer products (zero diagonal), sign update."""
 
@@ -218,9 +277,10 @@ class SoftmaxAttention:
         self.beta = float(beta)
 
     @classmethod
-    def sdm_fitted(cls, patterns: torch.Tensor, d: int, binary: bool = True) -> "SoftmaxAttention":
-        """beta fitted (covariance convention, dv = 0..d-1) to the binary intersection."""
-        return cls(patterns, theory.fit_beta(patterns.shape[1], d), binary)
+    def sdm_fitted(cls, patterns: torch.Tensor, d: int, binary: bool = True, cap: bool = False) -> "SoftmaxAttention":
+        """beta fitted (covariance convention, dv = 0..d-1) to the binary intersection, or with ``cap`` to the
+        continuous hypersphere-cap intersection (the original's ``Cont_SDM_CFit_Attention``)."""
+        return cls(patterns, theory.fit_beta(patterns.shape[1], d, continuous=cap), binary)
 
     @classmethod
     def transformer(cls, patterns: torch.Tensor, binary: bool = True) -> "SoftmaxAttention":

@@ -26,7 +26,17 @@ ALGORITHMS = (
     "sdm_attention",
     "hopfield",
     "transformer_attention",
+    "cap_sdm_inf",
+    "cap_sdm_finite",
+    "cap_attention",
 )
+CONTINUOUS_ONLY = ("cap_sdm_inf", "cap_sdm_finite", "cap_attention")
+BINARY_ONLY = ("neuron_sdm", "hopfield")
+
+
+def default_algorithms(continuous: bool) -> tuple[str, ...]:
+    """Every algorithm defined for the data type."""
+    return tuple(a for a in ALGORITHMS if a not in (BINARY_ONLY if continuous else CONTINUOUS_ONLY))
 RADIUS_FREE = ("hopfield", "transformer_attention")
 
 
@@ -39,12 +49,13 @@ class RecallConfig:
     num_queries: int = 256
     perturbations: tuple[int, ...] = tuple(range(13))
     probabilities: tuple[float, ...] = (1e-13, 1e-11, 1e-9, 1e-7, 1e-5, 1e-3, 1e-2, 1e-1)
-    algorithms: tuple[str, ...] = ALGORITHMS
+    algorithms: tuple[str, ...] = tuple(a for a in ALGORITHMS if a not in CONTINUOUS_ONLY)  # the binary set
     neurons: int = 100_000
     min_neurons_per_pattern: float = 1.0
     continuous: bool = False
     hamming: str = "round"  # continuous pattern SDM: cosine -> Hamming distance rounded, or floored (the original)
     max_steps: int = 50
+    cap_resolution: int = 1001  # cosine grid of the hypersphere-cap memories' intersection table
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +73,8 @@ class RecallConfig:
             raise ValueError("need at least one perturbation and one activation probability")
         if self.hamming not in ("round", "floor"):
             raise ValueError(f"hamming must be 'round' or 'floor', got {self.hamming!r}")
+        if self.cap_resolution < 3:
+            raise ValueError(f"cap_resolution must be >= 3 grid points, got {self.cap_resolution}")
         if self.neurons < 1:
             raise ValueError(f"need neurons >= 1, got neurons={self.neurons}")
         small = [p for p in self.probabilities if theory.fraction_to_hamming_radius(p, self.n) < 2]
@@ -88,8 +101,10 @@ def make_patterns(config: RecallConfig) -> torch.Tensor:
 
 
 def _skip_reason(algo: str, config: RecallConfig, d: int) -> str | None:
-    if config.continuous and algo in ("neuron_sdm", "hopfield"):
+    if config.continuous and algo in BINARY_ONLY:
         return f"{algo} is defined for binary data only"
+    if not config.continuous and algo in CONTINUOUS_ONLY:
+        return f"{algo} is defined for continuous data only (--continuous)"
     if algo == "neuron_sdm":
         expected = config.neurons * theory.hamming_radius_to_fraction(d, config.n)
         if expected < config.min_neurons_per_pattern:
@@ -112,6 +127,13 @@ def _build(algo: str, patterns: torch.Tensor, d: int, config: RecallConfig) -> t
         return mem.PatternSDM(patterns, d, float(config.neurons), binary, seed=config.seed + 2, hamming=config.hamming), None
     if algo == "sdm_attention":
         memory = mem.SoftmaxAttention.sdm_fitted(patterns, d, binary)
+        return memory, memory.beta
+    if algo == "cap_sdm_inf":
+        return mem.CapSDM(patterns, d, None, config.cap_resolution, seed=config.seed + 3), None
+    if algo == "cap_sdm_finite":
+        return mem.CapSDM(patterns, d, float(config.neurons), config.cap_resolution, seed=config.seed + 3), None
+    if algo == "cap_attention":
+        memory = mem.SoftmaxAttention.sdm_fitted(patterns, d, binary, cap=True)
         return memory, memory.beta
     if algo == "hopfield":
         return mem.Hopfield(patterns), None
@@ -213,8 +235,9 @@ def plot(result: RecallResult, path: Path, n: int) -> None:
     cols = min(4, max(1, len(radii)))
     rows_n = math.ceil(len(radii) / cols) if radii else 1
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False, sharey=True)
-    styles = dict(zip(ALGORITHMS, ["o-", "s-", "^-", "x-", "--", ":"]))
-    colors = dict(zip(ALGORITHMS, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:gray", "black"]))
+    styles = dict(zip(ALGORITHMS, ["o-", "s-", "^-", "x-", "--", ":", "s--", "^--", "x--"]))
+    colors = dict(zip(ALGORITHMS, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:gray", "black",
+                                   "tab:purple", "tab:brown", "tab:pink"]))
     for ax, d in zip(axes.flat, radii):
         for algo in ALGORITHMS:
             pts = [r for r in result.rows if r["algorithm"] == algo and (r["d"] == d or (algo in RADIUS_FREE))]
