@@ -47,6 +47,12 @@ BAD = [
     (["recall", "--patterns", "{tmp}/missing.npy"], "--patterns", "existing .npy file"),
     (["recall", "--patterns", "{tmp}/flat.npy"], "--patterns", "2-D array"),
     (["recall", "--patterns", "{tmp}/nan.npy"], "--patterns", "finite numbers"),
+    (["recall", "--continuous", "--n", "2", "--p", "0.9", "--max-perturbation", "1"], "--n", "at least 3"),
+    (["projections", "--radii", "70"], "--radii", "[2, n = 64]"),
+    (["projections", "--radii", "1"], "--radii", "[2, "),
+    (["projections", "--cosines", "1.5"], "--cosines", "[-1, 1]"),
+    (["projections", "--epochs", "0"], "--epochs", "[1, "),
+    (["projections", "--resolution", "2"], "--resolution", "[3, "),
     (["effective-beta", "--n", "0"], "--n", "[2, 20000]"),
     (["effective-beta", "--m", "0"], "--m", "[1, "),
     (["effective-beta", "--num-images", "0"], "--num-images", "[1, "),
@@ -63,6 +69,10 @@ GOOD = [
     ["beta", "--n", "64", "--d", "11", "--continuous", "--r", "1e-3"],
     ["recall", "--n", "16", "--m", "8", "--queries", "4", "--max-perturbation", "1", "--p", "0.5",
      "--algorithms", "sdm_attention", "hopfield", "--out", "{tmp}/recall"],
+    ["recall", "--continuous", "--n", "3", "--m", "4", "--queries", "2", "--max-perturbation", "1", "--p", "0.9",
+     "--algorithms", "cap_sdm_inf", "cap_attention", "--resolution", "41", "--out", "{tmp}/recall3"],
+    ["projections", "--n", "16", "--radii", "3", "--epochs", "1", "--queries", "8", "--cosines", "0.8",
+     "--r", "1e3", "--resolution", "101", "--out", "{tmp}/projections"],
 ]
 NON_FINITE = re.compile(r"\b(nan|inf|infinity)\b", re.IGNORECASE)
 

@@ -127,3 +127,11 @@ def test_bad_inputs_raise_clear_errors():
         theory.fraction_to_hamming_radius(0.0, 64)
     with pytest.raises(ValueError, match="r must be a finite number > 0"):
         theory.expected_intersection(64, 5, [0], r=-1)
+
+
+def test_cap_intersection_of_antipodal_centres_is_the_band_between_them():
+    # n = 3: x.a is uniform on [-1, 1]; caps x.a >= c and x.(-a) >= c share the band c <= x.a <= -c
+    n, d = 3, 2  # c = 1 - 2d/n = -1/3: the band has width 2/3, a third of the sphere
+    for cv in (-1.0, -1 + 1e-13):
+        assert math.exp(theory.log_cap_intersection(n, d, [cv])[0]) == pytest.approx(1 / 3, rel=1e-9)
+    assert theory.log_cap_intersection(64, 11, [-1.0])[0] == -math.inf  # c > 0: no band

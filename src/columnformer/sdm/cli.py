@@ -168,7 +168,8 @@ def _recall(args: argparse.Namespace) -> int:
     config = RecallConfig(
         n=n, m=m, num_queries=min(args.queries, m), perturbations=tuple(range(args.max_perturbation + 1)),
         probabilities=tuple(args.p), algorithms=algorithms,
-        neurons=args.neurons, continuous=args.continuous, hamming=args.hamming, seed=args.seed,
+        neurons=args.neurons, continuous=args.continuous, hamming=args.hamming, cap_resolution=args.resolution,
+        seed=args.seed,
     )
     result = run_recall(config, patterns, progress=lambda msg: print(msg, file=sys.stderr))
     for skip in result.skipped:
@@ -176,6 +177,30 @@ def _recall(args: argparse.Namespace) -> int:
     paths = save_outputs(result, Path(args.out), n)
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _projections(args: argparse.Namespace) -> int:
+    import csv
+
+    from .projections import markdown_table, plot, run_projections
+
+    for d in args.radii:
+        if d > args.n:
+            raise _bad("--radii", f"Hamming radii in [2, n = {args.n}]", d)
+    rows = run_projections(args.radii, n=args.n, epochs=args.epochs, cosines=args.cosines, r=args.r,
+                           num_queries=args.queries, seed=args.seed, resolution=args.resolution, progress=lambda msg: print(msg, file=sys.stderr))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "projections.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown_table(rows)
+    (out / "projections.md").write_text(table)
+    plot(rows, out / "projections.png")
+    print(table)
+    print(f"wrote {out / 'projections.csv'}, {out / 'projections.md'}, {out / 'projections.png'}")
     return 0
 
 
@@ -265,9 +290,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hamming", choices=("round", "floor"), default="round",
                    help="continuous pattern SDM: map cosine to Hamming distance n(1-cos)/2 rounded (default) or "
                         "floored (the original code's cosine_to_hamm)")
+    p.add_argument("--resolution", type=_int_in(3, 10**6), default=1001,
+                   help="cosine grid points of the hypersphere-cap intersection tables, >= 3 (default 1001)")
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     p.add_argument("--out", default="sdm_recall", help="output directory")
     p.set_defaults(func=_friendly(_recall))
+
+    p = sub.add_parser("projections", help="learn projections of the digits into the SDM space; recall under noise")
+    p.add_argument("--n", type=_int_in(2, 1024), default=64, help="address dimension, 2..1024 (default 64)")
+    p.add_argument("--radii", type=_int_in(2, 1024), nargs="+", default=[5, 9, 11, 15],
+                   help="Hamming radii d in [2, n] (default 5 9 11 15, the original's)")
+    p.add_argument("--epochs", type=_int_in(1, 10_000), default=20, help="training epochs, >= 1 (default 20)")
+    p.add_argument("--cosines", type=_float_in(-1, 1, False, False), nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5],
+                   help="perturbations: cosine of each query with its image, in [-1, 1]")
+    p.add_argument("--r", type=_parse_r, default=None, help="neurons of the SDM weightings: a finite number > 0 or "
+                                                               "'all' (default: infinitely many)")
+    p.add_argument("--queries", type=_int_in(1, 10**6), default=256, help="images used as queries per split (>= 1)")
+    p.add_argument("--resolution", type=_int_in(3, 10**6), default=1001,
+                   help="cosine grid points of the hypersphere-cap intersection tables, >= 3 (default 1001)")
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
+    p.add_argument("--out", default="sdm_projections", help="output directory")
+    p.set_defaults(func=_friendly(_projections))
 
     p = sub.add_parser("effective-beta", help="effective beta of attention heads vs SDM-optimal beta")
     p.add_argument("run_dir", nargs="?", help="trained Columnformer run directory")

@@ -242,6 +242,10 @@ def log_cap_intersection(n: int, d: int, cosines: Iterable[float], r: float | No
         if cv >= 1 - 1e-12:
             out.append(log_cap_fraction(n, c) + log_r)
             continue
+        if cv <= -1 + 1e-12:  # antipodal centres: the band c <= x.a <= -c (empty for c >= 0)
+            band = 1.0 - 2.0 * math.exp(log_cap_fraction(n, -c)) if c < 0 else 0.0
+            out.append(math.log(band) + log_r if band > 0 else -math.inf)
+            continue
         cos_t, sin_t = cv, math.sqrt(max(0.0, 1.0 - cv * cv))
 
         def log_f(t: float) -> float:
