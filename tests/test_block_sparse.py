@@ -222,9 +222,11 @@ def test_wide_preset_reads_its_input_everywhere_and_pools_the_sheet():
     assert cfg.geometry.kind == "grid" and sheet.n >= 64 * 64
     assert len(sheet.output_idx) / sheet.n >= 0.5  # the head pools at least half the sheet
     assert sheet.connectivity.kind == "local_long_range" and sheet.block_plan() is not None
-    # retinotopic: column (y, x) of the 64x64 sheet receives pixel (y // 8, x // 8) of the 8x8 digit
+    # retinotopic: column (y, x) of the 64x64 sheet receives patch (6y // 64, 6x // 64) of the 6x6 grid of
+    # overlapping 3x3-pixel patches (stride 1) of the 8x8 digit
+    assert model.embed.grid == (6, 6) and model.embed.proj.kernel_size == (3, 3)
     tok = sheet.input_token.view(64, 64)
-    assert tok[0, 0] == 0 and tok[7, 7] == 0 and tok[8, 0] == 8 and tok[0, 8] == 1 and tok[63, 63] == 63
+    assert tok[0, 0] == 0 and tok[10, 10] == 0 and tok[11, 0] == 6 and tok[0, 11] == 1 and tok[63, 63] == 35
     images = torch.randn(2, 1, 8, 8)
     logits, _ = model(images)
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()

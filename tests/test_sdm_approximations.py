@@ -116,3 +116,18 @@ def test_bad_arguments_name_the_problem():
         A.jaeckel_log_expected_intersection(64, 0, [1])
     with pytest.raises(ValueError, match="design"):
         A.simulate_read(64, 10, 4, [0], 3, design="other", d=3)
+
+
+def test_qknorm_learned_betas_sit_between_the_sdm_optima():
+    from columnformer.sdm import effective_beta as eb
+
+    betas = eb.qknorm_learned_betas()
+    values = [v for vals in betas.values() for v in vals]
+    assert len(betas) == 5 and len(values) == 90 and values[0] == pytest.approx(13.2098)
+    summary = eb.compare_learned_betas(values)  # n = 64, m = 1024, r = 2^64: the paper's references
+    refs = summary["references"]
+    assert refs["critical_distance_optimal"][0] == 15 and refs["snr_optimal"][0] == 11 and refs["capacity_optimal"][0] == 5
+    assert summary["range"] == pytest.approx((10.11, 35.48), abs=0.01)
+    assert summary["in_range"] == 1.0  # every learned beta lies between beta_CD and beta_Mem, as the paper reports
+    synthetic = eb.compare_learned_betas([5.0, 20.0, 40.0])
+    assert synthetic["below"] == synthetic["in_range"] == synthetic["above"] == pytest.approx(1 / 3)

@@ -53,6 +53,7 @@ BAD = [
     (["projections", "--cosines", "1.5"], "--cosines", "[-1, 1]"),
     (["projections", "--epochs", "0"], "--epochs", "[1, "),
     (["projections", "--resolution", "2"], "--resolution", "[3, "),
+    (["learned-betas", "--n", "1"], "--n", "[2, 10000]"),
     (["effective-beta", "--n", "0"], "--n", "[2, 20000]"),
     (["effective-beta", "--m", "0"], "--m", "[1, "),
     (["effective-beta", "--num-images", "0"], "--num-images", "[1, "),
@@ -71,6 +72,7 @@ GOOD = [
      "--algorithms", "sdm_attention", "hopfield", "--out", "{tmp}/recall"],
     ["recall", "--continuous", "--n", "3", "--m", "4", "--queries", "2", "--max-perturbation", "1", "--p", "0.9",
      "--algorithms", "cap_sdm_inf", "cap_attention", "--resolution", "41", "--out", "{tmp}/recall3"],
+    ["learned-betas", "--n", "100", "--m", "10", "--out", "{tmp}/learned"],
     ["projections", "--n", "16", "--radii", "3", "--epochs", "1", "--queries", "8", "--cosines", "0.8",
      "--r", "1e3", "--resolution", "101", "--out", "{tmp}/projections"],
 ]

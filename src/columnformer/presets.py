@@ -103,12 +103,13 @@ PRESETS: dict[str, dict] = {
         ),
     ),
     # A wide sheet that trains on a laptop CPU: one 64x64 grid of 4,096 columns with a retinotopic input
-    # (each column receives the embedded pixel of the 8x8 digit its position maps to: every pixel covers an
-    # 8x8 patch of the sheet) and read out everywhere (the head averages all columns). Each column reads its
-    # 16 nearest columns plus 4 long-range ones drawn from p ~ exp(-d/16) (K = 20); narrow columns (width 16,
-    # q/k 8). Sparse attention runs on the block-sparse kernel (sparse_kernel auto picks it).
+    # (overlapping 3x3-pixel receptive fields, stride 1: the 6x6 patches of the 8x8 digit, each covering a ~11x11
+    # patch of the sheet; every column receives the embedded patch its position maps to) and read out everywhere
+    # (the head averages all columns). Each column reads its 16 nearest columns plus 4 long-range ones drawn
+    # from p ~ exp(-d/16) (K = 20); narrow columns (width 16, q/k 8). Sparse attention runs on the block-sparse
+    # kernel (sparse_kernel auto picks it).
     "wide": dict(
-        image_size=(8, 8), in_chans=1, patch=1, num_classes=10, pool="avg",
+        image_size=(8, 8), in_chans=1, patch=3, stride=1, num_classes=10, pool="avg",
         input_area="retinotopic", output_area="all",
         geometry=dict(kind="grid", shape=(64, 64)),
         connectivity=dict(kind="local_long_range", k=16, k_long=4, long_range_scale=16.0, seed=0),

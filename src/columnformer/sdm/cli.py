@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import theory
 
 
@@ -234,6 +236,27 @@ def _effective_beta(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learned_betas(args: argparse.Namespace) -> int:
+    from . import effective_beta as eb
+
+    betas = eb.qknorm_learned_betas()
+    summary = eb.compare_learned_betas([v for vals in betas.values() for v in vals], args.n, args.m, args.r)
+    lines = ["| task | modules | median beta | min | max |", "|---|---|---|---|---|"]
+    lines += [f"| {task} | {len(v)} | {np.median(v):.2f} | {min(v):.2f} | {max(v):.2f} |" for task, v in betas.items()]
+    lines += ["", f"SDM-optimal betas for n = {args.n}, m = {args.m}:", "", "| optimum | d | beta |", "|---|---|---|"]
+    lines += [f"| {name} | {d} | {beta:.2f} |" for name, (d, beta) in summary["references"].items()]
+    lines += ["", f"{summary['count']} learned betas, median {summary['median']:.2f}: {summary['in_range']:.0%} between "
+              f"the smallest and largest optimum ({summary['range'][0]:.2f}-{summary['range'][1]:.2f}), "
+              f"{summary['below']:.0%} below, {summary['above']:.0%} above."]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "learned_betas.md").write_text("\n".join(lines) + "\n")
+    eb.plot_learned_betas(betas, summary, out / "learned_betas.png")
+    print("\n".join(lines))
+    print(f"wrote {out / 'learned_betas.md'}, {out / 'learned_betas.png'}")
+    return 0
+
+
 def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn bad-input ``ValueError``s into a one-line error message and exit code 2."""
 
@@ -311,6 +334,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     p.add_argument("--out", default="sdm_projections", help="output directory")
     p.set_defaults(func=_friendly(_projections))
+
+    p = sub.add_parser("learned-betas", help="the QK-norm transformers' learned betas vs the SDM-optimal betas")
+    p.add_argument("--n", type=_int_in(2, OPTIMAL_D_N_MAX), default=64, help="dimension of the SDM references (default 64)")
+    p.add_argument("--m", type=_int_in(1, 10**15), default=1024, help="stored patterns of the SDM references (default 1024)")
+    p.add_argument("--r", type=_parse_r, default=None, help=r_help)
+    p.add_argument("--out", default="sdm_learned_betas", help="output directory")
+    p.set_defaults(func=_friendly(_learned_betas))
 
     p = sub.add_parser("effective-beta", help="effective beta of attention heads vs SDM-optimal beta")
     p.add_argument("run_dir", nargs="?", help="trained Columnformer run directory")

@@ -17,6 +17,7 @@ Tensors are (B, H, N, d) or (H, N, d) *before* scaling by 1/sqrt(d).
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,56 @@ def sdm_reference_betas(n: int, m: int, r: float | None = None) -> dict[str, tup
         name: (d, theory.fit_beta(n, d, dvs=list(range(max(d, 2)))) if d >= 1 else float("nan"))
         for name, d in refs.items()
     }
+
+
+# --------------------------------------------------------------------------- published learned betas
+QKNORM_BETAS = Path(__file__).with_name("data") / "qknorm_learned_betas.json"
+
+
+def qknorm_learned_betas(path: Path = QKNORM_BETAS) -> dict[str, list[float]]:
+    """The learned beta (scale) of every attention module of the query-key-normalised translation transformers
+    (Henry et al. 2020; the numbers the SDM paper plots), per translation task. Cosine units: QK-norm attention is
+    softmax(beta cos(q, k))."""
+    data = json.loads(Path(path).read_text())
+    return {task: [v["beta"] for v in values] for task, values in data["tasks"].items()}
+
+
+def compare_learned_betas(betas: Sequence[float], n: int = 64, m: int = 1024, r: float | None = None) -> dict:
+    """Where learned betas sit against the SDM-optimal betas for dimension ``n``, ``m`` patterns, ``r`` neurons:
+    the references (radius, beta) and the fraction of betas between the critical-distance-optimal (smallest) and
+    the capacity-optimal (largest) beta, and below / above that range."""
+    b = np.asarray(betas, dtype=float)
+    if b.ndim != 1 or b.size == 0 or not np.all(np.isfinite(b)):
+        raise ValueError("betas must be a non-empty list of finite numbers")
+    refs = sdm_reference_betas(n, m, r)
+    lo = min(beta for _, beta in refs.values())
+    hi = max(beta for _, beta in refs.values())
+    return {
+        "references": refs, "count": int(b.size), "median": float(np.median(b)), "min": float(b.min()),
+        "max": float(b.max()), "in_range": float(np.mean((b >= lo) & (b <= hi))),
+        "below": float(np.mean(b < lo)), "above": float(np.mean(b > hi)), "range": (lo, hi),
+    }
+
+
+def plot_learned_betas(betas: dict[str, list[float]], summary: dict, path: Path) -> None:
+    """Histogram of the learned betas with the SDM-optimal betas as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist([v for vals in betas.values() for v in vals], bins=40, color="tab:blue", alpha=0.8)
+    names = {"critical_distance_optimal": "CD", "snr_optimal": "SNR", "capacity_optimal": "Mem"}
+    for name, (d, beta) in summary["references"].items():
+        ax.axvline(beta, linestyle="--", color="tab:red")
+        ax.text(beta, ax.get_ylim()[1] * 0.9, f" {names.get(name, name)} d={d}\n beta={beta:.1f}", fontsize=7)
+    ax.set_xlabel("learned beta (QK-norm attention, cosine units)")
+    ax.set_ylabel("attention modules")
+    ax.set_title(f"{summary['count']} learned betas: {summary['in_range']:.0%} between the SDM optima", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- reports
