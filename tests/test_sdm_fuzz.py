@@ -54,6 +54,8 @@ BAD = [
     (["projections", "--epochs", "0"], "--epochs", "[1, "),
     (["projections", "--resolution", "2"], "--resolution", "[3, "),
     (["learned-betas", "--n", "1"], "--n", "[2, 10000]"),
+    (["critical-distance", "--r", "nan"], "--r", "finite number > 0"),
+    (["critical-distance", "--n", "64", "20000"], "--n", "[2, 10000]"),
     (["effective-beta", "--n", "0"], "--n", "[2, 20000]"),
     (["effective-beta", "--m", "0"], "--m", "[1, "),
     (["effective-beta", "--num-images", "0"], "--num-images", "[1, "),
@@ -73,6 +75,7 @@ GOOD = [
     ["recall", "--continuous", "--n", "3", "--m", "4", "--queries", "2", "--max-perturbation", "1", "--p", "0.9",
      "--algorithms", "cap_sdm_inf", "cap_attention", "--resolution", "41", "--out", "{tmp}/recall3"],
     ["learned-betas", "--n", "100", "--m", "10", "--out", "{tmp}/learned"],
+    ["critical-distance", "--n", "32", "300", "--m", "10", "--r", "all", "1e-3", "--out", "{tmp}/critical"],
     ["projections", "--n", "16", "--radii", "3", "--epochs", "1", "--queries", "8", "--cosines", "0.8",
      "--r", "1e3", "--resolution", "101", "--out", "{tmp}/projections"],
 ]

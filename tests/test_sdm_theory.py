@@ -135,3 +135,17 @@ def test_cap_intersection_of_antipodal_centres_is_the_band_between_them():
     for cv in (-1.0, -1 + 1e-13):
         assert math.exp(theory.log_cap_intersection(n, d, [cv])[0]) == pytest.approx(1 / 3, rel=1e-9)
     assert theory.log_cap_intersection(64, 11, [-1.0])[0] == -math.inf  # c > 0: no band
+
+
+def test_critical_distance_curve_equals_the_per_radius_function_and_the_optimum():
+    n, m = 64, 1024
+    curve = theory.critical_distances(n, m)
+    assert len(curve) == n // 2
+    assert [theory.critical_distance(n, d, m) for d in range(1, n // 2 + 1)] == curve.tolist()
+    d_best, cd_best = theory.critical_distance_optimal_radius(n, m)
+    assert (d_best, cd_best) == (int(curve.argmax()) + 1, int(curve.max())) == (15, 24)
+    from columnformer.sdm import critical
+
+    rows = critical.critical_distance_table([n], [m], [None, 1e6])
+    best = {r["r"]: (r["d"], r["critical_distance"]) for r in critical.summary(rows)}
+    assert best[None] == (15, 24) and best[1e6] == theory.critical_distance_optimal_radius(n, m, 1e6)

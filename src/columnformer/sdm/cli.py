@@ -257,6 +257,23 @@ def _learned_betas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _critical(args: argparse.Namespace) -> int:
+    from . import critical
+
+    rows = critical.critical_distance_table(args.n, args.m, args.r, args.noise, progress=lambda msg: print(msg, file=sys.stderr))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    critical.write_csv(rows, out / "critical_distances.csv")
+    critical.plot(rows, out / "critical_distances.png")
+    lines = ["| n | m | r | best d | p(d) | critical distance |", "|---|---|---|---|---|---|"]
+    for b in critical.summary(rows):
+        r_text = "2^n" if b["r"] is None else f"{b['r']:g}"
+        lines.append(f"| {b['n']} | {b['m']:,} | {r_text} | {b['d']} | {b['p']:.1e} | {b['critical_distance']} |")
+    print("\n".join(lines))
+    print(f"wrote {out / 'critical_distances.csv'}, {out / 'critical_distances.png'}")
+    return 0
+
+
 def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn bad-input ``ValueError``s into a one-line error message and exit code 2."""
 
@@ -334,6 +351,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
     p.add_argument("--out", default="sdm_projections", help="output directory")
     p.set_defaults(func=_friendly(_projections))
+
+    p = sub.add_parser("critical-distance", help="critical distance of every radius over grids of n, m and r + figure")
+    p.add_argument("--n", type=_int_in(2, OPTIMAL_D_N_MAX), nargs="+", default=[64, 256, 1000],
+                   help=f"dimensions, 2..{OPTIMAL_D_N_MAX} (default 64 256 1000)")
+    p.add_argument("--m", type=_int_in(1, 10**15), nargs="+", default=[100, 1024, 10_000],
+                   help="stored patterns, >= 1 (default 100 1024 10000)")
+    p.add_argument("--r", type=_parse_r, nargs="+", default=[None, 1e6],
+                   help="neurons: finite numbers > 0 or 'all' (r = 2^n) (default all 1e6)")
+    p.add_argument("--noise", choices=theory.NOISE_TERMS, default="average", help="read-noise term, as optimal-d")
+    p.add_argument("--out", default="sdm_critical_distance", help="output directory")
+    p.set_defaults(func=_friendly(_critical))
 
     p = sub.add_parser("learned-betas", help="the QK-norm transformers' learned betas vs the SDM-optimal betas")
     p.add_argument("--n", type=_int_in(2, OPTIMAL_D_N_MAX), default=64, help="dimension of the SDM references (default 64)")

@@ -550,6 +550,26 @@ def _critical_distance(n: int, d: int, m: int, r: float | None, volume: int, noi
     return best
 
 
+def _critical_distances_by_radius(n: int, m: int, r: float | None, noise: str):
+    """Yield (d, critical distance) for d = 1 .. n/2 (ball volumes updated incrementally)."""
+    volume, comb = 1, n  # ball volume of radius d, C(n, d + 1): updated as d grows
+    for d in range(1, n // 2 + 1):
+        volume += comb
+        comb = comb * (n - d) // (d + 1)
+        yield d, _critical_distance(n, d, m, r, volume, noise)
+
+
+def critical_distances(n: int, m: int, r: float | None = None, noise: str = "average", progress=None) -> np.ndarray:
+    """Critical distance (:func:`critical_distance`) of every radius d = 1 .. n/2, as an array indexed d - 1."""
+    check_n_d(n, 0)
+    out = []
+    for d, cd in _critical_distances_by_radius(n, m, r, noise):
+        out.append(cd)
+        if progress is not None:
+            progress(d, n // 2)
+    return np.asarray(out, dtype=int)
+
+
 def critical_distance_optimal_radius(
     n: int, m: int, r: float | None = None, progress=None, noise: str = "average"
 ) -> tuple[int, int]:
@@ -559,11 +579,7 @@ def critical_distance_optimal_radius(
     check_n_d(n, 0)
     best = (1, -1)
     total = n // 2
-    volume, comb = 1, n  # ball volume of radius d, C(n, d + 1): updated as d grows
-    for d in range(1, total + 1):
-        volume += comb
-        comb = comb * (n - d) // (d + 1)
-        cd = _critical_distance(n, d, m, r, volume, noise)
+    for d, cd in _critical_distances_by_radius(n, m, r, noise):
         if cd > best[1]:
             best = (d, cd)
         if progress is not None:
