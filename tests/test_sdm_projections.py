@@ -49,3 +49,12 @@ def test_recall_without_neurons_leaves_the_query_and_algorithms_differ(train):
     assert not torch.allclose(a, b)  # different betas (binary vs cap fit)
     with pytest.raises(ValueError, match="unknown algorithm"):
         P.recall_images(proj, memory, queries, "hopfield", d=5)
+
+
+def test_beta_learned_with_the_projection_moves_and_fixed_beta_does_not(train):
+    fixed = P.learn_projection(train[:256], n=16, d=4, epochs=1, lr=5e-2, seed=0)
+    learned = P.learn_projection(train[:256], n=16, d=4, epochs=1, lr=5e-2, seed=0, learn_beta=True)
+    assert fixed.beta is None
+    start = P.theory.fit_beta(16, 4)
+    assert learned.beta is not None and abs(learned.beta - start) > 1e-3
+    assert not torch.equal(fixed.weight, learned.weight)  # a different beta changes the projection's updates

@@ -66,10 +66,11 @@ def _beta(n: int, d: int, cap: bool) -> float:
 
 @dataclass
 class Projection:
-    """A learned projection W (n, D) and its training losses (one per batch)."""
+    """A learned projection W (n, D), its training losses (one per batch) and, when learned with it, beta."""
 
     weight: torch.Tensor
     losses: list[float]
+    beta: float | None = None
 
     def address(self, x: torch.Tensor) -> torch.Tensor:
         """Unit addresses (B, n) of images (B, D)."""
@@ -78,11 +79,13 @@ class Projection:
 
 def learn_projection(
     images: torch.Tensor, n: int = 64, d: int = 11, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
-    min_cosine: float = 0.5, seed: int = 0,
+    min_cosine: float = 0.5, seed: int = 0, learn_beta: bool = False,
 ) -> Projection:
     """Learn W (n, D) so one attention read of the perturbed image recovers the image (see the module doc).
 
     Training queries are the training images perturbed to cosines drawn uniformly from [min_cosine, 1].
+    ``learn_beta``: beta is a parameter learned with W (the original's ``LearnProjections-Beta``), started
+    at the binary-fitted value; otherwise it stays fixed at that value.
     """
     if images.ndim != 2 or images.shape[0] < 2:
         raise ValueError(f"images must be (m >= 2, D), got {tuple(images.shape)}")
@@ -92,8 +95,8 @@ def learn_projection(
     gen = torch.Generator().manual_seed(seed)
     images = images.float()
     weight = torch.nn.Parameter(torch.randn(n, images.shape[1], generator=gen))
-    beta = _beta(n, d, cap=False)
-    opt = torch.optim.Adam([weight], lr=lr)
+    beta = torch.nn.Parameter(torch.tensor(_beta(n, d, cap=False)), requires_grad=learn_beta)
+    opt = torch.optim.Adam([weight, beta] if learn_beta else [weight], lr=lr)
     losses = []
     for _ in range(epochs):
         order = torch.randperm(images.shape[0], generator=gen)
@@ -108,7 +111,7 @@ def learn_projection(
             loss.backward()
             opt.step()
             losses.append(loss.item())
-    return Projection(weight.detach(), losses)
+    return Projection(weight.detach(), losses, beta.item() if learn_beta else None)
 
 
 class _Reader:
