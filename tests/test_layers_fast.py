@@ -27,8 +27,8 @@ def _grads(params):
     return [p.grad.clone() for p in params]
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_deferred_weight_grads_match_autograd(steps):
+@pytest.mark.parametrize("steps,fuse", [(1, True), (3, True), (3, False)])
+def test_deferred_weight_grads_match_autograd(steps, fuse):
     torch.manual_seed(0)
     n, bsz, c = 5, 4, 6
     layers = [UntiedLinear(n, c, 7), UntiedLinear(n, c, 7), UntiedLinear(n, 7, c)]
@@ -44,7 +44,7 @@ def test_deferred_weight_grads_match_autograd(steps):
     for p in params:
         p.grad = None
     x0.grad = None
-    with untied_session():
+    with untied_session(fuse=fuse):
         out = _recurrent(x0, layers, steps, untied_linear_fused)
     torch.testing.assert_close(out, ref)
     out.square().sum().backward()
@@ -166,7 +166,7 @@ def test_columnformer_fast_path_matches_plain_layers():
     import contextlib
 
     original = sheet_mod.untied_session
-    sheet_mod.untied_session = contextlib.nullcontext  # plain autograd through UntiedLinear.forward
+    sheet_mod.untied_session = lambda fuse=True: contextlib.nullcontext()  # plain autograd through UntiedLinear.forward
     try:
         out2, trace2 = model(img)
         (out2.square().sum() + 0.05 * trace2.wiring_cost).backward()
@@ -175,3 +175,34 @@ def test_columnformer_fast_path_matches_plain_layers():
     torch.testing.assert_close(out, out2)
     for k, p in model.named_parameters():
         torch.testing.assert_close(fast[k], p.grad, msg=k)
+
+
+def test_only_sheets_that_reuse_their_layers_concatenate_weights():
+    """q and k weights are concatenated once per forward when the unrolled sheet reuses them; a feed-forward
+    sheet uses each layer once, where the copy would cost more than it saves."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from columnformer.config import build_config
+    from columnformer.presets import build_model
+
+    class CatSizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.cat.default:
+                self.sizes.append(sum(t.numel() for t in args[0]))
+            return func(*args, **(kwargs or {}))
+
+    img = torch.randn(2, 1, 8, 8)
+    for recurrent in (False, True):
+        flag = str(recurrent).lower()
+        cfg = build_config({}, ["preset=digits", f"model.sheet.recurrent={flag}", f"model.sheet.time_embed={flag}"]).model
+        model = build_model(cfg)
+        qk = 2 * model.sheet.blocks[0].attn.q.weight.numel()
+        with CatSizes() as mode:
+            out, _ = model(img)
+        assert (qk in mode.sizes) == recurrent, (recurrent, mode.sizes)
+        out.sum().backward()  # both paths train
+        assert model.sheet.blocks[0].attn.q.weight.grad.abs().sum() > 0

@@ -7,8 +7,9 @@ batched matmul (``baddbmm``) over the N columns, never a Python loop. The tied v
 Fast path for unrolled sheets (``untied_session``). A recurrent sheet applies the same untied
 layer T times; plain autograd then computes T weight gradients with M = B rows each. Inside an
 ``untied_session`` (entered by ``Columnformer.forward``) every untied layer's weight passes once
-through a *tap* (an identity autograd node, which also casts it once to the autocast dtype and
-concatenates layers that read the same input, e.g. query and key), and each use returns only its
+through a *tap* (an identity autograd node, which also casts it once to the autocast dtype and, when the
+forward reuses the layers (``untied_session(fuse=True)``: an unrolled recurrent sheet), concatenates layers
+that read the same input, e.g. query and key, into one matmul), and each use returns only its
 input gradient and hands ``(x_t, g_t)`` to the layer's *stash*. The tap's backward, which autograd
 runs after every use's backward, returns ``dW = sum_t x_t^T g_t``. In float32/float64 the stash adds
 each use's ``x_t^T g_t`` into one gradient buffer as it arrives (``baddbmm_``: no concatenation, and
@@ -60,23 +61,27 @@ class _Stash:
 
 
 class _Session:
-    """Per-forward cache of tapped (cast / concatenated) weights of untied layers."""
+    """Per-forward cache of tapped (cast / concatenated) weights of untied layers. ``fuse``: concatenate the
+    weights of layers that read the same input (worth it when the forward reuses them; a copy otherwise)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fuse: bool = True) -> None:
+        self.fuse = fuse
         self.taps: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None, _Stash]] = {}
 
 
 @contextlib.contextmanager
-def untied_session():
+def untied_session(fuse: bool = True):
     """Within this context every untied layer defers its weight gradient to one batched GEMM.
 
     Enter it once per forward pass of a model that reuses its untied layers (the sheet does).
+    ``fuse=False``: layers that read the same input stay separate matmuls (no weight concatenation: a
+    feed-forward sheet uses each layer once, so the concatenated copy would not pay for itself).
     Nesting reuses the outer session.
     """
     if getattr(_LOCAL, "session", None) is not None:
         yield _LOCAL.session
         return
-    _LOCAL.session = _Session()
+    _LOCAL.session = _Session(fuse)
     try:
         yield _LOCAL.session
     finally:
@@ -196,6 +201,8 @@ def untied_linear_fused(x: torch.Tensor, layers: list["UntiedLinear"]) -> list[t
     has_bias = {layer.bias is not None for layer in layers}
     if session is None or len(has_bias) > 1:
         return [layer(x) for layer in layers]
+    if not session.fuse and len(layers) > 1:
+        return [untied_linear_fused(x, [layer])[0] for layer in layers]
     for layer in layers:
         layer._check(x)
     if torch.autograd._profiler_enabled():  # a named region for benchmarks/train_step.py's breakdown

@@ -412,7 +412,8 @@ class Columnformer(nn.Module):
         (steps past T reuse the last step's time embedding); None: ``cfg.steps``."""
         # one session per forward: untied weights are tapped (cast, fused) once and their
         # gradients over all steps are computed in one batched matmul (see layers.py)
-        with untied_session():
+        reused = self.cfg.recurrent and (steps if steps is not None else self.cfg.steps) > 1
+        with untied_session(fuse=reused):
             return self._forward(tokens, record, steps)
 
     def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | None):
