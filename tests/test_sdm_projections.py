@@ -58,3 +58,13 @@ def test_beta_learned_with_the_projection_moves_and_fixed_beta_does_not(train):
     start = P.theory.fit_beta(16, 4)
     assert learned.beta is not None and abs(learned.beta - start) > 1e-3
     assert not torch.equal(fixed.weight, learned.weight)  # a different beta changes the projection's updates
+
+
+def test_mean_image_floor_is_reported():
+    proj = P.Projection(torch.randn(16, 64, generator=torch.Generator().manual_seed(3)), [])
+    memory = P.digits_images("test")[:100]
+    row = P.recall_table(proj, memory, [0.8], ["binary_attention"], d=5, num_queries=20)[0]
+    unit = memory / memory.norm(dim=1, keepdim=True)
+    mean = memory.mean(0) / memory.mean(0).norm()
+    assert row["mean_image_similarity"] == pytest.approx(float((unit[:20] @ mean).mean()), rel=1e-5)
+    assert 0.7 < row["mean_image_similarity"] < 0.95  # digits are positive images, all close to their mean

@@ -159,9 +159,11 @@ def recall_table(
     r: float | None = None, num_queries: int = 256, seed: int = 0, resolution: int = 1001,
 ) -> list[dict]:
     """Mean cosine of the recalled image to the original, per algorithm and perturbation cosine, over the first
-    ``num_queries`` images; also the fraction of queries still closest to their own image, and the baseline
-    (the perturbed query itself)."""
+    ``num_queries`` images; also the fraction of queries still closest to their own image and, as a floor any
+    useful read must beat, the mean cosine of the originals with the average stored image (a read that returns
+    the mean image scores this whatever the query)."""
     originals = images[:num_queries].float()
+    mean_image = float((_unit(originals) @ _unit(images.float().mean(0))).mean())
     rows = []
     for c in cosines:
         query, closest = perturb_images(originals, float(c), torch.Generator().manual_seed(seed + 1))
@@ -169,7 +171,7 @@ def recall_table(
             out = recall_images(projection, images, query, algo, d, r, resolution=resolution, seed=seed)
             sims = (_unit(out) * _unit(originals)).sum(1)
             rows.append({"algorithm": algo, "d": d, "r": r, "cosine": float(c), "mean_similarity": float(sims.mean()),
-                         "still_closest": float(closest.float().mean())})
+                         "still_closest": float(closest.float().mean()), "mean_image_similarity": mean_image})
     return rows
 
 
@@ -209,6 +211,9 @@ def markdown_table(rows: list[dict]) -> str:
         closest.setdefault((r["split"], r["cosine"]), r["still_closest"])
     lines.append("\nPerturbed queries still closest to their own image: " + ", ".join(
         f"{split} cos {c:g}: {v:.2f}" for (split, c), v in sorted(closest.items())))
+    floor = {r["split"]: r["mean_image_similarity"] for r in rows}
+    lines.append("\nCosine of the images with the mean stored image (what a read returning the average scores): " +
+                 ", ".join(f"{split} {v:.3f}" for split, v in sorted(floor.items())))
     return "\n".join(lines) + "\n"
 
 
@@ -235,11 +240,14 @@ def plot(rows: list[dict], path) -> None:
                                 label=f"{algo} ({proj})" if (i, j) == (0, 0) else None)
             cs = sorted({r["cosine"] for r in rows})
             ax.plot(cs, cs, ":", color="gray", label="no update" if (i, j) == (0, 0) else None)
+            floor = next(r["mean_image_similarity"] for r in rows if r["split"] == split)
+            ax.axhline(floor, color="black", linestyle="-.", linewidth=0.8,
+                       label="mean stored image" if (i, j) == (0, 0) else None)
             ax.set_title(f"{split}, d={d}", fontsize=9)
             ax.set_xlabel("query cosine to its image")
             ax.grid(alpha=0.3)
         axes[i, 0].set_ylabel("recalled cosine")
-    fig.legend(loc="lower center", ncol=5, fontsize=7)
+    fig.legend(loc="lower center", ncol=6, fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
