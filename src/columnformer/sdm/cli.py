@@ -287,6 +287,13 @@ def _friendly(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     return run
 
 
+def _add_resolution_seed_out(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--resolution", type=_int_in(3, 10**6), default=1001,
+                   help="cosine grid points of the hypersphere-cap intersection tables, >= 3 (default 1001)")
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
+    p.add_argument("--out", default=out, help="output directory")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sdm`` command (with its sub-commands) to ``subparsers``."""
     sdm = subparsers.add_parser("sdm", help="Sparse Distributed Memory theory and experiments")
@@ -330,10 +337,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hamming", choices=("round", "floor"), default="round",
                    help="continuous pattern SDM: map cosine to Hamming distance n(1-cos)/2 rounded (default) or "
                         "floored (the original code's cosine_to_hamm)")
-    p.add_argument("--resolution", type=_int_in(3, 10**6), default=1001,
-                   help="cosine grid points of the hypersphere-cap intersection tables, >= 3 (default 1001)")
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
-    p.add_argument("--out", default="sdm_recall", help="output directory")
+    _add_resolution_seed_out(p, "sdm_recall")
     p.set_defaults(func=_friendly(_recall))
 
     p = sub.add_parser("projections", help="learn projections of the digits into the SDM space; recall under noise")
@@ -346,10 +350,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--r", type=_parse_r, default=None, help="neurons of the SDM weightings: a finite number > 0 or "
                                                                "'all' (default: infinitely many)")
     p.add_argument("--queries", type=_int_in(1, 10**6), default=256, help="images used as queries per split (>= 1)")
-    p.add_argument("--resolution", type=_int_in(3, 10**6), default=1001,
-                   help="cosine grid points of the hypersphere-cap intersection tables, >= 3 (default 1001)")
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
-    p.add_argument("--out", default="sdm_projections", help="output directory")
+    _add_resolution_seed_out(p, "sdm_projections")
     p.set_defaults(func=_friendly(_projections))
 
     p = sub.add_parser("critical-distance", help="critical distance of every radius over grids of n, m and r + figure")
