@@ -120,8 +120,8 @@ def test_conserve_divides_the_mlp_and_options_are_checked():
         SheetConfig(experts=8, mixture_parts=["mlp"])  # would be silently ignored
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_mixture_linear_and_norm_match_a_per_column_per_sample_reference(mode):
+@pytest.mark.parametrize("mode,batch", [("static", 7), ("static", 1), ("dynamic", 7)])
+def test_mixture_linear_and_norm_match_a_per_column_per_sample_reference(mode, batch):
     torch.manual_seed(0)
     from columnformer.mixture import MixtureCoefficients
 
@@ -131,13 +131,43 @@ def test_mixture_linear_and_norm_match_a_per_column_per_sample_reference(mode):
         lin.bias.normal_()
         norm.weight.normal_()
         norm.bias.normal_()
-    x = torch.randn(5, 7, 6)  # (N, B, C)
+    x = torch.randn(5, batch, 6)  # (N, B, C); a static bank mixes weights at B = 7, outputs at B = 1
     c = coef.update(x)
     y, z = lin(x), norm(x)
-    cc = c if c.ndim == 3 else c[:, None, :].expand(5, 7, 3)  # (N, B, E)
+    cc = c if c.ndim == 3 else c[:, None, :].expand(5, batch, 3)  # (N, B, E)
     for n in range(5):
-        for b in range(7):
+        for b in range(batch):
             w = torch.einsum("e,eio->io", cc[n, b], lin.weight)
             torch.testing.assert_close(y[n, b], x[n, b] @ w + cc[n, b] @ lin.bias, rtol=1e-5, atol=1e-6)
             ln = torch.nn.functional.layer_norm(x[n, b], (6,))
             torch.testing.assert_close(z[n, b], ln * (cc[n, b] @ norm.weight) + cc[n, b] @ norm.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_static_bank_materialises_per_column_matrices_only_for_batches_where_that_is_cheaper():
+    """B = 1: the experts' outputs are mixed (no (N, in, out) tensor); B = 32: the weights are mixed (measured
+    faster, benchmarks/mixture_strategies.py). Both give the same gradients as each other's math."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from columnformer.mixture import MixtureCoefficients, mix_outputs
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.numels.append(out.numel())
+            return out
+
+    n, i, o, e = 40, 12, 10, 4
+    coef = MixtureCoefficients(n, i, experts=e, mode="static")
+    lin = coef.linear(i, o)
+    per_column = n * i * o
+    for batch in (1, 32):
+        coef.update(None)
+        with Sizes() as mode:
+            lin(torch.randn(n, batch, i))
+        assert (per_column in mode.numels) == (not mix_outputs(batch, e)), batch
+    assert mix_outputs(1, 24) and mix_outputs(2, 24) and not mix_outputs(32, 4) and not mix_outputs(64, 16)

@@ -17,8 +17,9 @@ norms, as in the predecessor's ``MixtureCoefficients``):
 
 E = 1 is a tied layer; E = N with one-hot coefficients is an untied one. Static coefficients mix
 the weights (N materialised matrices per call: N*E*in*out multiply-adds, fewer than mixing the
-outputs, B*N*E*in*out, for any batch B >= 2); dynamic coefficients differ per sample, so the outputs of
-the E experts are computed in one GEMM and mixed (no per-column matrices).
+outputs, B*N*E*in*out, for batches B > 2; measured 3.0-19x faster at B = 32-64), except for single samples
+and pairs, where the outputs are mixed (:func:`mix_outputs`); dynamic coefficients differ per sample, so the
+outputs of the E experts are computed in one GEMM and mixed (no per-column matrices).
 """
 
 from __future__ import annotations
@@ -147,6 +148,15 @@ def _fourier_features(coords: np.ndarray, count: int) -> tuple[torch.Tensor, tor
     return torch.from_numpy(feats).float(), torch.from_numpy(per_feature.copy()).float()
 
 
+def mix_outputs(batch: int, experts: int) -> bool:
+    """Whether a static bank should mix its experts' outputs (B*E*in*out multiply-adds, no per-column matrices)
+    rather than its weights (E*in*out per column to materialise N matrices, then B*in*out per column): when
+    B*E < 2 (B + E), i.e. single samples and pairs. Measured (benchmarks/mixture_strategies.py, forward +
+    backward, 2 threads, 10 shapes): mixing weights is 3.0-19x faster at B = 32-64 for E = 4-24; at B = 1-2
+    mixing outputs takes 0.26-0.81x the time; the rule picks the faster way in all 10."""
+    return batch * experts < 2 * (batch + experts)
+
+
 class MixtureLinear(nn.Module):
     """Linear layer whose per-column weights are a mixture of E experts. (N, B, in) -> (N, B, out)."""
 
@@ -168,11 +178,13 @@ class MixtureLinear(nn.Module):
         N, B, _ = x.shape
         c = self.coef[0].current()
         E, i, o = self.weight.shape
-        if c.ndim == 2:  # static: mix the weights, then one batched matmul
+        if c.ndim == 2 and not mix_outputs(B, E):  # static: mix the weights, then one batched matmul
             w = (c.to(x.dtype) @ self.weight.to(x.dtype).reshape(E, i * o)).view(N, i, o)  # (N, in, out)
             y = torch.bmm(x, w)  # (N, B, out)
             return y if self.bias is None else y + (c.to(x.dtype) @ self.bias.to(x.dtype)).unsqueeze(1)
-        # dynamic: every expert's output in one GEMM, mixed per column and sample
+        if c.ndim == 2:  # static, small batch: the same coefficients for every sample
+            c = c.unsqueeze(1).expand(N, B, E)  # (N, B, E)
+        # mix outputs: every expert's output in one GEMM, mixed per column and sample (no per-column matrices)
         w = self.weight.to(x.dtype).permute(1, 0, 2).reshape(i, E * o)  # (in, E*out)
         y = (x.reshape(N * B, i) @ w).view(N, B, E, o)  # (N, B, E, out)
         c = c.to(x.dtype)
