@@ -222,3 +222,22 @@ def test_report_in_browser(reported, browser, kind):
     shot = ARTIFACTS / ("report.png" if kind == "stacked" else f"report_{kind}.png")
     drv.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def test_report_includes_model_brain_comparisons(reported, tmp_path):
+    """`columnformer brain` writes RUN/brain/<name>/brain.md and figures; the report shows each comparison's
+    tables and figures, and has no such section without one."""
+    run, page_path = reported["stacked"]
+    assert 'id="brain"' not in page_path.read_text()
+    folder = run / "brain" / "synthetic-v1"
+    (folder / "figures").mkdir(parents=True)
+    (folder / "brain.md").write_text(
+        "Encoding (cross-validated ridge, 5 folds): mean Pearson r per area (rows) and step (columns)\n\n"
+        "| area | step 1 | step 2 |\n|---|---|---|\n| 0 | 0.125 | 0.375 |\n| 1 | 0.625 | 0.875 |\n"
+    )
+    shutil.copy(next((run / "figures" / "analysis").glob("*.png")), folder / "figures" / "brain_encoding.png")
+    page = build_report(run, out=tmp_path / "report.html").read_text()
+    section = page[page.index('id="brain"'):page.index('<h2>Summary')]
+    assert "synthetic-v1" in section and "<td>0.875</td>" in section and "<th>step 2</th>" in section
+    assert "|---|" not in section and section.count("data:image/png;base64,") == 1
+    assert "Encoding (cross-validated ridge, 5 folds)" in section

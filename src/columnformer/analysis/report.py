@@ -346,6 +346,46 @@ def _img(path: Path, alt: str) -> str:
     return f'<figure><img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption class="muted">{html.escape(alt)}</figcaption></figure>'
 
 
+def _markdown_html(text: str) -> str:
+    """The tables and paragraphs of a generated markdown file (``brain.md``) as HTML: ``|`` rows become a table
+    (the ``|---|`` line dropped), other non-empty lines paragraphs."""
+    parts: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+            parts.append(f'<table class="num"><tr>{head}</tr>{body}</table>')
+            rows.clear()
+
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                rows.append(cells)
+            continue
+        flush()
+        if line:
+            parts.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "".join(parts)
+
+
+def brain_sections(run_dir: Path) -> str:
+    """One section per model-brain comparison written by ``columnformer brain`` (RUN/brain/<name>/: brain.md and
+    its figures); empty when there is none."""
+    out = []
+    for result in sorted((run_dir / "brain").glob("*/brain.md")):
+        folder = result.parent
+        figs = "".join(_img(p, f"{folder.name}: {p.stem.replace('_', ' ')}") for p in sorted((folder / "figures").glob("*.png")))
+        out.append(f'<h3>{html.escape(folder.name)}</h3>{_markdown_html(result.read_text())}{figs}')
+    if not out:
+        return ""
+    return '<h2 id="brain">Model–brain comparison</h2>' + "".join(out)
+
+
 def _slim(analysis: dict) -> dict:
     """analysis.json without the bulky per-column arrays (for the page's JSON dump)."""
     drop = {"top_incoming", "per_class_per_column", "class_means", "config"}
@@ -395,6 +435,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, top_m: int 
 <h2>Learning curves</h2>{learning_curves_svg(metrics)}
 <h2>Analysis: connectivity and topography</h2>{numbers_table(analysis)}
 {figs}
+{brain_sections(run_dir)}
 <h2>Summary</h2><table class="num" id="summary"><tr><th>key</th><th>value</th></tr>{sum_rows}</table>
 <h2>Config</h2><pre id="config">{html.escape(yaml.safe_dump(analysis.get('config') or cfg.model_dump(mode='json'), sort_keys=False))}</pre>
 <h2>All analysis numbers</h2><details><summary>analysis.json (per-column arrays omitted)</summary>
