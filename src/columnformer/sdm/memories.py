@@ -289,9 +289,13 @@ class SoftmaxAttention:
         n = patterns.shape[1]
         return cls(patterns, math.sqrt(n) if binary else 1.0 / math.sqrt(n), binary)
 
-    def update(self, queries: torch.Tensor) -> torch.Tensor:
+    def weights(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, m) softmax weights of the patterns for each query."""
         cos = (queries @ self.patterns.T) / (self.n if self.binary else 1.0)
-        out = torch.softmax(self.beta * cos, dim=1) @ self.patterns
+        return torch.softmax(self.beta * cos, dim=1)
+
+    def update(self, queries: torch.Tensor) -> torch.Tensor:
+        out = self.weights(queries) @ self.patterns
         if self.binary:
             return _sign_keep(out, queries)
         return out / out.norm(dim=1, keepdim=True).clamp_min(1e-30)

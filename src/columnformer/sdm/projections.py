@@ -60,10 +60,6 @@ def perturb_images(
     return out, closest
 
 
-def _beta(n: int, d: int, cap: bool) -> float:
-    return theory.fit_beta(n, d, continuous=cap)
-
-
 @dataclass
 class Projection:
     """A learned projection W (n, D), its training losses (one per batch) and, when learned with it, beta."""
@@ -95,7 +91,7 @@ def learn_projection(
     gen = torch.Generator().manual_seed(seed)
     images = images.float()
     weight = torch.nn.Parameter(torch.randn(n, images.shape[1], generator=gen))
-    beta = torch.nn.Parameter(torch.tensor(_beta(n, d, cap=False)), requires_grad=learn_beta)
+    beta = torch.nn.Parameter(torch.tensor(theory.fit_beta(n, d)), requires_grad=learn_beta)
     opt = torch.optim.Adam([weight, beta] if learn_beta else [weight], lr=lr)
     losses = []
     for _ in range(epochs):
@@ -114,25 +110,15 @@ def learn_projection(
     return Projection(weight.detach(), losses, beta.item() if learn_beta else None)
 
 
-class _Reader:
-    """Weights (B, m) of the stored images for projected queries, for one algorithm."""
-
-    def __init__(self, algorithm: str, keys: torch.Tensor, d: int, r: float | None, resolution: int, seed: int):
-        n = keys.shape[1]
-        self.algorithm = algorithm
-        if algorithm == "binary_sdm":
-            self.memory = mem.PatternSDM(keys, d, r, binary=False, seed=seed)
-        elif algorithm == "cap_sdm":
-            self.memory = mem.CapSDM(keys, d, r, resolution, seed=seed)
-        elif algorithm in ("binary_attention", "cap_attention"):
-            self.keys, self.beta = keys, _beta(n, d, cap=algorithm == "cap_attention")
-        else:
-            raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
-
-    def weights(self, addresses: torch.Tensor) -> torch.Tensor:
-        if self.algorithm.endswith("attention"):
-            return torch.softmax(self.beta * (addresses @ self.keys.T), dim=1).double()
-        return self.memory.weights(addresses).double()
+def _memory(algorithm: str, keys: torch.Tensor, d: int, r: float | None, resolution: int, seed: int):
+    """The memory of the projected ``keys`` whose ``weights(addresses)`` (B, m) weigh the stored images."""
+    if algorithm == "binary_sdm":
+        return mem.PatternSDM(keys, d, r, binary=False, seed=seed)
+    if algorithm == "cap_sdm":
+        return mem.CapSDM(keys, d, r, resolution, seed=seed)
+    if algorithm in ("binary_attention", "cap_attention"):
+        return mem.SoftmaxAttention.sdm_fitted(keys, d, binary=False, cap=algorithm == "cap_attention")
+    raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
 
 
 def recall_images(
@@ -141,10 +127,10 @@ def recall_images(
 ) -> torch.Tensor:
     """Iterate reads of the memory of ``images`` (m, D) from ``queries`` (B, D); returns converged (B, D)."""
     keys = projection.address(images.float())
-    reader = _Reader(algorithm, keys, d, r, resolution, seed)
+    memory = _memory(algorithm, keys, d, r, resolution, seed)
     q = queries.float()
     for _ in range(max_steps):
-        w = reader.weights(projection.address(q))  # (B, m)
+        w = memory.weights(projection.address(q)).double()  # (B, m)
         total = w.sum(1, keepdim=True)
         new = torch.where(total > 0, (w @ images.double()) / total.clamp_min(1e-300), q.double()).float()
         moved = (new - q).abs().max() > tol
