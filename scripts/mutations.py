@@ -175,6 +175,21 @@ MUTATIONS = [
      "feats[row : row + len(x)] = x.numpy()", "feats[: len(x)] = x.numpy()", ["tests/test_features.py", "-k", "trace"]),
     ("features: PCA projection without centring", "src/columnformer/brain/features.py",
      "x = (x - mean) @ comps", "x = x @ comps", ["tests/test_features.py", "-k", "reductions"]),
+    ("penalties computed but not added to the loss", "src/columnformer/train.py",
+     "                        reg = reg + penalty\n", "                        pass\n",
+     ["tests/test_regularizers.py", "-k", "enter_the_loss"]),
+    ("penalty schedule ignored", "src/columnformer/regularizers.py",
+     "pc.weight * schedule_factor(step, total_steps, pc.start, pc.ramp) * v", "pc.weight * v",
+     ["tests/test_regularizers.py", "-k", "enter_the_loss"]),
+    ("response similarity of a column with itself", "src/columnformer/regularizers.py",
+     "(z[pairs[:, 0]] * z[pairs[:, 1]])", "(z[pairs[:, 0]] * z[pairs[:, 0]])",
+     ["tests/test_regularizers.py", "-k", "response_smoothness"]),
+    ("lifetime sparseness taken over units", "src/columnformer/regularizers.py",
+     '"lifetime_sparseness": _sparseness(a, dim=0)', '"lifetime_sparseness": _sparseness(a, dim=1)',
+     ["tests/test_regularizers.py", "-k", "sparsity"]),
+    ("weight smoothness compares a column with itself", "src/columnformer/regularizers.py",
+     "cosine_similarity(flat, smooth, dim=1", "cosine_similarity(flat, flat, dim=1",
+     ["tests/test_regularizers.py", "-k", "weight_smoothness"]),
 ]
 
 

@@ -231,6 +231,31 @@ class RewireConfig(_Strict):
     batches: int = Field(4, ge=1, description="training batches used to measure mean attention per edge")
 
 
+class PenaltyConfig(_Strict):
+    """One regulariser: its weight and when it is on (fractions of the run's optimizer steps)."""
+
+    weight: float = Field(0.0, ge=0, description="weight in the loss; 0: off")
+    start: float = Field(0.0, ge=0, le=1, description="fraction of training before the penalty turns on")
+    ramp: float = Field(0.0, ge=0, le=1, description="fraction of training over which its weight rises linearly to `weight`")
+
+
+class PenaltiesConfig(_Strict):
+    """Regularisers of the sheet's activity and weights (see regularizers.py); all off by default."""
+
+    activity_l1: PenaltyConfig = Field(default_factory=PenaltyConfig, description="L1 on the column states")
+    response_smoothness: PenaltyConfig = Field(
+        default_factory=PenaltyConfig, description="TDANN-style spatial correlation loss on the column responses"
+    )
+    weight_smoothness: PenaltyConfig = Field(
+        default_factory=PenaltyConfig, description="TopoLoss-style smoothness of the untied weights on the sheet"
+    )
+    radius: float | None = Field(
+        None, gt=0, description="response_smoothness: pairs of columns within this distance (None: 3x the spacing)"
+    )
+    max_pairs: int = Field(4096, ge=3, description="response_smoothness: at most this many pairs (a fixed random subset)")
+    neighbours: int = Field(8, ge=1, description="weight_smoothness: nearest columns averaged into the smoothed weights")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -247,6 +272,11 @@ class TrainConfig(_Strict):
     figures: bool = Field(True, description="write figures/ when a run ends (false: skip them, e.g. in large sweeps)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (debugging)")
     rewire: RewireConfig = Field(default_factory=RewireConfig)
+    penalties: PenaltiesConfig = Field(default_factory=PenaltiesConfig)
+    log_sparsity: bool = Field(
+        True, description="log activation sparsity of the column states (near_zero, hoyer, population/lifetime sparseness)"
+    )
+    sparsity_tol: float = Field(0.1, gt=0, description="a unit is near zero when |x| < sparsity_tol * rms(|x|)")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: replicate (DDP) or shard parameters/gradients/optimizer state (FSDP2)"
     )

@@ -44,7 +44,7 @@ from .geometry import Geometry
 from .layers import INIT_STD, Mlp, current_session, layer_norm, linear, reuse_session, untied_session
 from .mixture import MixtureCoefficients
 
-RECORDABLE = ("attn", "features", "qk")
+RECORDABLE = ("attn", "features", "qk", "states")
 
 
 class SheetConfig(BaseModel):
@@ -185,7 +185,8 @@ class Trace:
 
     ``wiring`` and ``entropy`` are lists of T scalars (the wiring cost is differentiable and
     un-scaled by lambda). ``attn`` (B, H, N, N|K), ``features`` (B, N, C) and ``qk`` ((B, H, N, d) pairs)
-    are filled only when requested through ``record``.
+    are filled only when requested through ``record``; so is ``states``, the state (N, B, C) after each
+    step *with* its graph (for penalties on activity, see regularizers.py; references, no copies).
 
     With weight banks (``mixture``): per step ``expert_load`` (E,) the mean mixing coefficient of each
     expert and ``mix_entropy`` the mean entropy of the columns' coefficients (detached).
@@ -201,6 +202,7 @@ class Trace:
     attn: list[torch.Tensor] | None = None
     features: list[torch.Tensor] | None = None
     qk: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    states: list[torch.Tensor] | None = None
     expert_load: list[torch.Tensor] | None = None
     mix_entropy: list[torch.Tensor] | None = None
     halt_weights: torch.Tensor | None = None
@@ -450,6 +452,7 @@ class Columnformer(nn.Module):
             attn=[] if "attn" in record else None,
             features=[] if "features" in record else None,
             qk=[] if "qk" in record else None,
+            states=[] if "states" in record else None,
         )
         halting = None if self.halt is None else _Halting(self.cfg, self.n, B, steps, x)
         for t in range(steps):
@@ -478,6 +481,8 @@ class Columnformer(nn.Module):
                 trace.features.append(x.detach().transpose(0, 1))  # (B, N, C)
             if trace.qk is not None:
                 trace.qk.append(qk)
+            if trace.states is not None:
+                trace.states.append(x)  # (N, B, C), differentiable
         if halting is not None:
             x = halting.finish(trace)  # (N, B, C): the halting-weighted mixture of the states
         return x[self.output_idx].transpose(0, 1), trace  # (B, n_out, C)

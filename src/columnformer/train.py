@@ -40,6 +40,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler
 from .presets import count_parameters
+from .regularizers import PENALTIES, SPARSITY_METRICS, SheetRegularizer, mean_sparsity
 from .run import MetricsLog, provenance, remove_run, run_lock, write_config, write_json
 from .runtime import autocast_context, resolve_device, seed_everything
 from .tasks import build_task, evaluate
@@ -129,8 +130,18 @@ class Trainer:
         sheet = getattr(self.model, "sheet", None)
         self.halting = getattr(sheet, "halt", None) is not None
         self.mixture = sheet is not None and any(getattr(b, "coef", None) is not None for b in sheet.blocks)
-        self.extra_keys = (*(_HALTING_SUMS if self.halting else ()), *(_MIXTURE_SUMS if self.mixture else ()))
-        self.window_keys = (*_WINDOW_SUMS, *self.extra_keys, *self.task.sum_keys)
+        # penalties on activity / weights, and the activation-sparsity metrics of the column states
+        self.regularizer = None
+        if sheet is not None and any(getattr(tc.penalties, p).weight > 0 for p in PENALTIES):
+            self.regularizer = SheetRegularizer(tc.penalties, sheet, sheet.geometry.coords)
+        self.log_sparsity = sheet is not None and tc.log_sparsity
+        self.needs_states = bool(self.regularizer and self.regularizer.needs_states)
+        self.extra_keys = (
+            *(_HALTING_SUMS if self.halting else ()), *(_MIXTURE_SUMS if self.mixture else ()),
+            *(self.regularizer.active if self.regularizer else ()),
+        )
+        sparsity_sums = (*SPARSITY_METRICS, "sparsity_n") if self.log_sparsity else ()
+        self.window_keys = (*_WINDOW_SUMS, *self.extra_keys, *sparsity_sums, *self.task.sum_keys)
         rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
         if tc.batch_size % world:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the world size {world}")
@@ -400,7 +411,11 @@ class Trainer:
                 bar.close()
                 return False
             t0 = time.perf_counter()
+            # activation sparsity is measured on the last micro-batch of each logged step (cheap, and a sample of the window)
+            log_step = (self.step + 1) % tc.log_every == 0 or self.batch_in_epoch + 1 == self.steps_per_epoch
             for micro in range(accum):
+                measure = self.log_sparsity and log_step and micro == accum - 1
+                record = ("states",) if measure or self.needs_states else ()
                 batch = list(next(batches))  # the task's tensors, e.g. (images, labels) or (images, mask)
                 valid = None
                 if self.dist is not None:  # leave out the padding of the last, smaller global batch
@@ -411,10 +426,15 @@ class Trainer:
                 sync = self.dist.no_sync(self.wrapped) if (self.dist and micro < accum - 1) else nullcontext()
                 with sync:
                     with autocast_context(tc.precision, self.device):
-                        outputs, trace = self.task.forward(self.train_module, batch)
+                        outputs, trace = self.task.forward(self.train_module, batch, record=record)
                     wiring = trace.wiring_cost.float()
-                    # batch-level regularisers: the wiring cost and the sheet's own (halting: the ponder cost)
+                    # batch-level regularisers: the wiring cost, the sheet's own (halting: the ponder cost) and
+                    # the configured penalties (train.penalties)
                     reg = tc.wiring_lambda * wiring + trace.aux_loss
+                    penalty_values = {}
+                    if self.regularizer is not None:
+                        penalty, penalty_values = self.regularizer(trace.states, self.step, self.total_steps)
+                        reg = reg + penalty
                     if valid is None:
                         b = len(batch[0])
                         task_loss = self.task.loss(outputs, batch, reduction="mean")
@@ -440,6 +460,12 @@ class Trainer:
                 if trace.mix_entropy is not None:  # mean over steps; the busiest expert's share of the mixing
                     self.window["mix_entropy"] += torch.stack(trace.mix_entropy).mean().item() * b
                     self.window["expert_load_max"] += torch.stack([x.max() for x in trace.expert_load]).mean().item() * b
+                for k, v in penalty_values.items():
+                    self.window[k] += v * b
+                if measure and b:
+                    for k, v in mean_sparsity([x[:, :b] for x in trace.states], tc.sparsity_tol).items():
+                        self.window[k] += v * b
+                    self.window["sparsity_n"] += b
                 for k, v in self.task.metric_sums(outputs[:b], [t[:b] for t in batch]).items():
                     self.window[k] += v
                 self.window["n"] += b
@@ -477,6 +503,8 @@ class Trainer:
                     "loss": self.window["loss"] / n, "task_loss": self.window["task_loss"] / n,
                     "wiring_cost": self.window["wiring_cost"] / n, "attn_entropy": self.window["attn_entropy"] / n,
                     **{k: self.window[k] / n for k in self.extra_keys},
+                    **({k: self.window[k] / max(1, self.window["sparsity_n"]) for k in SPARSITY_METRICS}
+                       if self.log_sparsity else {}),
                     **self.task.metrics(self.window, n), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                     "samples_per_s": (n if self.dist is not None else n * world) / max(self.window["time"], 1e-9),
                 }

@@ -40,11 +40,12 @@ from .connectivity import (
     top_incoming,
     wiring_length,
 )
+from ..regularizers import SparsityStats
 from .graph import strong_graph_summary
 from .stream import collect, to_builtin
 from .topography import smoothness, weight_similarity
 
-ANALYSIS_SCHEMA_VERSION = 1
+ANALYSIS_SCHEMA_VERSION = 2  # 2: activation sparsity per step ('activity')
 JSON_TOP_INCOMING_MAX_N = 4096  # above this the top-M edges live only in analysis_arrays.npz
 JSON_PER_COLUMN_MAX_N = 4096
 
@@ -154,6 +155,13 @@ def analyze_model(
         "connectivity": conn,
         "topography": topo,
     }
+    results["activity"] = {
+        "sparsity_per_step": col.sparsity,
+        "final_step": {k: v[-1] for k, v in col.sparsity.items()},
+        "note": "activation sparsity of the column states |x| over units = (column, channel): near_zero = fraction "
+        f"with |x| < {SparsityStats().tol} rms; hoyer and population sparseness per stimulus; lifetime sparseness "
+        "per unit over the split (regularizers.py); 0 dense .. 1 sparse",
+    }
     if col.halt_steps is not None:  # adaptive computation: where on the sheet computation lingers
         arrays["halt_steps"] = col.halt_steps.astype(np.float32)
         results["halting"] = {
@@ -217,6 +225,8 @@ def stale_reason(data: dict, run_dir: str | Path, opts: AnalysisOptions) -> str 
     made = data.get("made_from")
     if not isinstance(made, dict):
         return "it does not record what it was made from (an older version wrote it)"
+    if data.get("schema_version") != ANALYSIS_SCHEMA_VERSION:
+        return f"an older version wrote it (schema {data.get('schema_version')}, now {ANALYSIS_SCHEMA_VERSION})"
     if made.get("split") != opts.split:
         return f"it was made on the {made.get('split')!r} split, {opts.split!r} is asked"
     if made.get("requested_checkpoint") != opts.checkpoint:
@@ -339,6 +349,8 @@ def headline(out: dict) -> dict:
         "small_world_sigma": g["small_world"]["sigma"],
         "mean_abs_dprime": topo["dprime"]["mean_abs"],
     }
+    final = (t.get("activity") or {}).get("final_step") or {}
+    h.update({f"{k}_final": final[k] for k in ("near_zero", "hoyer", "lifetime_sparseness") if k in final})
     if "layer_flow" in c:
         h.update({f"flow_{k}": v for k, v in c["layer_flow"]["mean"].items()})
     if "init" in out:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..regularizers import SparsityStats
 from .topography import ResponseStats, feature_response
 
 
@@ -25,6 +26,7 @@ class Collected:
     response_kind: str
     halt_steps: np.ndarray | None = None  # (N,) mean steps each column ran before halting (halting sheets)
     expert_coef: np.ndarray | None = None  # (N, E) mean mixing coefficients of the last block's bank (mixtures)
+    sparsity: dict | None = None  # per step activation sparsity of the column states (regularizers.SparsityStats)
 
 
 def _batch_labels(batch):
@@ -43,6 +45,7 @@ def collect(
     halt_sum, coef_sum = None, None
     bank = model.sheet.blocks[-1].coef
     stats = ResponseStats(num_classes, n)
+    sparsity = SparsityStats()
     # float64 sums while they are small; float32 above ~64M entries (a 4-step 4096^2 dense map)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -63,6 +66,7 @@ def collect(
         total += maps.to(total.dtype)
         count += images.shape[0] * trace.attn[0].shape[1]
         stats.add(feature_response(trace.features[-1].cpu(), response), labels)
+        sparsity.add([f.transpose(0, 1) for f in trace.features])  # each (N, B, C)
         if logits.ndim == 2:  # a classifier; other heads (e.g. MIM's patch decoder) have no accuracy
             correct += int((logits.argmax(-1).cpu() == labels).sum())
         else:
@@ -75,6 +79,7 @@ def collect(
     return Collected(
         (total / count).float(), stats, samples, batches, None if correct is None else correct / max(samples, 1), response,
         None if halt_sum is None else (halt_sum / samples).numpy(), None if coef_sum is None else (coef_sum / samples).numpy(),
+        sparsity.result(),
     )
 
 
