@@ -190,6 +190,14 @@ MUTATIONS = [
     ("weight smoothness compares a column with itself", "src/columnformer/regularizers.py",
      "cosine_similarity(flat, smooth, dim=1", "cosine_similarity(flat, flat, dim=1",
      ["tests/test_regularizers.py", "-k", "weight_smoothness"]),
+    ("expand: softmax mass of copied keys not divided", "src/columnformer/expand.py",
+     "value / g if linear else value - torch.log(g)", "value / g if linear else value",
+     ["tests/test_expand.py", "-k", "preserve_keeps"]),
+    ("expand: parents tiled instead of blocked", "src/columnformer/expand.py",
+     "rows, cols = np.arange(H) * h // H, np.arange(W) * w // W", "rows, cols = np.arange(H) % h, np.arange(W) % w",
+     ["tests/test_expand.py", "-k", "parent_columns"]),
+    ("expand: sparse parent edges lose their bias", "src/columnformer/expand.py",
+     "return torch.where(found, old_vals, value)", "return value", ["tests/test_expand.py", "-k", "sparse"]),
 ]
 
 

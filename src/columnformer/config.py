@@ -116,7 +116,8 @@ class ModelConfig(_Strict):
     )
     input_area: Literal["bottom", "all", "retinotopic"] = Field(
         "bottom", description="where patch tokens enter: the bottom layer (one column per patch), all columns, or "
-        "retinotopic (a grid sheet: every column receives the token of the image patch its position maps to)",
+        "retinotopic (every column of a grid sheet, or of the bottom layer of a stacked one, receives the token of "
+        "the image patch its position maps to)",
     )
     output_area: Literal["top", "all", "bottom"] = Field("top", description="columns the task head reads (MIM: the read-out area)")
     geometry: GeometryConfig = Field(default_factory=GeometryConfig)
@@ -132,12 +133,12 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _check_retinotopic(self) -> "ModelConfig":
         if self.input_area == "retinotopic":
-            if self.geometry.kind != "grid":
+            if self.geometry.kind == "sphere":
                 raise ValueError(
-                    f"input_area=retinotopic maps image patches onto one grid sheet; set geometry.kind=grid "
-                    f"(got {self.geometry.kind})"
+                    "input_area=retinotopic maps image patches onto a grid: set geometry.kind to grid, stacked or "
+                    "multilayer (got sphere)"
                 )
-            (h, w), (gh, gw) = self.geometry.shape, self.patch_grid
+            (h, w), (gh, gw) = self.retinotopic_shape, self.patch_grid
             if h < gh or w < gw:
                 raise ValueError(
                     f"input_area=retinotopic needs at least one column per patch: the {h}x{w} sheet is smaller than "
@@ -145,11 +146,16 @@ class ModelConfig(_Strict):
                 )
         return self
 
+    @property
+    def retinotopic_shape(self) -> tuple[int, int]:
+        """The (h, w) grid that input_area=retinotopic writes into: the grid, or a stacked sheet's bottom layer."""
+        return tuple(self.geometry.shape if self.geometry.kind == "grid" else self.geometry.layers[0])
+
     def retinotopic_tokens(self):
-        """For input_area=retinotopic: the patch token of every column of the (h, w) grid, row-major (numpy)."""
+        """For input_area=retinotopic: the patch token of every column of the (h, w) input grid, row-major (numpy)."""
         import numpy as np
 
-        (h, w), (gh, gw) = self.geometry.shape, self.patch_grid
+        (h, w), (gh, gw) = self.retinotopic_shape, self.patch_grid
         ty = np.arange(h) * gh // h  # (h,) patch row under each sheet row
         tx = np.arange(w) * gw // w
         return (ty[:, None] * gw + tx[None, :]).reshape(-1)

@@ -149,8 +149,9 @@ def build_sheet(cfg):
     cfg = model_config(cfg)
     geometry = cfg.geometry.build()
     connectivity = cfg.connectivity.build(geometry)
-    if cfg.input_area == "retinotopic":  # every column gets the token of the patch its position maps to
-        return Columnformer(cfg.sheet, geometry, connectivity, "all", cfg.output_area, cfg.retinotopic_tokens())
+    if cfg.input_area == "retinotopic":  # every input column gets the token of the patch its position maps to
+        area = "all" if cfg.geometry.kind == "grid" else "bottom"
+        return Columnformer(cfg.sheet, geometry, connectivity, area, cfg.output_area, cfg.retinotopic_tokens())
     return Columnformer(cfg.sheet, geometry, connectivity, cfg.input_area, cfg.output_area)
 
 
