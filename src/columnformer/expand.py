@@ -94,7 +94,18 @@ def expanded_config(cfg, to: str):
 
     raw = cfg.model_dump(mode="json")
     g = raw["model"]["geometry"]
-    g.update(parse_shape(to, g["kind"], len(g["layers"])))
+    new = parse_shape(to, g["kind"], len(g["layers"]))
+    if g["kind"] == "sphere":
+        pairs = [((g["n"],), (new["n"],))]
+    else:
+        pairs = list(zip([g["shape"]] if g["kind"] == "grid" else g["layers"], [new.get("shape")] if g["kind"] == "grid" else new["layers"]))
+    for old_shape, new_shape in pairs:
+        if any(b < a for a, b in zip(old_shape, new_shape)):
+            raise ValueError(
+                f"--to {to!r} would shrink the sheet ({'x'.join(map(str, old_shape))} -> {'x'.join(map(str, new_shape))}); "
+                "expand only grows: give every layer at least its trained size"
+            )
+    g.update(new)
     if raw["model"]["input_area"] in ("bottom", "all") and g["kind"] != "sphere":
         raw["model"]["input_area"] = "retinotopic"  # patch tokens spread over the grown input layer
     return RunConfig.model_validate(raw)
