@@ -198,6 +198,15 @@ MUTATIONS = [
      ["tests/test_expand.py", "-k", "parent_columns"]),
     ("expand: sparse parent edges lose their bias", "src/columnformer/expand.py",
      "return torch.where(found, old_vals, value)", "return value", ["tests/test_expand.py", "-k", "sparse"]),
+    ("learned positions: no repulsion in the loss", "src/columnformer/sheet.py",
+     "return ponder if self.repulsion is None else ponder + self.repulsion_weight * self.repulsion", "return ponder",
+     ["tests/test_learned_geometry.py", "-k", "collapse"]),
+    ("learned positions: wiring normaliser of the initial geometry", "src/columnformer/sheet.py",
+     "        w = dp / dp.mean()\n", "        w = dp / self.initial_geometry.mean_distance_power(self.cfg.wiring_p)\n",
+     ["tests/test_learned_geometry.py", "-k", "ignore_scale"]),
+    ("reconnect leaves the old local edges", "src/columnformer/connectivity.py",
+     "                index[q, slot] = next(fresh)\n                changed[q, slot] = True\n",
+     "                changed[q, slot] = True\n", ["tests/test_learned_geometry.py", "-k", "reconnect"]),
 ]
 
 

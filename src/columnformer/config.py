@@ -227,6 +227,9 @@ class OptimConfig(_Strict):
     min_lr_frac: float = Field(0.05, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
     accum_steps: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
+    position_lr: float | None = Field(
+        None, gt=0, description="learning rate of learned column positions (model.sheet.learn_positions; None: lr)"
+    )
 
 
 class RewireConfig(_Strict):
@@ -278,6 +281,10 @@ class TrainConfig(_Strict):
     figures: bool = Field(True, description="write figures/ when a run ends (false: skip them, e.g. in large sweeps)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (debugging)")
     rewire: RewireConfig = Field(default_factory=RewireConfig)
+    reconnect_every: int | None = Field(
+        None, ge=1, description="learned positions on a sparse sheet: every this many optimizer steps rebuild each "
+        "column's local edges from the moved positions (kept edges keep their bias, new ones start by distance)",
+    )
     penalties: PenaltiesConfig = Field(default_factory=PenaltiesConfig)
     log_sparsity: bool = Field(
         True, description="log activation sparsity of the column states (near_zero, hoyer, population/lifetime sparseness)"

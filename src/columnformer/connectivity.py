@@ -448,3 +448,51 @@ def rewire_sheet(
                         value[changed] = 0
     sheet.connectivity = new
     return int(changed.sum())
+
+
+def reconnect_sheet(sheet, k: int, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Rebuild the local edges of a sparse sheet with learned positions from where its columns are now.
+
+    Slots ``0..k-1`` of every column are its local edges (the layout of ``local`` / ``local_plus_long_range``);
+    the sheet's geometry is first synced to its positions (``Columnformer.sync_geometry``). A column keeps the
+    local edges that are still among its ``k`` nearest columns, in their slots (their attention bias and optimizer
+    state stay); the other local slots take the new nearest columns, with the bias re-initialised from their
+    length as ``rewire_sheet`` does (and, given ``optimizer``, zeroed optimizer state). Long-range slots are kept;
+    a new local edge never repeats a column's long-range source. Returns the number of edges replaced.
+    """
+    if getattr(sheet, "edge_index", None) is None or getattr(sheet, "positions", None) is None:
+        raise ConnectivityError("reconnect_sheet() needs a sparse sheet with learned positions")
+    sheet.sync_geometry()
+    geometry = sheet.geometry
+    index = sheet.edge_index.cpu().numpy().copy()  # (N, K)
+    mask = sheet.edge_mask.cpu().numpy()
+    n, K = index.shape
+    k = min(k, K, n)
+    nearest = knn_index(geometry, min(n, K))  # (N, >= k): candidates nearest first, itself first
+    changed = np.zeros(index.shape, dtype=bool)
+    for q in range(n):
+        want = [c for c in nearest[q] if c not in set(index[q, k:][mask[q, k:]])][:k]
+        keep = set(want) & set(index[q, :k])
+        fresh = iter(c for c in want if c not in keep)
+        for slot in range(k):
+            if index[q, slot] not in keep:
+                index[q, slot] = next(fresh)
+                changed[q, slot] = True
+    new = Connectivity.from_index(geometry, index, mask, kind=sheet.connectivity.kind, scale=sheet.connectivity.scale)
+    device = sheet.edge_index.device
+    changed_t = torch.from_numpy(changed).to(device)
+    with torch.no_grad():
+        sheet.edge_index.copy_(new.index.to(device))
+        sheet.wiring_weight.copy_(sheet.wiring_weights(new.dist).to(sheet.wiring_weight))
+        init = sheet.bias_init(new.dist)
+        for block in sheet.blocks:
+            bias = block.attn.bias
+            if bias is None:
+                continue
+            bias[changed_t] = init.to(bias)[changed_t]
+            if optimizer is not None:
+                for value in optimizer.state.get(bias, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == bias.shape:
+                        value[changed_t] = 0
+    sheet.connectivity = new
+    return int(changed.sum())

@@ -45,6 +45,7 @@ from .layers import INIT_STD, Mlp, current_session, layer_norm, linear, reuse_se
 from .mixture import MixtureCoefficients
 
 RECORDABLE = ("attn", "features", "qk", "states")
+_LEARNED_MAX_N = 4096  # learned positions form (N, N) distance matrices every forward
 
 
 class SheetConfig(BaseModel):
@@ -112,6 +113,14 @@ class SheetConfig(BaseModel):
     mixture_conserve: bool = Field(
         False, description="mixture: divide the MLP hidden size by `experts` (the predecessor's mlp_conserve)"
     )
+    learn_positions: bool = Field(
+        False, description="column coordinates are parameters (euclidean geometries, N <= 4096): the wiring weights "
+        "D^p / mean(D^p) follow them (mean over the current positions); optim.position_lr sets their learning rate",
+    )
+    position_repulsion: float = Field(
+        1.0, ge=0, description="learn_positions: weight of the repulsion term sum_{i != j} relu(1 - d_ij / s0)^2 / N "
+        "(s0: the initial minimum spacing), which keeps columns from collapsing onto each other",
+    )
     sparse_kernel: Literal["auto", "gather", "block"] = Field(
         "auto", description="kernel for a sparse connectivity: block-sparse tiles (block), per-edge gather (gather), "
         "or whichever the block plan's cost model estimates cheaper (auto); same math, ignored for dense sheets",
@@ -143,6 +152,8 @@ class SheetConfig(BaseModel):
                         f"{', '.join(changed)} apply only when {switch} is on, but {switch}={off}: set {switch} "
                         f"(e.g. {'act' if switch == 'halting' else 'static'}) or leave {', '.join(changed)} at the default"
                     )
+        if self.position_repulsion != 1.0 and not self.learn_positions:
+            raise ValueError("position_repulsion applies when learn_positions=true; set learn_positions or leave it at 1.0")
         if self.attn_head_bias and self.attn_mode != "linmixing":
             raise ValueError(f"attn_head_bias=true applies to attn_mode=linmixing (got {self.attn_mode})")
         blocks = 1 if self.recurrent else self.steps
@@ -191,6 +202,8 @@ class Trace:
     With weight banks (``mixture``): per step ``expert_load`` (E,) the mean mixing coefficient of each
     expert and ``mix_entropy`` the mean entropy of the columns' coefficients (detached).
 
+    With learned positions: ``repulsion`` the differentiable repulsion term (see ``SheetConfig.position_repulsion``).
+
     With halting: ``halt_weights`` (T, B, N) the weight of each step's state in the output (sums to 1
     over steps), ``halt_steps`` (B, N) the steps each column ran before it halted, ``ponder`` the
     differentiable ponder term (act: mean of N + R; ponder: mean KL to the prior) and ``aux_loss``
@@ -209,11 +222,15 @@ class Trace:
     halt_steps: torch.Tensor | None = None
     ponder: torch.Tensor | None = None
     ponder_weight: float = 0.0
+    repulsion: torch.Tensor | None = None
+    repulsion_weight: float = 0.0
 
     @property
     def aux_loss(self) -> torch.Tensor | float:
-        """Regularisers the sheet asks the trainer to add to the loss (already weighted): the ponder term."""
-        return 0.0 if self.ponder is None else self.ponder_weight * self.ponder
+        """Regularisers the sheet asks the trainer to add to the loss (already weighted): the ponder term and,
+        with learned positions, the repulsion between columns."""
+        ponder = 0.0 if self.ponder is None else self.ponder_weight * self.ponder
+        return ponder if self.repulsion is None else ponder + self.repulsion_weight * self.repulsion
 
     @property
     def wiring_cost(self) -> torch.Tensor:
@@ -347,6 +364,19 @@ class Columnformer(nn.Module):
         self.register_buffer("edge_index", None if conn.is_dense else conn.index.clone())
         self.register_buffer("edge_mask", None if conn.is_dense else conn.mask.clone())
 
+        # learned geometry: the coordinates are parameters; `initial_geometry` keeps where the columns started
+        self.initial_geometry = geometry
+        self.positions = None
+        if cfg.learn_positions:
+            if geometry.metric != "euclidean" or geometry.n > _LEARNED_MAX_N:
+                raise ValueError(
+                    f"learn_positions needs a euclidean geometry of at most {_LEARNED_MAX_N} columns (got "
+                    f"{geometry.name}, {geometry.n} columns, metric {geometry.metric}): use grid, stacked or multilayer"
+                )
+            self.positions = nn.Parameter(torch.from_numpy(geometry.coords).float())  # (N, D)
+            d = geometry.pair_distances(*np.triu_indices(geometry.n, 1), along_sheet=True)
+            self.min_spacing = float(d.min()) if len(d) else 1.0
+
         num_blocks = 1 if cfg.recurrent else cfg.steps
         coords = geometry.coords if cfg.mixture == "topo" else None
         self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity, coords, i) for i in range(num_blocks))
@@ -387,6 +417,42 @@ class Columnformer(nn.Module):
     def n(self) -> int:
         return self.geometry.n
 
+    def learned_wiring(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """With learned positions: the wiring weights (N, N) or (N, K) of the current positions (differentiable;
+        ``mean(D^p)`` over all N*N ordered pairs of the current positions, as for a fixed geometry) and the
+        repulsion term ``sum_{i != j} relu(1 - d_ij / s0)^2 / N``."""
+        pos = self.positions
+        n = pos.shape[0]
+        off = ~torch.eye(n, dtype=torch.bool, device=pos.device)
+        d2 = (pos.unsqueeze(1) - pos.unsqueeze(0)).pow(2).sum(-1)  # (N, N)
+        d = torch.where(off, d2.clamp_min(1e-12).sqrt(), torch.zeros_like(d2))  # no NaN gradient on the diagonal
+        gap = self.geometry.gap
+        if gap:
+            d = (d.pow(2) + gap**2).sqrt()
+        p = self.cfg.wiring_p
+        dp = torch.where(off | (gap > 0), d.clamp_min(1e-12).pow(p), torch.zeros_like(d))
+        w = dp / dp.mean()
+        if self.edge_index is not None:
+            w = w.gather(1, self.edge_index)  # (N, K)
+        repulsion = torch.where(off, (1 - d / self.min_spacing).relu().pow(2), torch.zeros_like(d)).sum() / n
+        return w, repulsion
+
+    @torch.no_grad()
+    def sync_geometry(self) -> None:
+        """Make ``geometry`` (and the connectivity's distances) the learned positions, for analysis and rewiring;
+        layer labels are kept, grid shapes dropped (the columns moved off the grid)."""
+        if self.positions is None:
+            return
+        g0 = self.initial_geometry
+        self.geometry = Geometry(self.positions.detach().double().cpu().numpy(), layer=g0.layer,
+                                 name=f"learned({g0.name})", gap=g0.gap)
+        conn = self.connectivity
+        if conn.is_dense:
+            self.connectivity = Connectivity.dense(self.geometry)
+        else:
+            self.connectivity = Connectivity.from_index(self.geometry, self.edge_index.cpu(), self.edge_mask.cpu(),
+                                                        kind=conn.kind, scale=conn.scale)
+
     def block_plan(self) -> BlockPlan | None:
         """The block-sparse plan of the current edges if the block kernel is to run, else None.
 
@@ -395,8 +461,8 @@ class Columnformer(nn.Module):
         ``sparse_kernel='auto'`` the block kernel runs when its plan's estimated cost is below the gather
         kernel's (``block_sparse.plan_costs``).
         """
-        if self.edge_index is None or self.cfg.sparse_kernel == "gather":
-            return None
+        if self.edge_index is None or self.cfg.sparse_kernel == "gather" or self.positions is not None:
+            return None  # learned layouts run the gather kernel (its tiles come from fixed coordinates)
         versions = (self.edge_index._version, self.edge_mask._version, self.edge_index.data_ptr())
         plan = self._plan
         if plan is None or plan.versions != versions:
@@ -418,11 +484,11 @@ class Columnformer(nn.Module):
         with untied_session(fuse=reused):
             return self._forward(tokens, record, steps)
 
-    def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | None):
+    def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | None, wiring_weight):
         """One block step under ``session`` (a checkpointed step recomputed in backward reuses the forward's
         tapped untied weights, so the recomputed graph saves the same tensors)."""
         with reuse_session(session):
-            return block(x, self.wiring_weight, self.edge_index, self.edge_mask, record, plan)
+            return block(x, wiring_weight, self.edge_index, self.edge_mask, record, plan)
 
     def _forward(self, tokens: torch.Tensor, record: Iterable[str], steps: int | None = None) -> tuple[torch.Tensor, Trace]:
         record = frozenset(record)
@@ -455,6 +521,10 @@ class Columnformer(nn.Module):
             states=[] if "states" in record else None,
         )
         halting = None if self.halt is None else _Halting(self.cfg, self.n, B, steps, x)
+        wiring_weight = self.wiring_weight
+        if self.positions is not None:
+            wiring_weight, trace.repulsion = self.learned_wiring()
+            trace.repulsion_weight = self.cfg.position_repulsion
         for t in range(steps):
             h = x  # (N, B, C): the step's input
             if t > 0 and self.cfg.inject == "every":
@@ -464,10 +534,10 @@ class Columnformer(nn.Module):
             block = self.blocks[0 if self.cfg.recurrent else t]
             if self.cfg.checkpoint and torch.is_grad_enabled():
                 h, stats, qk = torch.utils.checkpoint.checkpoint(
-                    self._step, block, current_session(), h, record, plan, use_reentrant=False
+                    self._step, block, current_session(), h, record, plan, wiring_weight, use_reentrant=False
                 )
             else:
-                h, stats, qk = block(h, self.wiring_weight, self.edge_index, self.edge_mask, record, plan)
+                h, stats, qk = block(h, wiring_weight, self.edge_index, self.edge_mask, record, plan)
             x = h if halting is None else halting.step(t, x, h, self.halt)
             trace.wiring.append(stats.wiring)
             trace.entropy.append(stats.entropy)

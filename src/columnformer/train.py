@@ -55,9 +55,10 @@ class RunExistsError(FileExistsError):
 
 
 # ------------------------------------------------------------------ building blocks
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, position_lr: float | None = None) -> list[dict]:
     """Weight decay on weight matrices only; none on biases, norms, embeddings, attention biases and the
-    temperatures of mixture coefficients."""
+    temperatures of mixture coefficients. Learned column positions get their own group: no decay, and
+    ``position_lr`` when given."""
     from torch import nn
 
     from .layers import UntiedLayerNorm
@@ -71,11 +72,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             names = ("bias", "pos_embed", "time_embed", "pool_weight", "mask_token", "query_embed", "scale")
             if norm or pname in names:
                 no_decay_ids.add(id(p))  # biases (incl. attention biases), norms, embeddings
+    positions = getattr(getattr(model, "sheet", None), "positions", None)
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and p is not positions:
             (no_decay if id(p) in no_decay_ids else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if positions is not None:
+        groups.append({"params": [positions], "weight_decay": 0.0, **({"lr": position_lr} if position_lr else {})})
+    return groups
 
 
 def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
@@ -95,6 +100,7 @@ def lr_lambda(total_steps: int, warmup_frac: float, min_lr_frac: float):
 _WINDOW_SUMS = ("loss", "task_loss", "wiring_cost", "attn_entropy", "n")
 _HALTING_SUMS = ("ponder_steps", "ponder_cost")  # logged for sheets with halting only
 _MIXTURE_SUMS = ("mix_entropy", "expert_load_max")  # logged for sheets with weight banks only
+_POSITION_SUMS = ("repulsion", "position_shift")  # logged for sheets with learned positions only
 
 
 class Trainer:
@@ -136,8 +142,15 @@ class Trainer:
             self.regularizer = SheetRegularizer(tc.penalties, sheet, sheet.geometry.coords)
         self.log_sparsity = sheet is not None and tc.log_sparsity
         self.needs_states = bool(self.regularizer and self.regularizer.needs_states)
+        self.learned_positions = getattr(sheet, "positions", None) is not None
+        if tc.reconnect_every and not (self.learned_positions and cfg.model.connectivity.kind != "dense"):
+            raise ValueError(
+                "train.reconnect_every rebuilds a sparse sheet's edges from learned positions: it needs "
+                "model.sheet.learn_positions=true and a local connectivity"
+            )
         self.extra_keys = (
             *(_HALTING_SUMS if self.halting else ()), *(_MIXTURE_SUMS if self.mixture else ()),
+            *(_POSITION_SUMS if self.learned_positions else ()),
             *(self.regularizer.active if self.regularizer else ()),
         )
         sparsity_sums = (*SPARSITY_METRICS, "sparsity_n") if self.log_sparsity else ()
@@ -164,7 +177,7 @@ class Trainer:
             self.train_module = torch.compile(self.train_module)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
+            param_groups(self.model, cfg.optim.weight_decay, cfg.optim.position_lr), lr=cfg.optim.lr, betas=cfg.optim.betas
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_frac)
@@ -462,6 +475,11 @@ class Trainer:
                     self.window["expert_load_max"] += torch.stack([x.max() for x in trace.expert_load]).mean().item() * b
                 for k, v in penalty_values.items():
                     self.window[k] += v * b
+                if self.learned_positions:
+                    sheet = self.model.sheet
+                    moved = (sheet.positions.detach() - torch.as_tensor(sheet.initial_geometry.coords).to(sheet.positions))
+                    self.window["repulsion"] += trace.repulsion.item() * b
+                    self.window["position_shift"] += moved.norm(dim=1).mean().item() * b
                 if measure and b:
                     for k, v in mean_sparsity([x[:, :b] for x in trace.states], tc.sparsity_tol).items():
                         self.window[k] += v * b
@@ -514,6 +532,8 @@ class Trainer:
                 self.window = self._empty_window()
             if tc.rewire.every and self.step % tc.rewire.every == 0:
                 self.rewire()
+            if tc.reconnect_every and self.step % tc.reconnect_every == 0:
+                self.reconnect()
             if self.step % tc.ckpt_every == 0 and self.batch_in_epoch < self.steps_per_epoch:
                 self.save("last")
         bar.close()
@@ -534,6 +554,14 @@ class Trainer:
         )
         self._log({"type": "rewire", "step": self.step, "epoch": self.epoch + 1, "edges_replaced": replaced})
         return replaced
+
+    def reconnect(self) -> int:
+        """Rebuild the sparse sheet's local edges from its learned positions (``connectivity.reconnect_sheet``)."""
+        from .connectivity import reconnect_sheet
+
+        changed = reconnect_sheet(self.model.sheet, self.cfg.model.connectivity.k, optimizer=self.optimizer)
+        self._log({"type": "reconnect", "step": self.step, "epoch": self.epoch + 1, "edges_replaced": changed})
+        return changed
 
     def fit(self) -> dict[str, Any]:
         tc = self.cfg.train

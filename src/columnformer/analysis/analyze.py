@@ -81,6 +81,7 @@ def analyze_model(
 
     ``labels_of(batch)``: the class of each sample for the topography (default: the batch's labels)."""
     t0 = time.perf_counter()
+    model.sheet.sync_geometry()  # learned positions: distances and maps use where the columns are now
     extra = {} if labels_of is None else {"labels_of": labels_of}
     col = collect(model, loader, num_classes, device, opts.max_batches, opts.response, **extra)
     sheet = model.sheet
@@ -162,6 +163,19 @@ def analyze_model(
         f"with |x| < {SparsityStats().tol} rms; hoyer and population sparseness per stimulus; lifetime sparseness "
         "per unit over the split (regularizers.py); 0 dense .. 1 sparse",
     }
+    if sheet.positions is not None:  # learned geometry: how far the columns moved
+        pos, start = geometry.coords, sheet.initial_geometry.coords
+        shift = np.linalg.norm(pos - start, axis=1)
+        iu = np.triu_indices(N, 1)
+        arrays["positions"], arrays["initial_positions"] = pos.astype(np.float32), start.astype(np.float32)
+        arrays["position_layer"] = geometry.layer.astype(np.int32)
+        results["positions"] = {
+            "mean_shift": _mean(shift), "max_shift": float(shift.max()),
+            "mean_shift_per_axis": np.abs(pos - start).mean(0),
+            "min_spacing": float(geometry.pair_distances(*iu).min()) if N > 1 else None,
+            "initial_min_spacing": sheet.min_spacing,
+            "note": "learned column coordinates vs where they started (geometry units); distances above use the learned ones",
+        }
     if col.halt_steps is not None:  # adaptive computation: where on the sheet computation lingers
         arrays["halt_steps"] = col.halt_steps.astype(np.float32)
         results["halting"] = {
@@ -272,6 +286,7 @@ def analyze_run(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet:
     sheet = model.sheet
     from .layout import sheet_layout
 
+    sheet.sync_geometry()  # learned positions: the layout drawn is where the columns are now
     layout = sheet_layout(sheet.geometry)
     trained, arrays = analyze_model(model, loader, num_classes, opts, labels_of=task.analysis_labels)
     out = {

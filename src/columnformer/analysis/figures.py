@@ -234,6 +234,27 @@ def degrees(trained: dict, init: dict | None, path: Path) -> str:
     return _save(fig, path)
 
 
+def learned_positions(arrays: dict, layers: np.ndarray | None, path: Path) -> str:
+    """Where learned columns started (grey) and where they are (colour: distance moved), first two axes, per layer."""
+    import matplotlib.pyplot as plt
+
+    pos, start = arrays["positions"], arrays["initial_positions"]
+    layers = np.zeros(len(pos), dtype=int) if layers is None else np.asarray(layers)
+    panels = sorted(set(layers.tolist()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    shift = np.linalg.norm(pos - start, axis=1)
+    for ax, layer in zip(axes[0], panels):
+        m = layers == layer
+        ax.scatter(start[m, 0], start[m, 1], s=14, c="0.75", label="start")
+        for a, b in zip(start[m], pos[m]):
+            ax.plot([a[0], b[0]], [a[1], b[1]], color="0.6", lw=0.6)
+        sc = ax.scatter(pos[m, 0], pos[m, 1], s=18, c=shift[m], cmap="viridis", vmin=0, vmax=max(shift.max(), 1e-9))
+        ax.set_title(f"layer {layer}" if len(panels) > 1 else "learned positions", fontsize=9)
+        ax.set_aspect("equal")
+    fig.colorbar(sc, ax=axes[0, -1], shrink=0.8, label="distance moved")
+    return _save(fig, path)
+
+
 def analysis_figures(out: dict, arrays: dict, layout: Layout, fig_dir: Path) -> list[str]:
     """Write every analysis figure into ``fig_dir``; return their file names."""
     fig_dir = Path(fig_dir)
@@ -255,6 +276,8 @@ def analysis_figures(out: dict, arrays: dict, layout: Layout, fig_dir: Path) -> 
         smoothness(trained, init, fig_dir / "smoothness.png"),
         degrees(trained, init, fig_dir / "degree_distribution.png"),
     ]
+    if "positions" in arrays:  # learned geometry
+        names.append(learned_positions(arrays, arrays.get("position_layer"), fig_dir / "learned_positions.png"))
     if "halt_steps" in arrays:  # adaptive computation: where on the sheet computation lingers
         names.append(sheet_maps(
             layout, [(f"mean steps run before halting (max {trained['halting']['max_steps']})", arrays["halt_steps"],
