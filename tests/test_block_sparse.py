@@ -235,8 +235,12 @@ def test_wide_preset_reads_its_input_everywhere_and_pools_the_sheet():
 
 
 def test_retinotopic_input_and_span_geometry_are_validated():
-    with pytest.raises(ValueError, match="retinotopic maps image patches onto one grid sheet"):
-        build_config({"model": {"input_area": "retinotopic", "geometry": {"kind": "stacked"}}})
+    with pytest.raises(ValueError, match="retinotopic maps image patches onto a grid"):
+        build_config({"model": {"input_area": "retinotopic", "geometry": {"kind": "sphere"}}})
+    with pytest.raises(ValueError, match="the 2x2 sheet is smaller than the 4x4 patch grid"):  # a stack's bottom layer
+        build_config({"model": {"input_area": "retinotopic", "geometry": {"kind": "stacked", "layers": [[2, 2], [8, 8]]}}})
+    stack = build_config({"model": {"input_area": "retinotopic", "geometry": {"kind": "stacked", "layers": [[8, 8], [4, 4]]}}})
+    assert stack.model.retinotopic_tokens().reshape(8, 8)[:, 0].tolist() == [0, 0, 4, 4, 8, 8, 12, 12]
     with pytest.raises(ValueError, match="smaller than the 4x4 patch grid"):
         build_config({"model": {"input_area": "retinotopic", "geometry": {"kind": "grid", "shape": [2, 2]}}})
     with pytest.raises(ValueError, match="span=true applies to kind=stacked only"):

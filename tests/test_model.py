@@ -372,7 +372,7 @@ def test_invalid_record_names_raise(record):
     model = Columnformer(SheetConfig(**BASE), _stack())
     with pytest.raises(ValueError, match="allowed entries"):
         model(_tokens(model), record=record)
-    assert set(RECORDABLE) == {"attn", "features", "qk"}
+    assert set(RECORDABLE) == {"attn", "features", "qk", "states"}
 
 
 # ------------------------------------------------------------------ invalid options
