@@ -101,7 +101,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['seed']} | {100 * r['small_acc']:.1f} | {100 * r['at_grow_acc']:.1f} | {100 * r['grown_acc']:.1f} | "
-              f"{100 * r['scratch_acc']:.1f} | {r["grown_flops"] / 1e12:.2f} / {r["scratch_flops"] / 1e12:.2f} | "
+              f"{100 * r['scratch_acc']:.1f} | {r['grown_flops'] / 1e12:.2f} / {r['scratch_flops'] / 1e12:.2f} | "
               f"{r['grown_train_s']:.0f} / {r['scratch_train_s']:.0f} |")
     if len(rows) > 1:
         ms = lambda k: f"{100 * statistics.mean(r[k] for r in rows):.1f} ± {100 * statistics.stdev(r[k] for r in rows):.1f}"  # noqa: E731
