@@ -12,7 +12,7 @@ import torch
 from columnformer.config import build_config
 from columnformer.regularizers import (
     SparsityStats, activation_sparsity, activity_l1, response_pairs, response_smoothness, schedule_factor,
-    untied_parameters, weight_smoothness, neighbour_weights,
+    untied_weights, weight_smoothness, neighbour_weights,
 )
 from columnformer.presets import build_model
 from columnformer.train import train
@@ -104,11 +104,11 @@ def test_weight_smoothness_zero_for_equal_columns_positive_otherwise():
 
 def test_untied_parameters_are_the_per_column_weights():
     model = build_model("digits")
-    params = untied_parameters(model.sheet)
+    params = untied_weights(model.sheet)
     n = model.sheet.n
     assert params and all(p.shape[0] == n for p in params)
     assert len(params) == 6  # q, k, fc1, fc2 weights + 2 layer-norm weights
-    assert untied_parameters(build_model("digits-vit").sheet) == []
+    assert untied_weights(build_model("digits-vit").sheet) == []
 
 
 def test_schedule_factor():

@@ -183,7 +183,7 @@ def neighbour_weights(coords: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return idx.astype(np.int64), (w / w.sum(1, keepdims=True)).astype(np.float32)
 
 
-def untied_parameters(sheet: torch.nn.Module) -> list[torch.Tensor]:
+def untied_weights(sheet: torch.nn.Module) -> list[torch.Tensor]:
     """The per-column weights (N, ...) of a sheet's untied linears and layer norms (biases, zero at start, left out)."""
     out = []
     for m in sheet.modules():
@@ -219,7 +219,7 @@ class SheetRegularizer:
             self.pairs = torch.from_numpy(pairs).to(dev)
             self.inv_dist = torch.from_numpy(1.0 / (1.0 + d)).float().to(dev)
         if "weight_smoothness" in self.active:
-            self.params = untied_parameters(sheet)
+            self.params = untied_weights(sheet)
             if not self.params:
                 raise ValueError(
                     "train.penalties.weight_smoothness needs untied per-column weights (untied_attn / untied_mlp / "
