@@ -207,6 +207,14 @@ MUTATIONS = [
     ("reconnect leaves the old local edges", "src/columnformer/connectivity.py",
      "                index[q, slot] = next(fresh)\n                changed[q, slot] = True\n",
      "                changed[q, slot] = True\n", ["tests/test_learned_geometry.py", "-k", "reconnect"]),
+    ("orientation: vector sum over theta instead of 2 theta", "src/columnformer/analysis/orientation.py",
+     "vec = (curves * np.exp(2j * thetas)[:, None]).sum(0)", "vec = (curves * np.exp(1j * thetas)[:, None]).sum(0)",
+     ["tests/test_orientation_photos.py", "-k", "osi"]),
+    ("pinwheels: winding without wrapping the angle steps", "src/columnformer/analysis/orientation.py",
+     "wind = sum(np.angle(np.exp(1j * (loop[(k + 1) % 4] - loop[k]))) for k in range(4))",
+     "wind = sum(loop[(k + 1) % 4] - loop[k] for k in range(4))", ["tests/test_orientation_photos.py", "-k", "pinwheels"]),
+    ("photos: validation band overlaps the training band", "src/columnformer/data/photos.py",
+     '"val": (train_end, val_end)', '"val": (train_end // 2, val_end)', ["tests/test_orientation_photos.py", "-k", "disjoint"]),
 ]
 
 

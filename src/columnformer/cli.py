@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own sub-commands through ``register(subparsers)``.
-_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep", "analysis.cli", "probe", "robustness", "predecessor", "brain.features", "brain.compare", "expand")
+_EXTENSIONS: tuple[str, ...] = ("sdm.cli", "sweep", "analysis.cli", "probe", "robustness", "predecessor", "brain.features", "brain.compare", "expand", "analysis.orientation")
 
 
 def main(argv: list[str] | None = None) -> int:

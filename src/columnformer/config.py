@@ -164,9 +164,13 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     """Dataset and loading. ``digits`` is the embedded default (scikit-learn's 8x8 digits)."""
 
-    name: Literal["digits", "hf", "folder"] = "digits"
+    name: Literal["digits", "hf", "folder", "photos"] = Field(
+        "digits", description="digits (embedded 8x8 digits), photos (patches of the photos bundled with scikit-learn, "
+        "disjoint train/val/test regions; see data/photos.py), hf (Hugging Face), folder (image folders)",
+    )
     path: str | None = Field(None, description="hub name or local path (hf), root folder (folder)")
-    split_seed: int = Field(0, description="seed of the fixed train/val/test split (digits)")
+    split_seed: int = Field(0, description="seed of the fixed train/val/test split (digits, photos' patch positions)")
+    photo_patches: int = Field(8192, ge=16, description="photos: training patches (validation 1/16, test 1/8 of it)")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     augment: bool = True

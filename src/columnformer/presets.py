@@ -119,6 +119,21 @@ PRESETS: dict[str, dict] = {
             pos_embed=True, time_embed=True,
         ),
     ),
+    # A V1-like sheet for natural images (`data.name=photos`, `task=mim`; configs/v1.yaml): one 32x32 grid of 1,024
+    # columns under 32x32-pixel grey patches cut into 4x4-pixel patches (an 8x8 patch grid, retinotopic: every
+    # column reads the 4x4-pixel patch above it, 16 columns per patch); each column reads its 16 nearest columns
+    # (block-sparse kernel); narrow columns (width 32, q/k 8), unrolled 3 steps; read out everywhere.
+    "v1": dict(
+        image_size=(32, 32), in_chans=1, patch=4, num_classes=1, pool="avg",
+        input_area="retinotopic", output_area="all",
+        geometry=dict(kind="grid", shape=(32, 32)),
+        connectivity=dict(kind="local", k=16),
+        sheet=dict(
+            width=32, steps=3, recurrent=True, heads=1, qk_dim=8, value_proj=False, mlp_ratio=1.0,
+            attn_bias="local", bias_sigma=2.0, untied_attn=True, untied_mlp=True, untied_norm=True,
+            pos_embed=True, time_embed=True,
+        ),
+    ),
 }
 
 

@@ -168,6 +168,10 @@ def build_datasets(data_cfg, model_cfg, seed: int = 0) -> dict[str, Dataset]:
         from .folder import folder_datasets
 
         sets = folder_datasets(data_cfg, model_cfg, seed=seed)
+    elif data_cfg.name == "photos":
+        from .photos import photo_datasets
+
+        sets = photo_datasets(data_cfg, model_cfg, seed=seed)
     else:  # pragma: no cover - config validation lists the allowed names
         raise ValueError(f"unknown dataset {data_cfg.name!r}")
     if data_cfg.labels_fraction < 1 or data_cfg.labels_holdout > 0:
