@@ -215,6 +215,12 @@ MUTATIONS = [
      "wind = sum(loop[(k + 1) % 4] - loop[k] for k in range(4))", ["tests/test_orientation_photos.py", "-k", "pinwheels"]),
     ("photos: validation band overlaps the training band", "src/columnformer/data/photos.py",
      '"val": (train_end, val_end)', '"val": (train_end // 2, val_end)', ["tests/test_orientation_photos.py", "-k", "disjoint"]),
+    ("patches joined across the layers of a stack", "src/columnformer/analysis/patches.py",
+     "            pairs = pairs[geometry.layer[above[pairs[:, 0]]] == geometry.layer[above[pairs[:, 1]]]]\n",
+     "            pass\n", ["tests/test_patches.py", "-k", "layer"]),
+    ("Welch t with biased variances", "src/columnformer/analysis/patches.py",
+     "var_c = np.maximum(ss - count * mu_c**2, 0.0) / (count - 1)", "var_c = np.maximum(ss - count * mu_c**2, 0.0) / count",
+     ["tests/test_patches.py", "-k", "welch"]),
 ]
 
 

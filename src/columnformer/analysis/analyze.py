@@ -42,6 +42,7 @@ from .connectivity import (
 )
 from ..regularizers import SparsityStats
 from .graph import strong_graph_summary
+from .patches import category_patches
 from .stream import collect, to_builtin
 from .topography import smoothness, weight_similarity
 
@@ -67,6 +68,9 @@ class AnalysisOptions:
     response: str = "norm"
     checkpoint: str = "last"
     figures: bool = True
+    patch_threshold: float = 3.0  # category patches: smoothed Welch t above this (analysis/patches.py)
+    patch_sigma: float = 1.0  # smoothing of the t-maps (geometry units; 0: none)
+    patch_min_size: int = 3  # columns
 
 
 def _mean(x) -> float | None:
@@ -138,6 +142,18 @@ def analyze_model(
         "smoothness": smoothness(class_means.T, geometry, **pair_kw),
         "weight_similarity": weight_similarity(sheet, **pair_kw),
     }
+    if num_classes > 1:  # category selectivity t-maps and contiguous selective patches
+        per_class, tmap = category_patches(
+            stats.count, stats.sum, stats.sumsq, geometry, threshold=opts.patch_threshold, sigma=opts.patch_sigma,
+            min_size=opts.patch_min_size,
+        )
+        topo["category_patches"] = {
+            "total": int(sum(v["count"] for v in per_class.values())),
+            "classes_with_patches": int(sum(v["count"] > 0 for v in per_class.values())),
+            "per_class": per_class,
+            "note": "Welch t of each column's response to a class vs the rest, smoothed, thresholded and joined "
+            "into contiguous patches (analysis/patches.py)",
+        }
     if N <= JSON_PER_COLUMN_MAX_N:
         topo["dprime"]["per_class_per_column"] = dprime
         topo["class_means"] = class_means
@@ -151,6 +167,8 @@ def analyze_model(
         "preferred_class": pref.astype(np.int32),
         "max_dprime": best.astype(np.float32),
     }
+    if num_classes > 1:
+        arrays["tmap"] = tmap.astype(np.float32)
     results = {
         "data": {"samples": col.samples, "batches": col.batches, "accuracy": col.accuracy},
         "connectivity": conn,

@@ -276,6 +276,12 @@ def analysis_figures(out: dict, arrays: dict, layout: Layout, fig_dir: Path) -> 
         smoothness(trained, init, fig_dir / "smoothness.png"),
         degrees(trained, init, fig_dir / "degree_distribution.png"),
     ]
+    if "tmap" in arrays:  # category selectivity t-maps (patches: analysis.json topography.category_patches)
+        t = arrays["tmap"]
+        names.append(sheet_maps(
+            layout, [(f"t-map class {c} vs rest", np.nan_to_num(t[c]), "RdBu_r", False) for c in range(min(len(t), 10))],
+            fig_dir / "category_tmaps.png",
+        ))
     if "positions" in arrays:  # learned geometry
         names.append(learned_positions(arrays, arrays.get("position_layer"), fig_dir / "learned_positions.png"))
     if "halt_steps" in arrays:  # adaptive computation: where on the sheet computation lingers
