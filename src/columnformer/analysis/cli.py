@@ -20,6 +20,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="last", choices=("best", "last"), help="final model (last, default) or best on validation")
     p.add_argument("--no-init", action="store_true", help="skip the comparison with the untrained model")
     p.add_argument("--no-figures", action="store_true", help="write numbers only")
+    p.add_argument("--patch-threshold", type=float, default=3.0, help="category patches: smoothed Welch t above this")
+    p.add_argument("--patch-sigma", type=float, default=1.0, help="category patches: t-map smoothing (geometry units)")
+    p.add_argument("--patch-min-size", type=int, default=3, help="category patches: fewest columns in a patch")
 
 
 def _options(args):
@@ -29,6 +32,7 @@ def _options(args):
         split=args.split, max_batches=args.max_batches, batch_size=args.batch_size, radius=args.radius,
         max_pairs=args.max_pairs, n_shuffles=args.shuffles, edges_per_column=args.edges_per_column,
         top_m=args.top_m, seed=args.seed, checkpoint=args.checkpoint, init=not args.no_init,
+        patch_threshold=args.patch_threshold, patch_sigma=args.patch_sigma, patch_min_size=args.patch_min_size,
         figures=not args.no_figures,
     )
 
