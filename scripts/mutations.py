@@ -221,6 +221,9 @@ MUTATIONS = [
     ("Welch t with biased variances", "src/columnformer/analysis/patches.py",
      "var_c = np.maximum(ss - count * mu_c**2, 0.0) / (count - 1)", "var_c = np.maximum(ss - count * mu_c**2, 0.0) / count",
      ["tests/test_patches.py", "-k", "welch"]),
+    ("smoothness null curve from the unshuffled distances", "src/columnformer/analysis/topography.py",
+     'shuffled_curves.append(binned(ds, sim, edges)["mean"])', 'shuffled_curves.append(binned(d, sim, edges)["mean"])',
+     ["tests/test_patches.py", "-k", "null_band"]),
 ]
 
 

@@ -60,3 +60,16 @@ def test_welch_t_from_streamed_stats_matches_scipy():
         assert np.allclose(t[c], ref, rtol=1e-9)
     summary, tmap = category_patches(s.count, s.sum, s.sumsq, geo.grid(1, 5), sigma=0.0, min_size=1)
     assert tmap.shape == (3, 5) and summary["1"]["count"] >= 1
+
+
+def test_smoothness_curve_has_a_shuffled_null_band():
+    from columnformer.analysis.topography import smoothness
+
+    g = geo.grid(16, 16)
+    smooth_profiles = np.stack([np.sin(g.coords[:, 0] / 3), np.cos(g.coords[:, 1] / 3), g.coords.sum(1) / 30], 1)
+    res = smoothness(smooth_profiles, g, n_shuffles=10, bins=6)
+    null, prof = res["shuffled_profile"], res["profile"]
+    assert len(null["mean"]) == len(prof["mean"]) == 6
+    # a smooth map: near pairs are more similar than the shuffled null allows; the null is flat-ish
+    assert prof["mean"][0] > null["hi"][0]
+    assert np.nanmax(null["mean"]) - np.nanmin(null["mean"]) < prof["mean"][0] - np.nanmin(prof["mean"])

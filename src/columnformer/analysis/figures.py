@@ -205,6 +205,10 @@ def smoothness(trained: dict, init: dict | None, path: Path) -> str:
             prof = s["profile"]
             label = f"{tag}: index {s['smoothness']:.3f}" if s.get("smoothness") is not None else tag
             ax.plot(prof["bin_centers"], _arr(prof["mean"]), style, ms=3, label=label)
+            if tag == "trained" and s.get("shuffled_profile"):  # the shuffled-position null as a band
+                null = s["shuffled_profile"]
+                ax.fill_between(prof["bin_centers"], _arr(null["lo"]), _arr(null["hi"]), color="grey", alpha=0.25,
+                                label="shuffled positions (95%)")
             if tag == "trained" and s.get("shuffled_mean") is not None:
                 ax.axhline(s["mean_similarity"], color="grey", lw=0.8, ls=":")
                 ax.text(0.98, 0.02, f"shuffled-position control: {s['shuffled_mean']:.3f} ± {s['shuffled_std'] or 0:.3f}",

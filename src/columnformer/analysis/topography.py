@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -193,7 +195,9 @@ def similarity_vs_distance(
     index = smoothness_index(d, sim, near, far)
     rng = np.random.default_rng(seed + 7919)
     layer = geometry.layer if within_layer else np.zeros(geometry.n, dtype=np.int64)
-    shuffled = []
+    shuffled, shuffled_curves = [], []
+    profile = binned(d, sim, bins)
+    edges = np.linspace(0.0, float(d.max()) + 1e-9, bins + 1)  # the profile's bins, reused for the null curves
     for _ in range(n_shuffles):
         perm = np.arange(geometry.n)
         for g in np.unique(layer):
@@ -201,6 +205,7 @@ def similarity_vs_distance(
             perm[idx] = rng.permutation(idx)
         ds = geometry.pair_distances(perm[i], perm[j], along_sheet=True)  # same similarities, shuffled positions
         shuffled.append(smoothness_index(ds, sim, near, far))
+        shuffled_curves.append(binned(ds, sim, edges)["mean"])
     shuffled = np.array(shuffled, dtype=np.float64)
     ok = shuffled[np.isfinite(shuffled)]
     sd = float(ok.std()) if len(ok) > 1 else float("nan")
@@ -217,8 +222,19 @@ def similarity_vs_distance(
         "shuffled_z": float((index - ok.mean()) / sd) if len(ok) > 1 and sd > 0 else float("nan"),
         "shuffled_p": float((1 + (ok >= index).sum()) / (1 + len(ok))) if len(ok) else float("nan"),
         "n_shuffles": n_shuffles,
-        "profile": binned(d, sim, bins),
+        "profile": profile,
+        # the null as a curve: similarity vs distance after shuffling positions (mean and 2.5 / 97.5 % per bin)
+        "shuffled_profile": _null_curve(shuffled_curves),
     }
+
+
+def _null_curve(curves: list[np.ndarray]) -> dict:
+    if not curves:
+        return {"mean": [], "lo": [], "hi": []}
+    c = np.array(curves, dtype=np.float64)
+    with warnings.catch_warnings():  # bins empty in every shuffle stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {"mean": np.nanmean(c, 0), "lo": np.nanpercentile(c, 2.5, 0), "hi": np.nanpercentile(c, 97.5, 0)}
 
 
 def smoothness(profiles: np.ndarray, geometry, **kw) -> dict:
