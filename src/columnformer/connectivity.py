@@ -430,8 +430,16 @@ def rewire_sheet(
         scale=sheet.connectivity.scale,
     )
     new = old.rewire(attn_mean, fraction, seed=seed, scale=scale)
+    changed = new.index != old.index  # (N, K)
+    _install_edges(sheet, new, changed, optimizer)
+    return int(changed.sum())
+
+
+def _install_edges(sheet, new: "Connectivity", changed: torch.Tensor, optimizer=None) -> None:
+    """Put ``new``'s edges into the sheet's buffers and ``connectivity``; re-initialise the attention bias of the
+    ``changed`` (N, K) edges from their length and zero their optimizer state (if ``optimizer``)."""
     device = sheet.edge_index.device
-    changed = (new.index != old.index).to(device)  # (N, K)
+    changed = changed.to(device)
     with torch.no_grad():
         sheet.edge_index.copy_(new.index.to(device))
         sheet.edge_mask.copy_(new.mask.to(device))
@@ -447,7 +455,6 @@ def rewire_sheet(
                     if isinstance(value, torch.Tensor) and value.shape == bias.shape:
                         value[changed] = 0
     sheet.connectivity = new
-    return int(changed.sum())
 
 
 def reconnect_sheet(sheet, k: int, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -479,20 +486,5 @@ def reconnect_sheet(sheet, k: int, optimizer: torch.optim.Optimizer | None = Non
                 index[q, slot] = next(fresh)
                 changed[q, slot] = True
     new = Connectivity.from_index(geometry, index, mask, kind=sheet.connectivity.kind, scale=sheet.connectivity.scale)
-    device = sheet.edge_index.device
-    changed_t = torch.from_numpy(changed).to(device)
-    with torch.no_grad():
-        sheet.edge_index.copy_(new.index.to(device))
-        sheet.wiring_weight.copy_(sheet.wiring_weights(new.dist).to(sheet.wiring_weight))
-        init = sheet.bias_init(new.dist)
-        for block in sheet.blocks:
-            bias = block.attn.bias
-            if bias is None:
-                continue
-            bias[changed_t] = init.to(bias)[changed_t]
-            if optimizer is not None:
-                for value in optimizer.state.get(bias, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == bias.shape:
-                        value[changed_t] = 0
-    sheet.connectivity = new
+    _install_edges(sheet, new, torch.from_numpy(changed), optimizer)
     return int(changed.sum())
