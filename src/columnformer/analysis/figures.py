@@ -3,6 +3,8 @@ an equirectangular lon/lat map for spheres."""
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import matplotlib
@@ -135,6 +137,32 @@ def _draw_panels(axes, layout: Layout, values: np.ndarray, cmap, vmin, vmax):
             ax.set_xticks([])
             ax.set_yticks([])
     return sc
+
+
+def tmaps(layout: Layout, t: np.ndarray, path: Path, per_row: int = 5, max_classes: int = 10) -> str:
+    """Category t-maps (K, N) on a symmetric colour scale: a grid of small maps for a single-panel sheet, one row
+    per class (panels = layers) otherwise."""
+    t = np.nan_to_num(np.asarray(t, dtype=float))[:max_classes]
+    m = max(float(np.abs(t).max()), 1e-9)
+    if len(layout.panel_names) > 1:
+        return sheet_maps(layout, [(f"t class {c} vs rest", t[c], "RdBu_r", False) for c in range(len(t))], path)
+    rows = math.ceil(len(t) / per_row)
+    cols = min(len(t), per_row)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols + 0.8, 2.5 * rows), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.88, top=0.9, bottom=0.03, wspace=0.08, hspace=0.25)
+    sc = None
+    for c, ax in enumerate(axes.ravel()):
+        if c >= len(t):
+            ax.axis("off")
+            continue
+        sc = _draw_panels([ax], layout, t[c], "RdBu_r", -m, m)
+        ax.set_title(f"class {c} vs rest", fontsize=9)
+    cax = fig.add_axes([0.9, 0.15, 0.02, 0.7])
+    fig.colorbar(sc, cax=cax).set_label("Welch t (response to the class vs the rest)", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
 
 
 def sheet_maps(layout: Layout, maps: list[tuple[str, np.ndarray, str, bool]], path: Path) -> str:
@@ -281,11 +309,7 @@ def analysis_figures(out: dict, arrays: dict, layout: Layout, fig_dir: Path) -> 
         degrees(trained, init, fig_dir / "degree_distribution.png"),
     ]
     if "tmap" in arrays:  # category selectivity t-maps (patches: analysis.json topography.category_patches)
-        t = arrays["tmap"]
-        names.append(sheet_maps(
-            layout, [(f"t-map class {c} vs rest", np.nan_to_num(t[c]), "RdBu_r", False) for c in range(min(len(t), 10))],
-            fig_dir / "category_tmaps.png",
-        ))
+        names.append(tmaps(layout, arrays["tmap"], fig_dir / "category_tmaps.png"))
     if "positions" in arrays:  # learned geometry
         names.append(learned_positions(arrays, arrays.get("position_layer"), fig_dir / "learned_positions.png"))
     if "halt_steps" in arrays:  # adaptive computation: where on the sheet computation lingers
