@@ -143,6 +143,13 @@ class Trainer:
         self.log_sparsity = sheet is not None and tc.log_sparsity
         self.needs_states = bool(self.regularizer and self.regularizer.needs_states)
         self.learned_positions = getattr(sheet, "positions", None) is not None
+        if dist is not None and tc.parallel == "fsdp" and (
+            self.learned_positions or (self.regularizer and "weight_smoothness" in self.regularizer.active)
+        ):
+            raise ValueError(
+                "learned positions and train.penalties.weight_smoothness read whole per-column tensors, which FSDP "
+                "shards across processes: use train.parallel=ddp for them"
+            )
         if tc.reconnect_every and not (self.learned_positions and cfg.model.connectivity.kind != "dense"):
             raise ValueError(
                 "train.reconnect_every rebuilds a sparse sheet's edges from learned positions: it needs "
