@@ -224,6 +224,9 @@ MUTATIONS = [
     ("smoothness null curve from the unshuffled distances", "src/columnformer/analysis/topography.py",
      'shuffled_curves.append(binned(ds, sim, edges)["mean"])', 'shuffled_curves.append(binned(d, sim, edges)["mean"])',
      ["tests/test_patches.py", "-k", "null_band"]),
+    ("fixed-spread constraint skipped", "src/columnformer/sheet.py",
+     "        self.positions.copy_(centre + (self.positions - centre) * (self.initial_spread / spread))\n",
+     "        pass\n", ["tests/test_learned_geometry.py", "-k", "fixed_spread"]),
 ]
 
 

@@ -137,3 +137,25 @@ def test_training_reconnects_sparse_edges_on_schedule(tmp_path):
     assert [e["step"] for e in events] == [5, 10]
     with pytest.raises(ValueError, match="learn_positions"):
         train(build_config({}, [*common, "name=bad", "train.reconnect_every=5", "model.sheet.learn_positions=false"]))
+
+
+def test_fixed_spread_keeps_the_rms_spread_and_stops_outliers_inflating_the_normaliser():
+    m = _model("model.sheet.position_constraint=fixed_spread")
+    sheet = m.sheet
+    spread0 = sheet.initial_spread
+    with torch.no_grad():
+        sheet.positions[0] += torch.tensor([40.0, 0.0, 0.0])  # one column sent far away
+    w_out, rep_out = sheet.learned_wiring()
+    assert rep_out.item() == 0.0  # the outlier alone violates no spacing
+    sheet.constrain_positions()
+    pos = sheet.positions.detach()
+    spread = (pos - pos.mean(0)).pow(2).sum(1).mean().sqrt().item()
+    assert spread == pytest.approx(spread0, rel=1e-5)
+    w_fixed, rep_fixed = sheet.learned_wiring()
+    # a uniform rescaling leaves D / mean(D) unchanged; what the constraint changes is the absolute scale: the rest of
+    # the sheet is now packed below the initial spacing and the repulsion pushes back (pulling the outlier in)
+    assert torch.allclose(w_fixed, w_out, atol=1e-5)
+    assert rep_fixed.item() > 0.1
+    unconstrained = _model()
+    unconstrained.sheet.constrain_positions()  # position_constraint=none: nothing moves
+    assert torch.equal(unconstrained.sheet.positions, torch.from_numpy(unconstrained.sheet.initial_geometry.coords).float())

@@ -121,6 +121,12 @@ class SheetConfig(BaseModel):
         1.0, ge=0, description="learn_positions: weight of the repulsion term sum_{i != j} relu(1 - d_ij / s0)^2 / N "
         "(s0: the initial minimum spacing), which keeps columns from collapsing onto each other",
     )
+    position_constraint: Literal["none", "fixed_spread"] = Field(
+        "none", description="learn_positions: fixed_spread rescales the positions about their centroid after every "
+        "optimizer step so their RMS spread stays the initial one (a fixed-area constraint: columns sent far away to "
+        "inflate mean(D), which lowers every other wiring weight, compress the rest below the initial spacing, and "
+        "the repulsion then pushes back)",
+    )
     sparse_kernel: Literal["auto", "gather", "block"] = Field(
         "auto", description="kernel for a sparse connectivity: block-sparse tiles (block), per-edge gather (gather), "
         "or whichever the block plan's cost model estimates cheaper (auto); same math, ignored for dense sheets",
@@ -152,8 +158,11 @@ class SheetConfig(BaseModel):
                         f"{', '.join(changed)} apply only when {switch} is on, but {switch}={off}: set {switch} "
                         f"(e.g. {'act' if switch == 'halting' else 'static'}) or leave {', '.join(changed)} at the default"
                     )
-        if self.position_repulsion != 1.0 and not self.learn_positions:
-            raise ValueError("position_repulsion applies when learn_positions=true; set learn_positions or leave it at 1.0")
+        if (self.position_repulsion != 1.0 or self.position_constraint != "none") and not self.learn_positions:
+            raise ValueError(
+                "position_repulsion / position_constraint apply when learn_positions=true; set learn_positions or "
+                "leave them at their defaults"
+            )
         if self.attn_head_bias and self.attn_mode != "linmixing":
             raise ValueError(f"attn_head_bias=true applies to attn_mode=linmixing (got {self.attn_mode})")
         blocks = 1 if self.recurrent else self.steps
@@ -374,6 +383,7 @@ class Columnformer(nn.Module):
                     f"{geometry.name}, {geometry.n} columns, metric {geometry.metric}): use grid, stacked or multilayer"
                 )
             self.positions = nn.Parameter(torch.from_numpy(geometry.coords).float())  # (N, D)
+            self.initial_spread = float(np.sqrt(((geometry.coords - geometry.coords.mean(0)) ** 2).sum(1).mean()))
             d = geometry.pair_distances(*np.triu_indices(geometry.n, 1), along_sheet=True)
             self.min_spacing = float(d.min()) if len(d) else 1.0
 
@@ -436,6 +446,16 @@ class Columnformer(nn.Module):
             w = w.gather(1, self.edge_index)  # (N, K)
         repulsion = torch.where(off, (1 - d / self.min_spacing).relu().pow(2), torch.zeros_like(d)).sum() / n
         return w, repulsion
+
+    @torch.no_grad()
+    def constrain_positions(self) -> None:
+        """``position_constraint=fixed_spread``: rescale the positions about their centroid to the initial RMS spread
+        (the trainer calls this after every optimizer step)."""
+        if self.positions is None or self.cfg.position_constraint == "none":
+            return
+        centre = self.positions.mean(0, keepdim=True)
+        spread = (self.positions - centre).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
+        self.positions.copy_(centre + (self.positions - centre) * (self.initial_spread / spread))
 
     @torch.no_grad()
     def sync_geometry(self) -> None:

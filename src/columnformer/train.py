@@ -509,6 +509,8 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.scheduler.step()
+            if self.learned_positions:
+                self.model.sheet.constrain_positions()  # fixed_spread: back to the initial spread (else a no-op)
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.batch_in_epoch += 1
