@@ -102,3 +102,19 @@ def test_v1_style_run_trains_on_photos_and_maps_orientation(tmp_path):
     arrays = np.load(out / "orientation_arrays.npz")
     assert arrays["osi"].shape == (64,) and ((arrays["osi"] >= 0) & (arrays["osi"] <= 1)).all()
     assert json.loads((out / "orientation.json").read_text())["stimuli"] == 8 * 3 * 2
+
+
+def test_orientation_at_init_differs_from_the_trained_sheet(tmp_path):
+    cfg = build_config({}, [
+        "preset=v1", "task=mim", "data.name=photos", "data.photo_patches=64", "model.image_size=[16,16]",
+        "model.geometry.shape=[8,8]", "model.connectivity.k=8", "model.sheet.width=8", "model.sheet.steps=1",
+        "train.epochs=2", "train.batch_size=16", "train.threads=1", "train.progress=false", "train.figures=false",
+        "optim.lr=0.01", f"out_dir={tmp_path}", "name=r",
+    ])
+    train(cfg)
+    trained = analyze_orientation(tmp_path / "r", n_null=0, n_boot=0, phases=2)
+    init = analyze_orientation(tmp_path / "r", n_null=0, n_boot=0, phases=2, at_init=True)
+    assert init["weights"] == "initialisation" and (tmp_path / "r" / "brain" / "orientation-init" / "brain.md").is_file()
+    a = np.load(tmp_path / "r" / "brain" / "orientation" / "orientation_arrays.npz")["osi"]
+    b = np.load(tmp_path / "r" / "brain" / "orientation-init" / "orientation_arrays.npz")["osi"]
+    assert not np.allclose(a, b)  # the trained weights, not the initial ones, were read

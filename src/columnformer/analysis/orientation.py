@@ -148,13 +148,19 @@ def grating_responses(model, images: torch.Tensor, blank: torch.Tensor, step: in
 
 def analyze_orientation(run_dir, out_dir=None, step: int | None = None, orientations: int = 8,
                         frequencies=(0.0625, 0.125, 0.25), phases: int = 4, n_null: int = 200, n_boot: int = 100,
-                        seed: int = 0) -> dict:
-    """Orientation tuning and maps of a run's grid sheet; writes ``RUN/brain/orientation/`` (json, brain.md, figures)."""
-    from ..run import load_run
+                        seed: int = 0, at_init: bool = False) -> dict:
+    """Orientation tuning and maps of a run's grid sheet; writes ``RUN/brain/orientation/`` (json, brain.md, figures).
+    ``at_init``: the run's model at initialisation (same config and seed), written to ``RUN/brain/orientation-init/``."""
+    from ..run import load_run, read_run_config
     from ..tasks import build_task
+    from .analyze import init_model
 
-    run = load_run(run_dir)
-    model, cfg = run.model.eval(), run.config
+    if at_init:
+        cfg = read_run_config(run_dir)
+        model = init_model(cfg)
+    else:
+        run = load_run(run_dir)
+        model, cfg = run.model.eval(), run.config
     geometry = model.sheet.geometry
     if geometry.layer_shapes is None:
         raise ValueError(f"orientation maps need grid layers; {geometry.name} has none (a sphere or free coordinates)")
@@ -168,7 +174,8 @@ def analyze_orientation(run_dir, out_dir=None, step: int | None = None, orientat
     blank = (torch.full((1, *imgs.shape[1:]), 0.5) - mean) / std
     resp = grating_responses(model, x, blank, step)  # (M, N)
     tun = tuning(resp, params)
-    results = {"run": str(run_dir), "step": step or model.sheet.cfg.steps, "stimuli": int(len(params)),
+    results = {"run": str(run_dir), "weights": "initialisation" if at_init else "trained",
+               "step": step or model.sheet.cfg.steps, "stimuli": int(len(params)),
                "orientations": orientations, "frequencies": list(frequencies), "phases": phases,
                "osi_median": float(np.median(tun["osi"])), "osi_mean": float(tun["osi"].mean()),
                "osi_quartiles": np.percentile(tun["osi"], [25, 75]).tolist(), "layers": []}
@@ -188,7 +195,7 @@ def analyze_orientation(run_dir, out_dir=None, step: int | None = None, orientat
             stats["density_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
         results["layers"].append({"layer": layer, "shape": [h, w], **stats})
         maps.append(z)
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "brain" / "orientation"
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "brain" / ("orientation-init" if at_init else "orientation")
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     (out_dir / "orientation.json").write_text(json.dumps(results, indent=1))
     np.savez_compressed(out_dir / "orientation_arrays.npz", preferred=tun["preferred"], osi=tun["osi"],
@@ -208,7 +215,7 @@ def _resample_phases(params: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 def _markdown(r: dict) -> str:
-    lines = [f"Orientation tuning at step {r['step']} ({r['stimuli']} gratings: {r['orientations']} orientations x "
+    lines = [f"Orientation tuning of the {r['weights']} sheet at step {r['step']} ({r['stimuli']} gratings: {r['orientations']} orientations x "
              f"{len(r['frequencies'])} frequencies x {r['phases']} phases). OSI median {r['osi_median']:.3f} "
              f"(quartiles {r['osi_quartiles'][0]:.3f}-{r['osi_quartiles'][1]:.3f}).", "",
              "| layer | shape | pinwheels | wavelength (columns) | density (per Λ²) | bootstrap 95% | phase-randomised null (95%) |",
@@ -216,11 +223,11 @@ def _markdown(r: dict) -> str:
     for layer in r["layers"]:
         if layer.get("pinwheels") is None:
             continue
-        ci = layer.get("density_ci95") or [float("nan")] * 2
-        null = layer.get("null_density_ci95") or [float("nan")] * 2
+        ci, null = layer.get("density_ci95"), layer.get("null_density_ci95")
+        ci_s = f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-"
+        null_s = f"{layer['null_density_mean']:.2f} ({null[0]:.2f}-{null[1]:.2f})" if null else "-"
         lines.append(f"| {layer['layer']} | {layer['shape'][0]}x{layer['shape'][1]} | {layer['pinwheels']} | "
-                     f"{layer['wavelength']:.2f} | {layer['density']:.2f} | {ci[0]:.2f}-{ci[1]:.2f} | "
-                     f"{layer['null_density_mean']:.2f} ({null[0]:.2f}-{null[1]:.2f}) |")
+                     f"{layer['wavelength']:.2f} | {layer['density']:.2f} | {ci_s} | {null_s} |")
     lines += ["", "Cortex: ~π ≈ 3.14 pinwheels per Λ² (Kaschube et al. 2010)."]
     return "\n".join(lines) + "\n"
 
@@ -251,7 +258,7 @@ def _figures(maps: list[np.ndarray], tun: dict, fig_dir: Path) -> None:
 
 def _cmd(args) -> int:
     r = analyze_orientation(args.run, args.out, args.step, args.orientations, tuple(args.frequencies), args.phases,
-                            args.null, args.bootstrap, args.seed)
+                            args.null, args.bootstrap, args.seed, args.at_init)
     print(json.dumps({k: r[k] for k in ("osi_median", "osi_mean")} | {"layers": r["layers"]}, indent=1))
     return 0
 
@@ -268,4 +275,5 @@ def register(sub) -> None:
     p.add_argument("--null", type=int, default=200, help="phase-randomised maps in the null")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples of the grating phases")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--at-init", action="store_true", help="the run's model at initialisation (its config and seed)")
     p.set_defaults(func=_cmd)
