@@ -116,13 +116,17 @@ def geometry(args) -> None:
     keys["mean shift (spacings)"] = lambda s, a: (a["trained"].get("positions") or {}).get("mean_shift")
     keys["max shift"] = lambda s, a: (a["trained"].get("positions") or {}).get("max_shift")
     keys["min spacing"] = lambda s, a: (a["trained"].get("positions") or {}).get("min_spacing")
-    table([("fixed (recurrent row)", fixed), ("learned", learned)], keys)
+    spread = runs_of(args.sweeps[0], "learned_fixed_spread")
+    table([("fixed (recurrent row)", fixed), ("learned", learned), ("learned, fixed spread", spread)], keys)
     if args.out and learned:
         import shutil
 
-        src = learned[0] / "figures" / "analysis" / "learned_positions.png"
-        shutil.copyfile(src, args.out)
-        print(f"\nwrote {args.out} (copied from {src})")
+        for runs, suffix in ((learned, ""), (spread, "_fixed_spread")):
+            if runs:
+                src = runs[0] / "figures" / "analysis" / "learned_positions.png"
+                dst = args.out.with_name(args.out.stem + suffix + args.out.suffix)
+                shutil.copyfile(src, dst)
+                print(f"wrote {dst} (copied from {src})")
 
 
 def main() -> None:
