@@ -118,3 +118,15 @@ def test_orientation_at_init_differs_from_the_trained_sheet(tmp_path):
     a = np.load(tmp_path / "r" / "brain" / "orientation" / "orientation_arrays.npz")["osi"]
     b = np.load(tmp_path / "r" / "brain" / "orientation-init" / "orientation_arrays.npz")["osi"]
     assert not np.allclose(a, b)  # the trained weights, not the initial ones, were read
+
+
+def test_grid_resample_returns_a_grid_map_unchanged_and_follows_moved_columns():
+    from columnformer.analysis.orientation import grid_resample
+
+    yy, xx = _grid(6, 6)
+    z = np.exp(2j * 0.3 * xx) * (1 + yy / 10)
+    xy = np.stack([yy.ravel(), xx.ravel()], 1)
+    assert np.allclose(grid_resample(xy, z.ravel(), (6, 6)), z.ravel())  # on the grid: unchanged
+    shuffled = np.random.default_rng(0).permutation(36)
+    # moving the columns (here: permuting which column sits where) moves their values with them
+    assert np.allclose(grid_resample(xy[shuffled], z.ravel()[shuffled], (6, 6)), z.ravel())

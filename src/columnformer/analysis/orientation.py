@@ -9,7 +9,8 @@ count). Per column: the spatial frequency with the largest mean response; at it,
 over phases); preferred orientation ``theta* = arg(sum R e^{2i theta}) / 2`` and the vector-sum OSI
 ``|sum R e^{2i theta}| / sum R`` (1 - circular variance; 0 untuned, 1 one orientation only).
 
-Map statistics (per grid layer): the complex map ``z = OSI e^{2i theta*}``; pinwheels are the plaquettes of 2x2
+Map statistics (per grid layer; a sheet with learned positions is resampled onto its layers' grids, spread over
+where the columns are, by linear interpolation): the complex map ``z = OSI e^{2i theta*}``; pinwheels are the plaquettes of 2x2
 neighbouring columns around which theta* turns by +-pi (the winding of arg z is +-2 pi); the map's wavelength
 Lambda is the peak of the radially averaged power spectrum of z (mean removed); pinwheel density = pinwheels per
 Lambda^2 (cortex: ~pi, Kaschube et al. 2010). Null: phase-randomised maps (same amplitude spectrum, uniform random
@@ -131,6 +132,23 @@ def map_statistics(z: np.ndarray, n_null: int = 200, seed: int = 0) -> dict:
     }
 
 
+def grid_resample(xy: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Values at scattered positions ``xy`` (N, 2) resampled onto an ``shape`` grid spanning their bounding box
+    (linear interpolation of real and imaginary parts, nearest value outside the convex hull); row-major (h*w,)."""
+    from scipy.interpolate import griddata
+
+    h, w = shape
+    lo, hi = xy.min(0), xy.max(0)
+    gy, gx = np.meshgrid(np.linspace(lo[0], hi[0], h), np.linspace(lo[1], hi[1], w), indexing="ij")
+    pts = np.stack([gy.ravel(), gx.ravel()], 1)
+    out = np.zeros(len(pts), dtype=complex)
+    for part, unit in ((values.real, 1.0), (values.imag, 1j)):
+        lin = griddata(xy, part, pts, method="linear")
+        near = griddata(xy, part, pts, method="nearest")
+        out += unit * np.where(np.isnan(lin), near, lin)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- a run
 @torch.no_grad()
 def grating_responses(model, images: torch.Tensor, blank: torch.Tensor, step: int | None = None, batch: int = 64) -> np.ndarray:
@@ -161,7 +179,8 @@ def analyze_orientation(run_dir, out_dir=None, step: int | None = None, orientat
     else:
         run = load_run(run_dir)
         model, cfg = run.model.eval(), run.config
-    geometry = model.sheet.geometry
+    geometry = model.sheet.initial_geometry  # learned positions: their values are interpolated back onto this grid
+    learned = model.sheet.positions is not None
     if geometry.layer_shapes is None:
         raise ValueError(f"orientation maps need grid layers; {geometry.name} has none (a sphere or free coordinates)")
     if step is not None and not 1 <= step <= model.sheet.cfg.steps:
@@ -183,7 +202,10 @@ def analyze_orientation(run_dir, out_dir=None, step: int | None = None, orientat
     maps = []
     for layer, (h, w) in enumerate(geometry.layer_shapes):
         idx = geometry.layer_indices(layer)  # row-major
-        z = (tun["osi"][idx] * np.exp(2j * tun["preferred"][idx])).reshape(h, w)
+        z = tun["osi"][idx] * np.exp(2j * tun["preferred"][idx])
+        if learned:  # the columns moved: resample the map at the layer's grid points spread over the moved positions
+            z = grid_resample(model.sheet.positions.detach().double().numpy()[idx, :2], z, (h, w))
+        z = z.reshape(h, w)
         stats = map_statistics(z, n_null, seed) if min(h, w) >= 4 else {"pinwheels": None}
         if n_boot and min(h, w) >= 4:  # bootstrap over grating phases: resample each condition's phase repeats
             boot = []
