@@ -227,6 +227,9 @@ MUTATIONS = [
     ("fixed-spread constraint skipped", "src/columnformer/sheet.py",
      "        self.positions.copy_(centre + (self.positions - centre) * (self.initial_spread / spread))\n",
      "        pass\n", ["tests/test_learned_geometry.py", "-k", "fixed_spread"]),
+    ("grid resampling keeps the columns' list order", "src/columnformer/analysis/orientation.py",
+     "out += unit * np.where(np.isnan(lin), near, lin)", "out += unit * part",
+     ["tests/test_orientation_photos.py", "-k", "grid_resample"]),
 ]
 
 
