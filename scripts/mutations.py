@@ -230,6 +230,8 @@ MUTATIONS = [
     ("grid resampling keeps the columns' list order", "src/columnformer/analysis/orientation.py",
      "out += unit * np.where(np.isnan(lin), near, lin)", "out += unit * part",
      ["tests/test_orientation_photos.py", "-k", "grid_resample"]),
+    ("brain encoding reports the next step as the best", "src/columnformer/brain/compare.py",
+     "    best_step = best % T\n", "    best_step = (best + 1) % T\n", ["tests/test_brain.py", "-k", "synthetic"]),
 ]
 
 

@@ -15,11 +15,12 @@ from columnformer.cli import main  # noqa: E402
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A feed-forward sheet of two 4x4 layers (3 distinct blocks) trained briefly on digits; its column states for
-    the 1,257 training digits, PCA-reduced to 6 channels per column."""
+    """A feed-forward sheet of two 4x4 layers (3 distinct blocks) trained 4 epochs on digits; its column states for
+    the 1,257 training digits, PCA-reduced to 6 channels per column. (After 1 epoch its steps are still near
+    copies of each other and recovery drops to 46-100 % per placement.)"""
     root = tmp_path_factory.mktemp("brain")
     args = ["train", "model.geometry.kind=stacked", "model.geometry.layers=[[4,4],[4,4]]", "model.sheet.width=16",
-            "model.sheet.qk_dim=8", "model.sheet.steps=3", "model.sheet.recurrent=false", "train.epochs=1",
+            "model.sheet.qk_dim=8", "model.sheet.steps=3", "model.sheet.recurrent=false", "train.epochs=4", "optim.lr=5e-3",
             "train.progress=false", "train.figures=false", "task.baseline=false", "train.threads=1",
             f"out_dir={root}", "name=r"]
     assert main(args) == 0
@@ -29,8 +30,7 @@ def exported(tmp_path_factory):
 
 def test_synthetic_cortex_finds_area_and_step_above_chance_and_the_noise_ceiling(exported):
     """Targets simulated from two (area, step) placements at SNR 1 (4 repeats): the encoding names the true area
-    and step far above chance (1/6) and the NCSNR noise ceiling is within 10 % of the simulated one. (The issue's
-    80 % recovery is not reached on this small sheet: its areas and steps are strongly correlated.)"""
+    and step for >= 80 % of targets (chance 1/6) and the NCSNR noise ceiling is within 10 % of the simulated one."""
     fdir = exported / "f"
     hits, ncs = [], []
     for i, (area, step) in enumerate([(1, 1), (0, 2)]):
@@ -42,7 +42,7 @@ def test_synthetic_cortex_finds_area_and_step_above_chance_and_the_noise_ceiling
         assert np.median(enc["best_score"]) > 0.5
         rsa = result["rsa"]["per_region"]["synthetic"][area][step]
         assert rsa["ci_low"] <= rsa["rho"] <= rsa["ci_high"] and result["rsa"]["stimuli"] == 200
-    assert np.mean(hits) >= 0.5
+    assert np.mean(hits) >= 0.8
     expected = 1 / (1 + (1 / 1.0) / 4)  # signal variance 1, noise variance of a 4-repeat mean 1/4
     assert abs(np.mean(ncs) - expected) < 0.1 * expected
     assert {p.name for p in (exported / "out0" / "figures").iterdir()} == {"brain_encoding.png", "brain_best_step.png"}
