@@ -232,6 +232,8 @@ MUTATIONS = [
      ["tests/test_orientation_photos.py", "-k", "grid_resample"]),
     ("brain encoding reports the next step as the best", "src/columnformer/brain/compare.py",
      "    best_step = best % T\n", "    best_step = (best + 1) % T\n", ["tests/test_brain.py", "-k", "synthetic"]),
+    ("tile bootstrap counts every pinwheel in the first tile", "src/columnformer/analysis/orientation.py",
+     "        counts[ty[r], tx[c]] += 1\n", "        counts[0, 0] += 1\n", ["tests/test_orientation_photos.py", "-k", "tile_bootstrap"]),
 ]
 
 

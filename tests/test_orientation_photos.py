@@ -130,3 +130,23 @@ def test_grid_resample_returns_a_grid_map_unchanged_and_follows_moved_columns():
     shuffled = np.random.default_rng(0).permutation(36)
     # moving the columns (here: permuting which column sits where) moves their values with them
     assert np.allclose(grid_resample(xy[shuffled], z.ravel()[shuffled], (6, 6)), z.ravel())
+
+
+def test_tile_bootstrap_interval_contains_the_density_and_narrows_with_area():
+    from columnformer.analysis.orientation import tile_bootstrap
+
+    rng = np.random.default_rng(0)
+
+    def band_pass(n):
+        k = np.sqrt(np.add.outer(np.fft.fftfreq(n) ** 2, np.fft.fftfreq(n) ** 2))
+        ring = np.exp(-((k - 1 / 8) ** 2) / (2 * 0.01**2))
+        return np.fft.ifft2(ring * np.exp(2j * np.pi * rng.random((n, n))))
+
+    widths = []
+    for n in (48, 128):
+        z = band_pass(n)
+        d = pinwheel_density(z, 8.0)
+        lo, hi = tile_bootstrap(z, 8.0, 200, np.random.default_rng(1))
+        assert lo <= d <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0]

@@ -15,8 +15,8 @@ neighbouring columns around which theta* turns by +-pi (the winding of arg z is 
 Lambda is the peak of the radially averaged power spectrum of z (mean removed); pinwheel density = pinwheels per
 Lambda^2 (cortex: ~pi, Kaschube et al. 2010). Null: phase-randomised maps (same amplitude spectrum, uniform random
 Fourier phases) give the density expected from the spectrum alone (band-pass noise gives ~pi too: the comparison
-says whether the sheet's pinwheels are more or fewer than its spectrum implies); a bootstrap over the grating
-phases gives the observed density's confidence interval.
+says whether the sheet's pinwheels are more or fewer than its spectrum implies); a block bootstrap over tiles of the
+map about one wavelength wide gives the observed density's confidence interval.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def grating_responses(model, images: torch.Tensor, blank: torch.Tensor, step: in
 
 
 def analyze_orientation(run_dir, out_dir=None, step: int | None = None, orientations: int = 8,
-                        frequencies=(0.0625, 0.125, 0.25), phases: int = 4, n_null: int = 200, n_boot: int = 100,
+                        frequencies=(0.0625, 0.125, 0.25), phases: int = 4, n_null: int = 200, n_boot: int = 200,
                         seed: int = 0, at_init: bool = False) -> dict:
     """Orientation tuning and maps of a run's grid sheet; writes ``RUN/brain/orientation/`` (json, brain.md, figures).
     ``at_init``: the run's model at initialisation (same config and seed), written to ``RUN/brain/orientation-init/``."""
@@ -207,14 +207,8 @@ def analyze_orientation(run_dir, out_dir=None, step: int | None = None, orientat
             z = grid_resample(model.sheet.positions.detach().double().numpy()[idx, :2], z, (h, w))
         z = z.reshape(h, w)
         stats = map_statistics(z, n_null, seed) if min(h, w) >= 4 else {"pinwheels": None}
-        if n_boot and min(h, w) >= 4:  # bootstrap over grating phases: resample each condition's phase repeats
-            boot = []
-            for _ in range(n_boot):
-                pick = _resample_phases(params, rng)
-                tb = tuning(resp[pick], params[pick])
-                zb = (tb["osi"][idx] * np.exp(2j * tb["preferred"][idx])).reshape(h, w)
-                boot.append(pinwheel_density(zb, stats["wavelength"]))  # the observed map's Lambda
-            stats["density_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        if n_boot and min(h, w) >= 4:
+            stats["density_ci95"] = tile_bootstrap(z, stats["wavelength"], n_boot, rng)
         results["layers"].append({"layer": layer, "shape": [h, w], **stats})
         maps.append(z)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "brain" / ("orientation-init" if at_init else "orientation")
@@ -227,13 +221,24 @@ def analyze_orientation(run_dir, out_dir=None, step: int | None = None, orientat
     return results
 
 
-def _resample_phases(params: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    keys = params[:, :2]
-    out = []
-    for key in np.unique(keys, axis=0):
-        rows = np.flatnonzero((keys == key).all(1))
-        out.append(rng.choice(rows, len(rows), replace=True))
-    return np.concatenate(out)
+def tile_bootstrap(z: np.ndarray, wavelength: float, n_boot: int, rng: np.random.Generator) -> list[float]:
+    """95 % interval of the pinwheel density by a block bootstrap over the map: the plaquettes are cut into square
+    tiles about one wavelength wide (at least 2), tiles are resampled with replacement, density = pinwheels per
+    Lambda^2 of the resampled area."""
+    pos, _ = pinwheels(z)
+    h, w = z.shape[0] - 1, z.shape[1] - 1  # plaquettes
+    t = max(2, int(round(wavelength)))
+    ty, tx = np.arange(h) // t, np.arange(w) // t
+    counts = np.zeros((ty.max() + 1, tx.max() + 1))
+    areas = np.bincount(ty)[:, None] * np.bincount(tx)[None, :]
+    for r, c in pos.astype(int):  # pinwheel at plaquette (r, c)
+        counts[ty[r], tx[c]] += 1
+    counts, areas = counts.ravel(), areas.ravel()
+    boot = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(counts), len(counts))
+        boot.append(counts[pick].sum() * wavelength**2 / areas[pick].sum())
+    return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
 
 def _markdown(r: dict) -> str:
@@ -295,7 +300,7 @@ def register(sub) -> None:
     p.add_argument("--frequencies", type=float, nargs="+", default=[0.0625, 0.125, 0.25], help="cycles per pixel")
     p.add_argument("--phases", type=int, default=4)
     p.add_argument("--null", type=int, default=200, help="phase-randomised maps in the null")
-    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples of the grating phases")
+    p.add_argument("--bootstrap", type=int, default=200, help="block-bootstrap resamples of the map (tiles one wavelength wide)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--at-init", action="store_true", help="the run's model at initialisation (its config and seed)")
     p.set_defaults(func=_cmd)
