@@ -12,7 +12,7 @@ over phases); preferred orientation ``theta* = arg(sum R e^{2i theta}) / 2`` and
 Map statistics (per grid layer; a sheet with learned positions is resampled onto its layers' grids, spread over
 where the columns are, by linear interpolation): the complex map ``z = OSI e^{2i theta*}``; pinwheels are the plaquettes of 2x2
 neighbouring columns around which theta* turns by +-pi (the winding of arg z is +-2 pi); the map's wavelength
-Lambda is the peak of the radially averaged power spectrum of z (mean removed); pinwheel density = pinwheels per
+Lambda is 1 / the power-weighted mean spatial frequency of z (mean removed); pinwheel density = pinwheels per
 Lambda^2 (cortex: ~pi, Kaschube et al. 2010). Null: phase-randomised maps (same amplitude spectrum, uniform random
 Fourier phases) give the density expected from the spectrum alone (band-pass noise gives ~pi too: the comparison
 says whether the sheet's pinwheels are more or fewer than its spectrum implies); a block bootstrap over tiles of the
@@ -102,9 +102,11 @@ def radial_spectrum(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def map_wavelength(z: np.ndarray) -> float:
-    """The map's column spacing Lambda (columns per cycle) at the peak of its radial power spectrum."""
+    """The map's wavelength Lambda (columns per cycle): 1 / the power-weighted mean spatial frequency of the map
+    (Kaschube et al. 2010's spectral mean; robust where the spectrum has no single sharp peak)."""
     f, p = radial_spectrum(z)
-    return float(1.0 / f[int(np.argmax(p))])
+    w = p * (f > 0)
+    return float(1.0 / (np.sum(w * f) / max(np.sum(w), 1e-300)))
 
 
 def pinwheel_density(z: np.ndarray, wavelength: float | None = None) -> float:
