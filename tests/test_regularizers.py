@@ -57,6 +57,25 @@ def test_sparsity_stats_stream_equals_one_pass():
     assert parts.result()["hoyer"] == pytest.approx(whole.result()["hoyer"], rel=1e-6)  # per-stimulus: batch-free
 
 
+def test_sparsity_of_a_batch_split_across_processes_equals_one_process():
+    """What DDP does: each rank adds its share of the batch, the statistics are summed over ranks."""
+    x = torch.randn(5, 24, 4) * torch.rand(5, 1, 4)
+    whole = SparsityStats()
+    whole.add([x, x.relu()])
+    ranks = [SparsityStats(), SparsityStats()]
+    ranks[0].add([x[:, :13], x[:, :13].relu()])
+    ranks[1].add([x[:, 13:], x[:, 13:].relu()])
+    summed = {k: getattr(ranks[0], k) + getattr(ranks[1], k) for k in ("n", "sums", "m1", "m2")}
+    for r in ranks:
+        it = iter([summed["n"], summed["sums"], summed["m1"], summed["m2"]])
+        r.all_reduce(lambda t: next(it))
+    for k, v in whole.result().items():
+        assert ranks[0].result()[k] == pytest.approx(v, rel=1e-9), k
+    empty = SparsityStats()
+    empty.add([x[:, :0]])  # a rank with only padding adds nothing, without failing
+    assert float(empty.n) == 0
+
+
 def test_activity_l1_zero_only_for_silent_states():
     assert activity_l1([torch.zeros(3, 4, 5)]).item() == 0.0
     x = torch.randn(3, 4, 5, requires_grad=True)

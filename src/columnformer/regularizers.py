@@ -17,7 +17,7 @@ Three penalties, each off by default (weight 0) and each with a schedule (``Pena
   weights (a constant field is perfectly smooth), positive otherwise.
 
 The metrics of ``activation_sparsity`` read magnitudes ``a = |x|`` of the states over units = (column, channel):
-fraction near zero (``a < tol * rms(a)``), Hoyer sparsity per stimulus, population sparseness per stimulus and
+fraction near zero (per stimulus, ``a < tol * rms`` of its units), Hoyer sparsity per stimulus, population sparseness per stimulus and
 lifetime sparseness per unit (Vinje & Gallant 2000: ``(1 - mean(a)^2 / mean(a^2)) / (1 - 1/n)``); all in [0, 1],
 higher is sparser. They are logged during training without any penalty (``train.log_sparsity``: measured on the
 last batch of every logged step, mean over steps), so whether sparsity emerges on its own is measurable, and
@@ -51,81 +51,72 @@ def schedule_factor(step: int, total_steps: int, start: float, ramp: float) -> f
 # ---------------------------------------------------------------------------------------------- sparsity metrics
 
 
-@torch.no_grad()
-def activation_sparsity(states: torch.Tensor, tol: float = 0.1) -> dict[str, float]:
-    """Sparsity of one step's states ``(N, B, C)`` (units = N*C, stimuli = B); see the module docstring."""
-    if states.ndim != 3:
-        raise ValueError(f"states must be (N, B, C), got shape {tuple(states.shape)}")
-    a = states.detach().float().abs().transpose(0, 1).reshape(states.shape[1], -1)  # (B, U)
-    B, U = a.shape
-    rms = a.pow(2).mean().sqrt()
-    near_zero = (a < tol * rms).float().mean().item() if rms > 0 else 1.0
-    l1, l2 = a.sum(1), a.pow(2).sum(1).sqrt()  # per stimulus
-    ok = l2 > 0
-    hoyer = ((math.sqrt(U) - l1[ok] / l2[ok]) / (math.sqrt(U) - 1)).mean().item() if ok.any() and U > 1 else 0.0
-    return {
-        "near_zero": near_zero,
-        "hoyer": hoyer,
-        "population_sparseness": _sparseness(a, dim=1),
-        "lifetime_sparseness": _sparseness(a, dim=0) if B > 1 else 0.0,
-    }
-
-
-def _sparseness(a: torch.Tensor, dim: int) -> float:
-    """Mean over the other dimension of ``(1 - mean(a)^2 / mean(a^2)) / (1 - 1/n)`` along ``dim`` (all-zero rows skipped)."""
-    n = a.shape[dim]
-    m1, m2 = a.mean(dim), a.pow(2).mean(dim)
-    ok = m2 > 0
-    if n < 2 or not ok.any():
-        return 0.0
-    return ((1 - m1[ok] ** 2 / m2[ok]) / (1 - 1 / n)).mean().item()
-
-
-def mean_sparsity(states: list[torch.Tensor], tol: float = 0.1) -> dict[str, float]:
-    """``activation_sparsity`` averaged over a list of step states."""
-    per = [activation_sparsity(s, tol) for s in states]
-    return {k: float(np.mean([p[k] for p in per])) for k in SPARSITY_METRICS}
-
-
 class SparsityStats:
-    """Activation sparsity per step over a whole data split, streamed batch by batch.
+    """Activation sparsity per step over many stimuli, streamed batch by batch (and summable across processes).
 
-    ``add(states)`` takes one batch's states per step (each (N, B, C)). Near-zero fraction, Hoyer and
-    population sparseness are per-stimulus means; lifetime sparseness uses every unit's first and second moments
-    over all stimuli of the split (not per batch).
+    ``add(states)`` takes one batch's states per step (each (N, B, C)). Near-zero fraction (per stimulus: units with
+    ``|x| < tol * rms`` of that stimulus's units), Hoyer and population sparseness are per-stimulus means; lifetime
+    sparseness uses every unit's first and second moments over all stimuli added. Every quantity is a sum over
+    stimuli, so splitting a batch between processes and summing (``all_reduce``) gives the one-process values.
     """
 
     def __init__(self, tol: float = 0.1):
-        self.tol, self.n, self.sums, self.m1, self.m2 = tol, 0, None, None, None
+        self.tol, self.n, self.sums, self.m1, self.m2 = tol, None, None, None, None
 
     @torch.no_grad()
     def add(self, states: list[torch.Tensor]) -> None:
+        for x in states:
+            if x.ndim != 3:
+                raise ValueError(f"states must be (N, B, C), got shape {tuple(x.shape)}")
         b = states[0].shape[1]
-        per = [activation_sparsity(s, self.tol) for s in states]
-        a = torch.stack([s.detach().double().abs().transpose(0, 1).reshape(b, -1) for s in states])  # (T, B, U)
-        m1, m2 = a.sum(1).cpu(), a.pow(2).sum(1).cpu()
-        if self.sums is None:
-            self.sums = np.zeros((len(states), 3))
-            self.m1, self.m2 = torch.zeros_like(m1), torch.zeros_like(m2)
-        self.sums += b * np.array([[p["near_zero"], p["hoyer"], p["population_sparseness"]] for p in per])
-        self.m1 += m1
-        self.m2 += m2
-        self.n += b
+        u = states[0].shape[0] * states[0].shape[2]
+        a = torch.stack([x.detach().double().abs().transpose(0, 1).reshape(b, u) for x in states]).cpu()  # (T, B, U)
+        sq = a.pow(2).sum(-1)  # (T, B)
+        rms, l1, l2 = (sq / u).sqrt(), a.sum(-1), sq.sqrt()
+        near = (a < self.tol * rms.unsqueeze(-1)).double().mean(-1)  # (T, B)
+        ok = l2 > 0
+        hoyer = torch.where(ok, (math.sqrt(u) - l1 / l2.clamp_min(1e-300)) / max(math.sqrt(u) - 1, 1e-12), torch.zeros_like(l1))
+        m1s, m2s = l1 / u, sq / u
+        pop = torch.where(m2s > 0, (1 - m1s**2 / m2s.clamp_min(1e-300)) / max(1 - 1 / u, 1e-12), torch.zeros_like(m1s))
+        near = torch.where(ok, near, torch.ones_like(near))  # a silent stimulus: every unit is near zero
+        sums = torch.stack([near.sum(1), hoyer.sum(1), pop.sum(1)], 1)  # (T, 3)
+        m1, m2 = a.sum(1), a.pow(2).sum(1)  # (T, U)
+        if self.n is None:
+            self.n, self.sums, self.m1, self.m2 = torch.zeros((), dtype=torch.float64), sums, m1, m2
+        else:
+            self.sums, self.m1, self.m2 = self.sums + sums, self.m1 + m1, self.m2 + m2
+        self.n = self.n + b
+
+    def all_reduce(self, reduce_sum) -> None:
+        """Sum the statistics over processes with ``reduce_sum(tensor) -> tensor`` (every process must call it)."""
+        self.n, self.sums, self.m1, self.m2 = (reduce_sum(t) for t in (self.n, self.sums, self.m1, self.m2))
 
     def result(self) -> dict[str, list[float]]:
         """Per step: each metric of ``SPARSITY_METRICS`` (lists of length T)."""
-        if not self.n:
-            raise ValueError("no states were added")
-        m1, m2 = self.m1 / self.n, self.m2 / self.n  # (T, U)
+        n = float(self.n) if self.n is not None else 0.0
+        if not n:
+            raise ValueError("no stimuli were added")
+        m1, m2 = self.m1 / n, self.m2 / n  # (T, U)
         lifetime = [
-            float(((1 - m1[t][ok] ** 2 / m2[t][ok]) / (1 - 1 / self.n)).mean()) if self.n > 1 and ok.any() else 0.0
+            float(((1 - m1[t][ok] ** 2 / m2[t][ok]) / (1 - 1 / n)).mean()) if n > 1 and ok.any() else 0.0
             for t, ok in enumerate(m2 > 0)
         ]
-        mean = self.sums / self.n
+        mean = (self.sums / n).tolist()
         return {
-            "near_zero": mean[:, 0].tolist(), "hoyer": mean[:, 1].tolist(),
-            "population_sparseness": mean[:, 2].tolist(), "lifetime_sparseness": lifetime,
+            "near_zero": [r[0] for r in mean], "hoyer": [r[1] for r in mean],
+            "population_sparseness": [r[2] for r in mean], "lifetime_sparseness": lifetime,
         }
+
+    def mean(self) -> dict[str, float]:
+        """Each metric averaged over steps."""
+        return {k: float(np.mean(v)) for k, v in self.result().items()}
+
+
+def activation_sparsity(states: torch.Tensor, tol: float = 0.1) -> dict[str, float]:
+    """Sparsity of one step's states ``(N, B, C)`` (units = N*C, stimuli = B); see the module docstring."""
+    stats = SparsityStats(tol)
+    stats.add([states])
+    return stats.mean()
 
 
 # ---------------------------------------------------------------------------------------------- penalties

@@ -40,7 +40,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler
 from .presets import count_parameters
-from .regularizers import PENALTIES, SPARSITY_METRICS, SheetRegularizer, mean_sparsity
+from .regularizers import PENALTIES, SPARSITY_METRICS, SheetRegularizer, SparsityStats
 from .run import MetricsLog, provenance, remove_run, run_lock, write_config, write_json
 from .runtime import autocast_context, resolve_device, seed_everything
 from .tasks import build_task, evaluate
@@ -487,10 +487,15 @@ class Trainer:
                     moved = (sheet.positions.detach() - torch.as_tensor(sheet.initial_geometry.coords).to(sheet.positions))
                     self.window["repulsion"] += trace.repulsion.item() * b
                     self.window["position_shift"] += moved.norm(dim=1).mean().item() * b
-                if measure and b:
-                    for k, v in mean_sparsity([x[:, :b] for x in trace.states], tc.sparsity_tol).items():
-                        self.window[k] += v * b
-                    self.window["sparsity_n"] += b
+                if measure:  # every process calls this (a collective under torchrun), even with no valid sample
+                    sp = SparsityStats(tc.sparsity_tol)
+                    sp.add([x[:, :b] for x in trace.states])
+                    if self.dist is not None:
+                        sp.all_reduce(self.dist.all_reduce_sum)
+                    if self.is_main and float(sp.n):  # the window is summed over processes when logged: count once
+                        for k, v in sp.mean().items():
+                            self.window[k] += v * float(sp.n)
+                        self.window["sparsity_n"] += float(sp.n)
                 for k, v in self.task.metric_sums(outputs[:b], [t[:b] for t in batch]).items():
                     self.window[k] += v
                 self.window["n"] += b

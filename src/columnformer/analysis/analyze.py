@@ -178,7 +178,7 @@ def analyze_model(
         "sparsity_per_step": col.sparsity,
         "final_step": {k: v[-1] for k, v in col.sparsity.items()},
         "note": "activation sparsity of the column states |x| over units = (column, channel): near_zero = fraction "
-        f"with |x| < {SparsityStats().tol} rms; hoyer and population sparseness per stimulus; lifetime sparseness "
+        f"with |x| < {SparsityStats().tol} rms of its stimulus; hoyer and population sparseness per stimulus; lifetime sparseness "
         "per unit over the split (regularizers.py); 0 dense .. 1 sparse",
     }
     if sheet.positions is not None:  # learned geometry: how far the columns moved
