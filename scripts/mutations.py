@@ -234,6 +234,9 @@ MUTATIONS = [
      "    best_step = best % T\n", "    best_step = (best + 1) % T\n", ["tests/test_brain.py", "-k", "synthetic"]),
     ("tile bootstrap counts every pinwheel in the first tile", "src/columnformer/analysis/orientation.py",
      "        counts[ty[r], tx[c]] += 1\n", "        counts[0, 0] += 1\n", ["tests/test_orientation_photos.py", "-k", "tile_bootstrap"]),
+    ("expand: spatial pool logits of copied outputs not lowered", "src/columnformer/expand.py",
+     "        value -= torch.log(torch.from_numpy(counts).to(src.dtype))\n", "        pass\n",
+     ["tests/test_expand.py", "-k", "preserve_keeps"]),
 ]
 
 

@@ -76,6 +76,7 @@ def test_growing_onto_the_same_geometry_is_the_identity(randomize):
     (["model.geometry.layers=[[4,4],[4,4],[2,2]]"], "8x8,8x8,6x6"),  # per layer, top 2x2 -> 6x6 (9 copies each)
     (["model.geometry.kind=grid", "model.geometry.shape=[4,4]", "model.input_area=all", "model.output_area=all"], "12x12"),
     (["model.sheet.attn_mode=linmixing"], "8x8"),
+    (["model.pool=spatial"], "8x8,8x8,6x6"),  # spatial pooling: unequal copies of the output columns are fine
 ])
 def test_preserve_keeps_the_logits(overrides, to, randomize):
     old, new = _pair(overrides, to, randomize=randomize)

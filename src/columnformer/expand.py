@@ -10,8 +10,8 @@ Edges. In mode ``preserve`` (dense sheets) the new per-edge bias is the parent p
 ``g_j`` the number of copies of the key's parent, so each query's softmax spreads over the copies exactly the
 mass its parent gave the original key: the grown sheet computes the same function (logits equal up to
 rounding) as long as the input area receives the same tokens (a stacked sheet's input becomes retinotopic:
-each patch token feeds its parent's copies) and every output column has the same number of copies (average
-pooling). In mode ``nearest`` the parent pair's bias is copied as it is (dense) or, on a sparse sheet, the new
+each patch token feeds its parent's copies) and, under average pooling, every output column has the same number of
+copies (spatial pooling's logits drop by log(copies) like the edge biases, so it needs no such condition). In mode ``nearest`` the parent pair's bias is copied as it is (dense) or, on a sparse sheet, the new
 edges (rebuilt from the new geometry) take the bias of the parent edge where the parents were connected and
 the distance initialisation (``bias_init``) where they were not; the function changes and ``noise`` (relative
 to each tensor's standard deviation) breaks the symmetry between copies, which otherwise would stay identical
@@ -136,6 +136,8 @@ def expand_state(old_model, new_model, mode: str = "preserve", noise: float = 0.
             value = _edge_tensor(src, key, old_sheet, new_sheet, parent, copies, mode, dense)
         elif key in ("sheet.edge_index", "sheet.edge_mask"):
             value = target  # the grown sheet's own connectivity
+        elif key == "head.pool_weight":  # spatial pooling: (K, n_out) logits over the output columns
+            value = _pool_logits(src, old_sheet, new_sheet, parent, mode)
         elif src.ndim and src.shape[0] == n_old and target.shape == (n_new, *src.shape[1:]):
             value = src[p].clone()  # per-column: the parent's row (tied tensors keep their shape: not per-column)
         elif src.shape == target.shape:
@@ -159,7 +161,8 @@ def _check_preserving(old_model, new_model, parent, copies, dense) -> None:
             "sparse connectivity"
         )
     outs = parent[new_sheet.output_idx.numpy()]
-    if len(set(copies[np.unique(outs)].tolist())) != 1 or getattr(new_model, "pool", "avg") not in ("avg", None):
+    pool = getattr(getattr(new_model, "head", None), "pool", "avg")
+    if pool == "avg" and len(set(copies[np.unique(outs)].tolist())) != 1:
         raise ValueError(
             "mode=preserve needs every output column copied the same number of times under average pooling: grow "
             "every layer by the same integer factor (e.g. 4x4 -> 8x8), or use --mode nearest"
@@ -173,6 +176,21 @@ def _check_preserving(old_model, new_model, parent, copies, dense) -> None:
             "mode=preserve needs every grown input column to receive its parent's patch token; grow the input layer "
             "by an integer factor, or use --mode nearest"
         )
+
+
+def _pool_logits(src, old_sheet, new_sheet, parent, mode) -> torch.Tensor:
+    """The spatial pool's logits (K, n_out) for the grown output area: each output column takes its parent's logit,
+    minus log(copies of that parent among the outputs) in ``preserve`` mode (the softmax splits the parent's weight)."""
+    where = {c: i for i, c in enumerate(old_sheet.output_idx.tolist())}
+    parents = parent[new_sheet.output_idx.numpy()]
+    if not all(int(c) in where for c in parents):
+        raise ValueError("head.pool_weight: a grown output column's parent is not an output column of the trained sheet")
+    cols = torch.tensor([where[int(c)] for c in parents])
+    value = src[:, cols].clone()
+    if mode == "preserve":
+        counts = np.bincount(parents, minlength=old_sheet.n)[parents]
+        value -= torch.log(torch.from_numpy(counts).to(src.dtype))
+    return value
 
 
 def _edge_tensor(src, key, old_sheet, new_sheet, parent, copies, mode, dense) -> torch.Tensor:
