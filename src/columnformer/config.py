@@ -363,7 +363,8 @@ RESUME_CLASSES: dict[str, str] = {
     "data": "alters", "data.num_workers": "safe",
     "train.epochs": "alters", "train.batch_size": "alters", "train.eval_batch_size": "alters", "train.seed": "alters",
     "train.wiring_lambda": "alters", "train.precision": "alters", "train.max_steps": "alters", "train.rewire": "alters",
-    "train.parallel": "alters",
+    "train.parallel": "alters", "train.penalties": "alters", "train.reconnect_every": "alters",
+    "train.log_sparsity": "safe", "train.sparsity_tol": "safe",  # what is logged, not what is trained
     "train.log_every": "safe", "train.ckpt_every": "safe", "train.device": "safe", "train.compile": "safe",
     "train.threads": "safe", "train.progress": "safe", "train.figures": "safe", "train.tracking": "safe",
     "train.wandb_project": "safe", "train.wandb_entity": "safe",
