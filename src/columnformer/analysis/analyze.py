@@ -304,9 +304,8 @@ def analyze_run(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet:
     sheet = model.sheet
     from .layout import sheet_layout
 
-    sheet.sync_geometry()  # learned positions: the layout drawn is where the columns are now
-    layout = sheet_layout(sheet.geometry)
     trained, arrays = analyze_model(model, loader, num_classes, opts, labels_of=task.analysis_labels)
+    layout = sheet_layout(sheet.geometry)  # after analyze_model synced learned positions: drawn where columns are now
     out = {
         "schema_version": ANALYSIS_SCHEMA_VERSION,
         "run": str(run_dir),
