@@ -173,6 +173,12 @@ MUTATIONS = [
      ["tests/test_predecessor.py", "-k", "logits and moemixer"]),
     ("features: every chunk written at the first rows", "src/columnformer/brain/features.py",
      "feats[row : row + len(x)] = x.numpy()", "feats[: len(x)] = x.numpy()", ["tests/test_features.py", "-k", "trace"]),
+    ("features: all chunks held in memory, written at the end", "src/columnformer/brain/features.py",
+     "        feats[row : row + len(x)] = x.numpy()\n        row += len(x)\n",
+     "        held = locals().setdefault('held', [])\n        held.append(x.numpy())\n"
+     "        if len(held) * len(x) >= len(ds):\n"
+     "            for h in held:\n                feats[row : row + len(h)] = h\n                row += len(h)\n",
+     ["tests/test_features.py", "-k", "budget"]),
     ("features: PCA projection without centring", "src/columnformer/brain/features.py",
      "x = (x - mean) @ comps", "x = x @ comps", ["tests/test_features.py", "-k", "reductions"]),
     ("penalties computed but not added to the loss", "src/columnformer/train.py",
