@@ -179,6 +179,13 @@ MUTATIONS = [
      "        if len(held) * len(x) >= len(ds):\n"
      "            for h in held:\n                feats[row : row + len(h)] = h\n                row += len(h)\n",
      ["tests/test_features.py", "-k", "budget"]),
+    ("brain: banded out-of-fold predictions written to the wrong stimuli", "src/columnformer/brain/compare.py",
+     "split[:, test] = np.asarray(pred)", "split[:, np.sort(test)] = np.asarray(pred)",
+     ["tests/test_brain.py", "-k", "banded"]),
+    ("brain: banded shares mapped to areas step-major", "src/columnformer/brain/compare.py",
+     "top = shares.argmax(0)  # bands are ordered area-major, step-minor",
+     "top = shares.argmax(0); top = (top % len(area_ids)) * T + top // len(area_ids)",
+     ["tests/test_brain.py", "-k", "banded"]),
     ("features: PCA projection without centring", "src/columnformer/brain/features.py",
      "x = (x - mean) @ comps", "x = x @ comps", ["tests/test_features.py", "-k", "reductions"]),
     ("penalties computed but not added to the loss", "src/columnformer/train.py",

@@ -76,3 +76,24 @@ def test_stimuli_are_aligned_by_id_and_bad_responses_are_named(exported, tmp_pat
     np.savez(tmp_path / "s.npz", responses=np.zeros((3, 2)))
     assert main(["brain", str(exported / "r"), "--features", str(fdir), "--responses", str(tmp_path / "s.npz")]) == 2
     assert "has no 'stimulus_ids' array" in capsys.readouterr().err
+
+
+def test_banded_ridge_gives_the_variance_to_the_true_area_and_step(exported):
+    """All (area, step) bands in one banded ridge (300 stimuli, 8 targets from area 1, step 2 at SNR 1): the band
+    with the largest share of the joint R^2 is the true one for >= 80 % of targets, the shares sum to the joint
+    model's out-of-fold R^2, and the joint model predicts as well as the best separate fit."""
+    fdir = exported / "f"
+    full = B.simulate_responses(fdir, area=1, step=1, targets=8, snr=1.0, repeats=4, seed=3)
+    keep = np.random.default_rng(0).permutation(len(full.stimulus_ids))[:300]
+    resp = B.Responses(full.data[keep], [full.stimulus_ids[i] for i in keep], full.regions)
+    result = B.compare(fdir, resp, exported / "banded", bootstrap=2, figures=False, rsa_stimuli=50, blas_threads=1,
+                       banded_iter=6, folds=3)
+    band = result["banded"]
+    assert np.mean((band["best_area"] == 1) & (band["best_step"] == 1)) >= 0.8
+    shares = band["share_per_target"]  # (V, areas, steps)
+    assert shares.shape == (8, 2, 3) and np.all(shares[:, 1, 1] > 0.5 * shares.sum((1, 2)))
+    joint_r2_bound = band["joint_score"] ** 2  # R^2 <= r^2 for out-of-fold predictions centred like the targets
+    assert np.all(shares.sum((1, 2)) <= joint_r2_bound + 1e-6) and np.all(shares.sum((1, 2)) > 0.5 * joint_r2_bound)
+    assert np.median(band["joint_score"]) > np.median(result["encoding"]["best_score"]) - 0.03
+    text = (exported / "banded" / "brain.md").read_text()
+    assert "Banded ridge" in text and "largest share" in text

@@ -15,6 +15,14 @@ stimuli of the variance over repeats, sigma_signal^2 = variance over stimuli of 
 sigma_noise^2 / n, ncsnr = sigma_signal / sigma_noise, and the explainable share of the variance of an
 n-repeat mean is NC = ncsnr^2 / (ncsnr^2 + 1/n). Normalised score: r^2 / NC.
 
+Banded ridge (optional, ``banded_iter > 0``; himalaya's ``BandedRidgeCV``). One joint model on all (area, step)
+feature sets at once, each set a band with its own regularisation (random search over band weights, ``banded_iter``
+samples, alphas as above, inner 5-fold CV), in the same outer folds. Reported per target: the joint model's
+out-of-fold r and the split of its out-of-fold R^2 over the bands (``himalaya.scoring.r2_score_split``: the
+band contributions sum to the joint R^2); the band with the largest share names the target's area and step.
+Separate fits ask "which single area and step predicts best"; the banded split asks "which one carries the
+variance when all compete", so correlated steps of a recurrent sheet share, rather than duplicate, credit.
+
 RSA (rsatoolbox). Model RDMs per area and step (correlation distance between stimuli's feature vectors) against
 brain RDMs per region (correlation distance of the repeat-averaged responses), compared by Spearman correlation;
 bootstrap over stimuli (``rsatoolbox.inference.bootstrap_sample_pattern``) for a 95% interval; on at most
@@ -114,6 +122,44 @@ def encoding_scores(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0)
     return _pearson(pred, y)
 
 
+def banded_scores(bands: list[np.ndarray], y: np.ndarray, folds: int = 5, seed: int = 0, n_iter: int = 20,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-validated banded ridge of ``y`` (S, V) on the feature sets ``bands`` [(S, P_b)]: the joint model's
+    out-of-fold Pearson r (V,) and each band's share of its out-of-fold R^2 (n_bands, V)."""
+    require("himalaya", "model-brain comparison (columnformer brain)", "brain")
+    from himalaya.kernel_ridge import MultipleKernelRidgeCV
+    from himalaya.ridge import BandedRidgeCV
+    from himalaya.scoring import r2_score_split
+
+    x = np.concatenate(bands, axis=1)  # (S, sum P_b)
+    groups = np.concatenate([np.full(b.shape[1], i) for i, b in enumerate(bands)])
+    S = len(x)
+    order = np.random.default_rng(seed).permutation(S)
+    split = np.zeros((len(bands), *y.shape))  # out-of-fold per-band predictions, centred by the training mean
+    target = np.zeros_like(y)  # y centred by the same training means
+    params = dict(n_iter=n_iter, alphas=ALPHAS, progress_bar=False)
+    for k in range(folds):
+        test = order[k::folds]
+        train = np.setdiff1d(order, test)
+        mu, sd = x[train].mean(0), x[train].std(0) + 1e-8
+        xtr, xte = (x[train] - mu) / sd, (x[test] - mu) / sd
+        ym = y[train].mean(0)
+        # the same solution: primal when features are fewer than samples, one linear kernel per band otherwise
+        if x.shape[1] < len(train):
+            model = BandedRidgeCV(groups=groups, cv=5, random_state=seed, solver_params=params)
+            model.fit(xtr, y[train] - ym)
+            pred = model.predict(xte, split=True)
+        else:
+            model = MultipleKernelRidgeCV(kernels="precomputed", cv=5, random_state=seed, solver_params=params)
+            model.fit(np.stack([xtr[:, groups == b] @ xtr[:, groups == b].T for b in range(len(bands))]), y[train] - ym)
+            pred = model.predict(np.stack([xte[:, groups == b] @ xtr[:, groups == b].T for b in range(len(bands))]),
+                                 split=True)
+        split[:, test] = np.asarray(pred)
+        target[test] = y[test] - ym
+    shares = np.asarray(r2_score_split(target, split))  # (n_bands, V), sums to the joint R^2
+    return _pearson(split.sum(0), target), shares
+
+
 def rsa_scores(model_feats: np.ndarray, brain: np.ndarray, bootstrap: int = 100, seed: int = 0) -> dict:
     """Spearman correlation of the model RDM of (S, P) features with the brain RDM of (S, V) responses, with a
     bootstrap over stimuli (rsatoolbox): {"rho", "ci_low", "ci_high"}."""
@@ -143,20 +189,24 @@ def rsa_scores(model_feats: np.ndarray, brain: np.ndarray, bootstrap: int = 100,
 def compare(
     features_dir: str | Path, responses: str | Path | Responses, out: str | Path | None = None, folds: int = 5,
     bootstrap: int = 100, seed: int = 0, figures: bool = True, rsa_stimuli: int = 500, blas_threads: int | None = None,
+    banded_iter: int = 0,
 ) -> dict:
     """Encoding and RSA of one feature export against responses; writes brain.json / brain.md (and figures).
 
     ``rsa_stimuli``: RDMs are built on at most this many stimuli (a seeded subset; an RDM of S stimuli has
     S(S-1)/2 entries, and each bootstrap sample compares two of them). ``blas_threads``: cap the BLAS threads of
     the fits (threadpoolctl); None leaves them as they are. Small fits (hundreds of stimuli) run 2-4x faster on
-    one thread on a 2-core machine (measured in tests/test_brain.py)."""
+    one thread on a 2-core machine (measured in tests/test_brain.py). ``banded_iter`` > 0 adds the banded ridge
+    (module docstring) with that many random-search samples of band weights."""
+    if banded_iter < 0:
+        raise ValueError(f"--banded {banded_iter}: use 0 (off) or a number of random-search samples, e.g. 20")
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=blas_threads):
-        return _compare(features_dir, responses, out, folds, bootstrap, seed, figures, rsa_stimuli)
+        return _compare(features_dir, responses, out, folds, bootstrap, seed, figures, rsa_stimuli, banded_iter)
 
 
-def _compare(features_dir, responses, out, folds, bootstrap, seed, figures, rsa_stimuli) -> dict:
+def _compare(features_dir, responses, out, folds, bootstrap, seed, figures, rsa_stimuli, banded_iter) -> dict:
     fdir = Path(features_dir)
     if not (fdir / "features.npy").is_file():
         raise FileNotFoundError(f"--features {str(fdir)!r} is not a `columnformer features` folder (no features.npy)")
@@ -177,11 +227,14 @@ def _compare(features_dir, responses, out, folds, bootstrap, seed, figures, rsa_
     nc = noise_ceiling(resp.data)
     area_ids = sorted(int(a) for a in np.unique(areas))
     scores = np.zeros((len(area_ids), T, y.shape[1]))
+    bands = []
     for ai, a in enumerate(area_ids):
         cols = np.flatnonzero(areas == a)
         for t in range(T):
             x = np.asarray(feats[rows, t][:, cols]).reshape(S, -1).astype(np.float64)
             scores[ai, t] = encoding_scores(x, y, folds, seed)
+            if banded_iter:
+                bands.append(x)
     flat = scores.reshape(-1, y.shape[1])
     best = flat.argmax(0)
     best_area = np.array(area_ids)[best // T]
@@ -207,6 +260,17 @@ def _compare(features_dir, responses, out, folds, bootstrap, seed, figures, rsa_
                 "stimuli": int(len(sub)), "per_region": rsa},
         "regions": {r: int((resp.regions == r).sum()) for r in regions},
     }
+    if banded_iter:
+        joint, shares = banded_scores(bands, y, folds, seed, banded_iter)
+        top = shares.argmax(0)  # bands are ordered area-major, step-minor
+        result["banded"] = {
+            "method": f"himalaya BandedRidgeCV, one band per (area, step), random search ({banded_iter} samples); "
+                      "R^2 split over bands (r2_score_split)",
+            "joint_score": joint, "joint_normalised": np.where(nc > 0, joint**2 / np.maximum(nc, 1e-12), np.nan),
+            "share_per_area_step_mean": shares.mean(1).reshape(len(area_ids), T),
+            "share_per_target": shares.T.reshape(-1, len(area_ids), T),
+            "best_area": np.array(area_ids)[top // T], "best_step": top % T,
+        }
     out = Path(out) if out is not None else fdir / "brain"
     out.mkdir(parents=True, exist_ok=True)
     from ..analysis.stream import to_builtin
@@ -235,6 +299,20 @@ def markdown(result: dict, regions: np.ndarray) -> str:
         bs = np.bincount(np.asarray(enc["best_step"])[sel]).argmax() + 1
         ncm = np.nanmean(nc[sel]) if np.isfinite(nc[sel]).any() else float("nan")
         lines.append(f"| {r} | {int(sel.sum())} | {ba} | {bs} | {np.mean(np.asarray(enc['best_score'])[sel]):.3f} | {ncm:.3f} |")
+    if "banded" in result:
+        band = result["banded"]
+        lines += ["", f"Banded ridge (all areas and steps in one model; {band['method']}): mean share of the joint "
+                  "out-of-fold R^2 per area (rows) and step (columns)", "",
+                  "| area | " + " | ".join(f"step {t + 1}" for t in range(result["steps"])) + " |",
+                  "|---|" + "---|" * result["steps"]]
+        for a, row in zip(result["areas"], band["share_per_area_step_mean"]):
+            lines.append(f"| {a} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        lines += ["", "| region | joint r (mean) | largest share: area (mode) | step (mode) |", "|---|---|---|---|"]
+        for r in sorted(set(regions.tolist())):
+            sel = regions == r
+            ba = np.bincount(np.asarray(band["best_area"])[sel]).argmax()
+            bs = np.bincount(np.asarray(band["best_step"])[sel]).argmax() + 1
+            lines.append(f"| {r} | {np.mean(np.asarray(band['joint_score'])[sel]):.3f} | {ba} | {bs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -294,7 +372,8 @@ def simulate_responses(
 def _cmd_brain(args) -> int:
     out = args.out or Path(args.run_dir) / "brain" / Path(args.features).name
     resp = load_responses(args.responses)
-    result = compare(args.features, resp, out, args.folds, args.bootstrap, args.seed, blas_threads=args.blas_threads)
+    result = compare(args.features, resp, out, args.folds, args.bootstrap, args.seed, blas_threads=args.blas_threads,
+                     banded_iter=args.banded)
     print(markdown(result, resp.regions))
     return 0
 
@@ -312,5 +391,7 @@ def register(sub) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds over stimuli (default 5)")
     p.add_argument("--bootstrap", type=int, default=100, help="RSA bootstrap samples over stimuli (default 100)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--banded", type=int, default=0, metavar="N",
+                   help="also fit one banded ridge on all (area, step) bands, N random-search samples (default 0: off)")
     p.add_argument("--blas-threads", type=int, default=None, help="cap the BLAS threads of the fits (default: unchanged)")
     p.set_defaults(func=_cmd_brain)
