@@ -76,6 +76,11 @@ def test_stimuli_are_aligned_by_id_and_bad_responses_are_named(exported, tmp_pat
     np.savez(tmp_path / "s.npz", responses=np.zeros((3, 2)))
     assert main(["brain", str(exported / "r"), "--features", str(fdir), "--responses", str(tmp_path / "s.npz")]) == 2
     assert "has no 'stimulus_ids' array" in capsys.readouterr().err
+    np.savez(tmp_path / "ok.npz", responses=resp.data, stimulus_ids=np.array(resp.stimulus_ids))
+    assert main(["brain", str(exported / "r"), "--features", str(fdir), "--responses", str(tmp_path / "ok.npz"),
+                 "--banded", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--banded -1: use 0 (off) or a number of random-search samples" in err and "Traceback" not in err
 
 
 def test_banded_ridge_gives_the_variance_to_the_true_area_and_step(exported):
