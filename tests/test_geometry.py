@@ -229,3 +229,15 @@ def test_geometry_is_frozen():
     g = grid(2, 2)
     with pytest.raises(Exception):
         g.metric = GREAT_CIRCLE  # type: ignore[misc]
+
+
+def test_nearest_neighbour_spacing_within_layers():
+    from columnformer.geometry import nearest_neighbour_spacing
+
+    g = grid(4, 4).coords
+    coords = np.concatenate([np.c_[g, np.zeros(16)], np.c_[g, np.full(16, 0.25)]])  # two layers 0.25 apart
+    layer = np.repeat([0, 1], 16)
+    assert nearest_neighbour_spacing(coords, layer) == 1.0  # within a layer
+    assert nearest_neighbour_spacing(coords) == 0.25  # the other layer is nearer
+    assert nearest_neighbour_spacing(2.0 * grid(6, 6).coords, sample=5) == 2.0
+    assert nearest_neighbour_spacing(np.zeros((1, 2))) == 1.0

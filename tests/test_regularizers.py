@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from columnformer.config import build_config
+from columnformer.layers import per_column_parameters
 from columnformer.regularizers import (
     SparsityStats, activation_sparsity, activity_l1, response_pairs, response_smoothness, schedule_factor,
-    untied_weights, weight_smoothness, neighbour_weights,
+    weight_smoothness, neighbour_weights,
 )
 from columnformer.presets import build_model
 from columnformer.train import train
@@ -123,11 +124,11 @@ def test_weight_smoothness_zero_for_equal_columns_positive_otherwise():
 
 def test_untied_parameters_are_the_per_column_weights():
     model = build_model("digits")
-    params = untied_weights(model.sheet)
+    params = per_column_parameters(model.sheet, biases=False)
     n = model.sheet.n
     assert params and all(p.shape[0] == n for p in params)
     assert len(params) == 6  # q, k, fc1, fc2 weights + 2 layer-norm weights
-    assert untied_weights(build_model("digits-vit").sheet) == []
+    assert per_column_parameters(build_model("digits-vit").sheet) == []
 
 
 def test_schedule_factor():

@@ -165,6 +165,29 @@ class Geometry:
 
 
 # ---------------------------------------------------------------------- builders
+def nearest_neighbour_spacing(
+    coords: np.ndarray, layer: np.ndarray | None = None, sample: int | None = None
+) -> float:
+    """Median distance from a column to its nearest other column (euclidean on ``coords`` (N, dim)), the
+    neighbour sought within the column's own layer when ``layer`` (N,) is given; 1.0 when no column has a
+    neighbour or all coincide. ``sample``: measure it from at most this many seeded columns per layer."""
+    from scipy.spatial import cKDTree
+
+    coords = np.asarray(coords, dtype=np.float64)
+    groups = [np.arange(len(coords))] if layer is None else [np.flatnonzero(layer == g) for g in np.unique(layer)]
+    dists = []
+    for idx in groups:
+        if len(idx) < 2:
+            continue
+        pts = coords[idx]
+        query = pts
+        if sample is not None and len(pts) > sample:
+            query = pts[np.random.default_rng(0).choice(len(pts), sample, replace=False)]
+        dists.append(cKDTree(pts).query(query, k=2)[0][:, 1])
+    s = float(np.median(np.concatenate(dists))) if dists else 0.0
+    return s if s > 0 else 1.0
+
+
 def _grid_coords(h: int, w: int) -> np.ndarray:
     if h < 1 or w < 1:
         raise GeometryError(f"grid size must be at least 1x1, got {h}x{w}")

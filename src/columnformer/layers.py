@@ -302,6 +302,18 @@ class UntiedLayerNorm(nn.Module):
         return f"n={self.n}, dim={self.dim}"
 
 
+def per_column_parameters(module: nn.Module, biases: bool = True) -> list[nn.Parameter]:
+    """The per-column parameters (N, ...) of every untied linear and layer norm inside ``module``, in module
+    order: each one's weight, then (with ``biases``) its bias. Empty for tied modules."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, (UntiedLinear, UntiedLayerNorm)):
+            out.append(m.weight)
+            if biases and m.bias is not None:
+                out.append(m.bias)
+    return out
+
+
 class TiedLinear(nn.Linear):
     """A standard linear layer shared by all columns, with the library's init."""
 

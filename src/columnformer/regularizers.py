@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from .layers import UntiedLayerNorm, UntiedLinear
+from .geometry import nearest_neighbour_spacing
+from .layers import per_column_parameters
 
 SPARSITY_METRICS = ("near_zero", "hoyer", "population_sparseness", "lifetime_sparseness")
 PENALTIES = ("activity_l1", "response_smoothness", "weight_smoothness")
@@ -174,15 +175,6 @@ def neighbour_weights(coords: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return idx.astype(np.int64), (w / w.sum(1, keepdims=True)).astype(np.float32)
 
 
-def untied_weights(sheet: torch.nn.Module) -> list[torch.Tensor]:
-    """The per-column weights (N, ...) of a sheet's untied linears and layer norms (biases, zero at start, left out)."""
-    out = []
-    for m in sheet.modules():
-        if isinstance(m, (UntiedLinear, UntiedLayerNorm)):
-            out.append(m.weight)
-    return out
-
-
 def weight_smoothness(params: list[torch.Tensor], idx: torch.Tensor, w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """TopoLoss-style ``1 - mean_i cos(P_i, sum_j w_ij P_j)`` averaged over ``params`` (each (N, ...))."""
     losses = []
@@ -205,12 +197,12 @@ class SheetRegularizer:
         self.active = [name for name in PENALTIES if getattr(penalties, name).weight > 0]
         dev = next(sheet.parameters()).device
         if "response_smoothness" in self.active:
-            radius = penalties.radius if penalties.radius is not None else 3.0 * _spacing(coords)
+            radius = penalties.radius if penalties.radius is not None else 3.0 * nearest_neighbour_spacing(coords)
             pairs, d = response_pairs(coords, radius, penalties.max_pairs)
             self.pairs = torch.from_numpy(pairs).to(dev)
             self.inv_dist = torch.from_numpy(1.0 / (1.0 + d)).float().to(dev)
         if "weight_smoothness" in self.active:
-            self.params = untied_weights(sheet)
+            self.params = per_column_parameters(sheet, biases=False)  # biases start at zero: weights only
             if not self.params:
                 raise ValueError(
                     "train.penalties.weight_smoothness needs untied per-column weights (untied_attn / untied_mlp / "
@@ -240,8 +232,3 @@ class SheetRegularizer:
             total = total + pc.weight * schedule_factor(step, total_steps, pc.start, pc.ramp) * v
         return total, values
 
-
-def _spacing(coords: np.ndarray) -> float:
-    """Median nearest-neighbour distance of the columns."""
-    d, _ = cKDTree(coords).query(coords, k=2)
-    return float(np.median(d[:, 1]))

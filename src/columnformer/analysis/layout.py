@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..geometry import GREAT_CIRCLE
+from ..geometry import GREAT_CIRCLE, nearest_neighbour_spacing
 
 
 @dataclass
@@ -32,18 +32,6 @@ class Layout:
 
     def to_dict(self) -> dict:
         return {"projection": self.projection, "panels": self.panel_names, "cell": self.cell}
-
-
-def _spacing(xy: np.ndarray) -> float:
-    """Typical neighbour spacing of a point set (median nearest-neighbour distance on a sample)."""
-    if len(xy) < 2:
-        return 1.0
-    from scipy.spatial import cKDTree
-
-    sample = xy if len(xy) <= 4096 else xy[np.random.default_rng(0).choice(len(xy), 4096, replace=False)]
-    d, _ = cKDTree(xy).query(sample, k=2)
-    s = float(np.median(d[:, 1]))
-    return s if s > 0 else 1.0
 
 
 def sheet_layout(geometry, gap: float = 1.5) -> Layout:
@@ -69,7 +57,7 @@ def sheet_layout(geometry, gap: float = 1.5) -> Layout:
     local = local.astype(np.float64)
     if geometry.layer_shapes is None and coords.shape[1] >= 2:
         local[:, 1] = -local[:, 1]  # user coords: y up -> y down
-    cell = min(_spacing(local[layer == g]) for g in range(num_layers) if (layer == g).any())
+    cell = min(nearest_neighbour_spacing(local[layer == g], sample=4096) for g in range(num_layers) if (layer == g).any())
     xy = np.empty_like(local)
     boxes, names, x_off = [], [], 0.0
     shapes = geometry.layer_shapes or ()

@@ -17,6 +17,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from ..geometry import nearest_neighbour_spacing
+
 
 def welch_t_from_stats(count: np.ndarray, s: np.ndarray, ss: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Welch t (K, N) of each column for each class against all other classes, from per-class count / sum / sum of
@@ -39,13 +41,7 @@ def _positions(geometry) -> np.ndarray:
 
 def spacing(geometry) -> float:
     """Median nearest-neighbour distance of the columns (within layers)."""
-    pos, out = _positions(geometry), []
-    for layer in np.unique(geometry.layer):
-        idx = np.flatnonzero(geometry.layer == layer)
-        if len(idx) > 1:
-            d, _ = cKDTree(pos[idx]).query(pos[idx], k=2)
-            out.append(d[:, 1])
-    return float(np.median(np.concatenate(out))) if out else 1.0
+    return nearest_neighbour_spacing(_positions(geometry), geometry.layer)
 
 
 def smooth_map(values: np.ndarray, geometry, sigma: float) -> np.ndarray:

@@ -20,6 +20,8 @@ import warnings
 import numpy as np
 import torch
 
+from ..layers import per_column_parameters
+
 
 def feature_response(features: torch.Tensor, kind: str = "norm") -> torch.Tensor:
     """Reduce column features (B, N, C) to one scalar response per column (B, N).
@@ -244,23 +246,9 @@ def smoothness(profiles: np.ndarray, geometry, **kw) -> dict:
 
 # ---------------------------------------------------------------------- weights
 def untied_parameters(sheet) -> list[torch.Tensor]:
-    """Every per-column parameter of the sheet's blocks: tensors whose first dim is N (attention biases,
-    which are per edge and set by the geometry at init, excluded). Empty for tied sheets."""
-    n = sheet.n
-    out = []
-    for block in sheet.blocks:
-        for name, p in block.named_parameters():
-            if name.endswith("attn.bias"):
-                continue
-            if type(_owner(block, name)).__name__ in ("UntiedLinear", "UntiedLayerNorm") and p.shape[0] == n:
-                out.append(p.detach())
-    return out
-
-
-def _owner(module, name: str):
-    for part in name.split(".")[:-1]:
-        module = getattr(module, part)
-    return module
+    """Every per-column parameter (N, ...) of the sheet's blocks' untied linears and layer norms, weights and
+    biases (attention biases, per edge and set by the geometry at init, are not among them). Empty for tied sheets."""
+    return [p.detach() for block in sheet.blocks for p in per_column_parameters(block)]
 
 
 def weight_similarity_fn(sheet, chunk: int = 8192):
