@@ -126,10 +126,10 @@ run, stim, out = sys.argv[1:4]
 torch.set_num_threads(1)
 F.export_features(run, stim, out + "-warm", chunk=64, steps=40, progress=False)  # allocator and caches warm
 vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmData:")) * 1024
-budget = 48 << 20
+budget = 32 << 20
 resource.setrlimit(resource.RLIMIT_DATA, (vm + budget, resource.getrlimit(resource.RLIMIT_DATA)[1]))
 try:  # the limit bites: holding the output in memory would not fit
-    np.ones(160 << 20, dtype=np.uint8)
+    np.ones(80 << 20, dtype=np.uint8)
     print("limit not enforced"); sys.exit(3)
 except MemoryError:
     pass
@@ -139,18 +139,18 @@ print("ok", f.features.shape, float(np.asarray(f.features[-1]).sum()))
 
 
 def test_export_streams_within_a_memory_budget_smaller_than_its_output(run, tmp_path):
-    """4,096 stimuli x 40 steps x 16 columns x 16 channels = 160 MiB of features written under a data-segment
-    limit (RLIMIT_DATA: private anonymous memory, not the file-backed memmap) of 48 MiB above the warmed-up
+    """2,048 stimuli x 40 steps x 16 columns x 16 channels = 80 MiB of features written under a data-segment
+    limit (RLIMIT_DATA: private anonymous memory, not the file-backed memmap) of 32 MiB above the warmed-up
     process: an export that collected the features in memory before writing them would fail here."""
     import subprocess
     import sys
 
     images = torch.stack([x for x, _ in _test_set(run)])
-    stim = images.repeat(4096 // len(images) + 1, 1, 1, 1)[:4096]
+    stim = images.repeat(2048 // len(images) + 1, 1, 1, 1)[:2048]
     np.save(tmp_path / "many.npy", stim.numpy())
     res = subprocess.run([sys.executable, "-c", _BOUNDED, str(run), str(tmp_path / "many.npy"), str(tmp_path / "o")],
                          capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0 and res.stdout.startswith("ok (4096, 40, 16, 16)"), res.stdout + res.stderr[-2000:]
+    assert res.returncode == 0 and res.stdout.startswith("ok (2048, 40, 16, 16)"), res.stdout + res.stderr[-2000:]
     feats = np.load(tmp_path / "o" / "features.npy", mmap_mode="r")
     ref = _reference_steps(run, images[:5], 40)
     np.testing.assert_allclose(feats[:5], ref, rtol=1e-5, atol=1e-6)
