@@ -102,3 +102,16 @@ def test_banded_ridge_gives_the_variance_to_the_true_area_and_step(exported):
     assert np.median(band["joint_score"]) > np.median(result["encoding"]["best_score"]) - 0.03
     text = (exported / "banded" / "brain.md").read_text()
     assert "Banded ridge" in text and "largest share" in text
+
+
+def test_without_the_brain_extra_the_command_names_it(exported, tmp_path, capsys, monkeypatch):
+    import sys
+
+    fdir = exported / "f"
+    full = B.simulate_responses(fdir, area=0, step=0, targets=2, seed=0)
+    np.savez(tmp_path / "r.npz", responses=full.data[:40], stimulus_ids=np.array(full.stimulus_ids[:40]))
+    monkeypatch.setitem(sys.modules, "himalaya", None)  # as if not installed
+    code = main(["brain", str(exported / "r"), "--features", str(fdir), "--responses", str(tmp_path / "r.npz"),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "pip install 'columnformer[brain]'" in err and "himalaya" in err and "Traceback" not in err
