@@ -214,7 +214,8 @@ def test_activation_checkpointing_changes_memory_not_results(kernel, recurrent):
 
 def test_wide_preset_reads_its_input_everywhere_and_pools_the_sheet():
     from columnformer.config import ModelConfig
-    from columnformer.presets import build_model, get_preset
+    from columnformer.factory import build_model
+    from columnformer.presets import get_preset
 
     cfg = ModelConfig.model_validate(get_preset("wide"))
     model = build_model(cfg)

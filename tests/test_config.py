@@ -15,7 +15,7 @@ from columnformer.config import (
     load_config,
     parse_override,
 )
-from columnformer.presets import build_model, count_parameters
+from columnformer.factory import build_model, count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -183,7 +183,7 @@ def test_only_sheets_that_reuse_their_layers_concatenate_weights():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from columnformer.config import build_config
-    from columnformer.presets import build_model
+    from columnformer.factory import build_model
 
     class CatSizes(TorchDispatchMode):
         def __init__(self):

@@ -12,7 +12,8 @@ from columnformer.attention import local_bias_init
 from columnformer.connectivity import Connectivity
 from columnformer.geometry import from_coords, grid, sphere, stacked
 from columnformer.layers import TiedLinear, UntiedLayerNorm, UntiedLinear
-from columnformer.presets import build_model, get_preset
+from columnformer.factory import build_model
+from columnformer.presets import get_preset
 from columnformer.sheet import RECORDABLE, Columnformer, SheetConfig
 
 BASE = dict(width=8, steps=2, qk_dim=4)

@@ -20,7 +20,7 @@ from columnformer.cli import main as cli_main
 from columnformer.config import ConfigError
 from columnformer.geometry import multilayer, stacked
 from columnformer.predecessor import PredecessorImportError, import_predecessor, read_predecessor_checkpoint
-from columnformer.presets import build_model
+from columnformer.factory import build_model
 from columnformer.run import load_run
 
 FIX = Path(__file__).parent / "fixtures" / "predecessor"
@@ -251,6 +251,6 @@ def test_speed_benchmark_skips_cleanly_without_a_checkout_or_timm(tmp_path):
 ])
 def test_full_size_presets_have_the_predecessors_parameter_counts(preset, upstream):
     """Counted by the predecessor's own constructors (make_fixtures.py writes them into manifest.json)."""
-    from columnformer.presets import count_parameters
+    from columnformer.factory import count_parameters
 
     assert count_parameters(build_model(preset)) == MANIFEST["param_counts"][upstream]

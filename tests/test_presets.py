@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from columnformer.config import ConfigError
-from columnformer.presets import PRESETS, build_model, count_parameters, get_preset
+from columnformer.factory import build_model, count_parameters
+from columnformer.presets import PRESETS, get_preset
 
 C = 384  # width of the tiny presets
 

@@ -15,7 +15,7 @@ from columnformer.regularizers import (
     SparsityStats, activation_sparsity, activity_l1, response_pairs, response_smoothness, schedule_factor,
     weight_smoothness, neighbour_weights,
 )
-from columnformer.presets import build_model
+from columnformer.factory import build_model
 from columnformer.train import train
 
 TINY = [

@@ -2,9 +2,10 @@
 
 from .attention import ColumnAttention, dense_attention
 from .connectivity import Connectivity
+from .factory import build_model, count_parameters
 from .geometry import Geometry, from_coords, grid, sphere, stacked
 from .layers import UntiedLayerNorm, UntiedLinear
-from .presets import PRESETS, build_model, count_parameters
+from .presets import PRESETS
 from .run import load_run
 from .sheet import ColumnBlock, Columnformer, SheetConfig, Trace
 from .tasks import build_task

@@ -77,7 +77,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_presets(args) -> int:
-    from .presets import PRESETS, build_model, count_parameters
+    from .factory import build_model, count_parameters
+    from .presets import PRESETS
 
     print(f"{'preset':<24}{'parameters':>14}  {'columns':>8}  geometry")
     for name in PRESETS:

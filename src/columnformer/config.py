@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import ConfigError  # noqa: F401  (re-exported: columnformer.config.ConfigError)
+from .presets import get_preset
 from .sheet import SheetConfig
 from .tasks import ArithmeticConfig, ClassifyConfig, MimConfig
 
@@ -29,10 +31,6 @@ _TASK_CLASSES = {
 TaskSection = Annotated[Union[ClassifyConfig, MimConfig, ArithmeticConfig], Field(discriminator="name")]
 
 CONFIG_SCHEMA_VERSION = 1
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the key and the fix."""
 
 
 class _Strict(BaseModel):
@@ -452,8 +450,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Merge preset <- raw dict <- overrides, validate, and return a :class:`RunConfig`."""
-    from .presets import get_preset
-
     raw = copy.deepcopy(raw or {})
     if not isinstance(raw, dict):
         raise ConfigError("a config file must hold a mapping of sections (model, data, optim, train)")

@@ -1,15 +1,17 @@
-"""Named model presets and the one builder, ``build_model``.
+"""Named model presets: the table.
 
 Each preset is a plain dict of :class:`~columnformer.config.ModelConfig` fields; configs may
-start from one (``preset: digits``) and override any key. ``columnformer presets`` lists them
-with their parameter counts, which are part of the contract (tests/test_presets.py).
+start from one (``preset: digits``) and override any key (``config.build_config``), and
+``factory.build_model`` builds one by name. ``columnformer presets`` lists them with their
+parameter counts, which are part of the contract (tests/test_presets.py). Plain data: this
+module imports nothing of the library but its error type.
 """
 
 from __future__ import annotations
 
 import copy
 
-from torch import nn
+from .errors import ConfigError
 
 _TINY_128 = dict(image_size=(128, 128), in_chans=3, patch=16, num_classes=100)
 _PREDECESSOR_HEAD = dict(pool="avg", head_norm="tokens")
@@ -140,58 +142,5 @@ PRESETS: dict[str, dict] = {
 def get_preset(name: str) -> dict:
     """The ModelConfig fields of a named preset (a copy)."""
     if name not in PRESETS:
-        from .config import ConfigError
-
         raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
-
-
-def model_config(cfg):
-    """A validated ModelConfig from a ModelConfig, a preset name or a dict of fields."""
-    from .config import ModelConfig
-
-    if isinstance(cfg, str):
-        cfg = get_preset(cfg)
-    if isinstance(cfg, dict):
-        cfg = ModelConfig.model_validate(cfg)
-    return cfg
-
-
-def build_sheet(cfg):
-    """The :class:`Columnformer` sheet of a ModelConfig: geometry, connectivity, input and output areas."""
-    from .sheet import Columnformer
-
-    cfg = model_config(cfg)
-    geometry = cfg.geometry.build()
-    connectivity = cfg.connectivity.build(geometry)
-    if cfg.input_area == "retinotopic":  # every input column gets the token of the patch its position maps to
-        area = "all" if cfg.geometry.kind == "grid" else "bottom"
-        return Columnformer(cfg.sheet, geometry, connectivity, area, cfg.output_area, cfg.retinotopic_tokens())
-    return Columnformer(cfg.sheet, geometry, connectivity, cfg.input_area, cfg.output_area)
-
-
-def build_backbone(cfg):
-    """The patch embedding and the sheet of a ModelConfig: ``(PatchEmbed, Columnformer)``."""
-    from .vision import PatchEmbed
-
-    cfg = model_config(cfg)
-    sheet = build_sheet(cfg)
-    embed = PatchEmbed(cfg.image_size, cfg.in_chans, cfg.patch, cfg.stride or cfg.patch, cfg.sheet.width)
-    return embed, sheet
-
-
-def build_model(cfg) -> nn.Module:
-    """Build a :class:`VisionColumnformer` classifier from a ModelConfig (or a preset name / field dict).
-
-    Other objectives build their own head around :func:`build_backbone` (see ``tasks/``).
-    """
-    from .vision import ClassifierHead, VisionColumnformer
-
-    cfg = model_config(cfg)
-    embed, sheet = build_backbone(cfg)
-    head = ClassifierHead(cfg.sheet.width, cfg.num_classes, len(sheet.output_idx), cfg.pool, cfg.head_norm)
-    return VisionColumnformer(embed, sheet, head)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -190,7 +190,7 @@ def _count_params(cfg) -> int:
     """Parameter count of a run config's model (with its task's head), built on the meta device when possible."""
     import torch
 
-    from .presets import count_parameters
+    from .factory import count_parameters
     from .tasks import build_task
 
     task = build_task(cfg.task, cfg.model)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler
-from .presets import count_parameters
+from .factory import count_parameters
 from .regularizers import PENALTIES, SPARSITY_METRICS, SheetRegularizer, SparsityStats
 from .run import MetricsLog, provenance, remove_run, run_lock, write_config, write_json
 from .runtime import autocast_context, resolve_device, seed_everything

@@ -287,7 +287,7 @@ def current_analysis(run_dir: str | Path, opts: AnalysisOptions | None = None, q
 def analyze_run(run_dir: str | Path, opts: AnalysisOptions | None = None, quiet: bool = False) -> dict:
     """Analyse a run directory; write analysis.json, analysis_arrays.npz and figures; return the results."""
     from ..config import config_to_dict
-    from ..presets import count_parameters
+    from ..factory import count_parameters
     from ..run import load_run
 
     opts = opts or AnalysisOptions()

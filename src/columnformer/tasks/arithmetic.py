@@ -234,7 +234,7 @@ class ArithmeticTask(Task):
         return build_arithmetic_sets(self.cfg)
 
     def build_model(self):
-        from ..presets import build_sheet
+        from ..factory import build_sheet
         from ..sequence import SequenceColumnformer, SequenceHead, TokenEmbed
 
         m, cfg = self.model_cfg, self.cfg

@@ -43,7 +43,7 @@ class Task:
     select: ClassVar[tuple[str, str]] = ("loss", "min")
 
     def __init__(self, cfg: TaskConfig, model_cfg):
-        from ..presets import model_config
+        from ..factory import model_config
 
         self.cfg, self.model_cfg = cfg, model_config(model_cfg)
 

@@ -27,7 +27,7 @@ class ClassifyTask(Task):
     select = ("acc", "max")
 
     def build_model(self):
-        from ..presets import build_model
+        from ..factory import build_model
 
         return build_model(self.model_cfg)
 

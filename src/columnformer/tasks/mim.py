@@ -166,7 +166,7 @@ class MimTask(Task):
         self.num_masked = num_masked(cfg.mask_fraction, self.grid[0] * self.grid[1])  # 0 or all patches: error
 
     def build_model(self):
-        from ..presets import build_backbone
+        from ..factory import build_backbone
         from ..vision import VisionColumnformer
 
         mc = self.model_cfg
