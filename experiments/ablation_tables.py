@@ -22,6 +22,8 @@ import json
 import statistics
 from pathlib import Path
 
+from research_tables import runs_of  # same folder: the finished runs <config>-s<seed> of a sweep
+
 ROWS = ["tied", "untied_attn", "recurrent", "feedforward", "untied_mlp", "untied_all", "untied_all_bottleneck",
         "untied_norm", "untied_all_novp", "untied_all_1head", "tied_wide"]
 RECIPE_LR = "5e-3"
@@ -31,9 +33,7 @@ LRS = ["5e-3", "2e-3", "1e-3"]
 def runs(sweep: Path, name: str) -> list[dict]:
     """One record per finished run ``<name>-s<seed>`` of ``sweep``."""
     out = []
-    for run in sorted(sweep.glob(f"{name}-s*")):
-        if not (run / "summary.json").is_file():
-            continue
+    for run in runs_of(sweep, name):
         summary = json.loads((run / "summary.json").read_text())
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         steps = [r for r in records if r["type"] == "step"]
