@@ -8,7 +8,8 @@ Model: a 2D grid sheet of N columns, untied columns of width 32, one head with q
 MLP ratio 1, recurrent, 4 steps, ``Connectivity.local(k=64)``; batch 8 of random tokens written into
 every column; one training step = forward, backward (loss = mean square output + 0.01 wiring) and an
 AdamW step, fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``dense``
-all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing.
+all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing;
+``--kinds ... block+ckpt+bf16m`` also stores AdamW's moments in bf16 (``columnformer.optim.AdamW``).
 
 Every (kernel, N) runs in a fresh subprocess with the same thread count; its peak memory is the child's
 RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
@@ -75,10 +76,10 @@ def child(a) -> dict:
     t0 = time.perf_counter()
     conn = Connectivity.dense(geo) if a.kind == "dense" else Connectivity.local(geo, a.k)
     res["conn_s"] = time.perf_counter() - t0
+    kernel, *options = a.kind.split("+")
     cfg = SheetConfig(width=a.width, steps=a.steps, recurrent=True, heads=a.heads, qk_dim=a.qk_dim,
                       mlp_ratio=1.0, untied_attn=True, untied_mlp=True, untied_norm=True,
-                      sparse_kernel="auto" if a.kind == "dense" else a.kind.split("+")[0],
-                      checkpoint=a.kind.endswith("+ckpt"))
+                      sparse_kernel="auto" if kernel == "dense" else kernel, checkpoint="ckpt" in options)
     model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
     res["params"] = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
@@ -86,16 +87,21 @@ def child(a) -> dict:
     res["plan_s"] = time.perf_counter() - t0
     if plan is not None:
         res["plan"] = plan.describe()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if "bf16m" in options:  # AdamW moments stored in bf16 (optim.state_dtype=bf16)
+        from columnformer.optim import AdamW
+
+        opt = AdamW(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # what the trainer uses (for-each loop on CPU)
     tokens = torch.randn(a.batch, a.n, a.width)
     times = []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
         out, trace = model(tokens)
         loss = out.square().mean() + 0.01 * trace.wiring_cost
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # as the trainer: no gradients live during the next forward
         times.append(time.perf_counter() - t0)
         res["loss"] = float(loss)
     res["step_s"] = times[-1]
@@ -163,13 +169,14 @@ def machine_rates(threads: int) -> dict:
     return {"gemm_flops": max(gemm[1:]), "triad_bytes_per_s": max(triad[1:]), "threads": torch.get_num_threads()}
 
 
-def roofline(n: int, params: int, a, rates: dict) -> dict:
+def roofline(n: int, params: int, a, rates: dict, state_bytes: int = 8) -> dict:
     """Analytic work of one training step of the benchmark sheet and the lower bound it implies.
 
     FLOPs count only useful work (multiply-add = 2, training = 3 x forward), per column, sample and step:
     the untied query/key GEMMs 2*C*2*H*d, the untied MLP 2*2*C*hidden, and attention over the K edges only:
     scores 2*K*H*d and weighted values 2*K*C. Bytes are the minimum traffic: every parameter, its gradient
-    and both AdamW moments moved once (16 bytes per parameter), and every activation backward needs (per
+    and both AdamW moments moved once (8 + ``state_bytes`` bytes per parameter: 16 in fp32, 12 with bf16
+    moments), and every activation backward needs (per
     column, sample and step: block input, norm1 output, q, k, attention output, residual, norm2 output, MLP
     pre-activation and activation = 7*C + 2*H*d... floats, see ``saved``) written once and read once.
     The bound is max(FLOPs / GEMM rate, bytes / triad bandwidth); the limiter is whichever is larger.
@@ -180,7 +187,7 @@ def roofline(n: int, params: int, a, rates: dict) -> dict:
     flops = 3 * fwd * n * a.batch * a.steps
     saved = 5 * C + 2 * H * d + 2 * hidden  # x, norm1, attn out, residual, norm2, q, k, MLP pre/post activation
     act_bytes = 2 * 4 * saved * n * a.batch * a.steps
-    nbytes = 16 * params + act_bytes
+    nbytes = (8 + state_bytes) * params + act_bytes
     t_flops = flops / rates["gemm_flops"]
     t_bytes = nbytes / rates["triad_bytes_per_s"]
     return {"gflop": flops / 1e9, "gbytes": nbytes / 1e9, "bound_s": max(t_flops, t_bytes),
@@ -191,7 +198,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ns", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"],
-                   choices=["gather", "block", "block+ckpt", "dense"])
+                   choices=["gather", "block", "block+ckpt", "block+ckpt+bf16m", "dense"],
+                   help="ckpt: activation checkpointing; bf16m: AdamW moments in bf16 (columnformer.optim.AdamW)")
     p.add_argument("--checkpoint", action="store_true", help="also run block+ckpt (activation checkpointing)")
     p.add_argument("--max-n", nargs="+", default=[], metavar="KIND=N",
                    help="largest N to run for a kind, e.g. gather=65536 (its step takes minutes beyond)")
@@ -249,7 +257,7 @@ def main(argv=None) -> None:
                 print(f"| {n:,} | {kind} | — | — | — | | | | | | failed: {r['error']} |", flush=True)
                 continue
             r["kib_per_column"] = (r["peak_rss_gib"] - base) * GIB / n / 1024
-            r["roofline"] = rl = roofline(n, r["params"], a, rates)
+            r["roofline"] = rl = roofline(n, r["params"], a, rates, 4 if kind.endswith("bf16m") else 8)
             plan = r.get("plan")
             note = f"tile {plan['tile']}, {plan['key_slots']} key slots" if plan else ""
             print(f"| {n:,} | {kind} | {r['step_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['kib_per_column']:.1f} | "

@@ -212,22 +212,24 @@ def test_activation_checkpointing_changes_memory_not_results(kernel, recurrent):
     assert saved["ckpt"][0] * 5 < saved["plain"][0]  # only each step's input is kept
 
 
-def test_wide_preset_reads_its_input_everywhere_and_pools_the_sheet():
+@pytest.mark.parametrize("name,side", [("wide", 64), ("scale", 128)])
+def test_wide_presets_read_their_input_everywhere_and_pool_the_sheet(name, side):
     from columnformer.config import ModelConfig
     from columnformer.factory import build_model
     from columnformer.presets import get_preset
 
-    cfg = ModelConfig.model_validate(get_preset("wide"))
+    cfg = ModelConfig.model_validate(get_preset(name))
     model = build_model(cfg)
     sheet = model.sheet
-    assert cfg.geometry.kind == "grid" and sheet.n >= 64 * 64
+    assert cfg.geometry.kind == "grid" and sheet.n == side * side
     assert len(sheet.output_idx) / sheet.n >= 0.5  # the head pools at least half the sheet
     assert sheet.connectivity.kind == "local_long_range" and sheet.block_plan() is not None
-    # retinotopic: column (y, x) of the 64x64 sheet receives patch (6y // 64, 6x // 64) of the 6x6 grid of
-    # overlapping 3x3-pixel patches (stride 1) of the 8x8 digit
+    # retinotopic: column (y, x) of the side x side sheet receives patch (6y // side, 6x // side) of the 6x6 grid
+    # of overlapping 3x3-pixel patches (stride 1) of the 8x8 digit; patch row 1 starts at ceil(side / 6)
     assert model.embed.grid == (6, 6) and model.embed.proj.kernel_size == (3, 3)
-    tok = sheet.input_token.view(64, 64)
-    assert tok[0, 0] == 0 and tok[10, 10] == 0 and tok[11, 0] == 6 and tok[0, 11] == 1 and tok[63, 63] == 35
+    tok = sheet.input_token.view(side, side)
+    b = -(-side // 6)
+    assert tok[0, 0] == 0 and tok[b - 1, b - 1] == 0 and tok[b, 0] == 6 and tok[0, b] == 1 and tok[-1, -1] == 35
     images = torch.randn(2, 1, 8, 8)
     logits, _ = model(images)
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()

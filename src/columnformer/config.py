@@ -232,6 +232,10 @@ class OptimConfig(_Strict):
     position_lr: float | None = Field(
         None, gt=0, description="learning rate of learned column positions (model.sheet.learn_positions; None: lr)"
     )
+    state_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of AdamW's two moments: bf16 halves the optimizer state (optim.AdamW: float32 "
+        "math, stochastic rounding when stored)"
+    )
 
 
 class RewireConfig(_Strict):
@@ -339,6 +343,11 @@ class RunConfig(_Strict):
         if self.train.rewire.every and self.model.connectivity.kind == "dense":
             raise ValueError(
                 "train.rewire.every needs a sparse sheet: set model.connectivity.kind to 'local' or 'local_long_range'"
+            )
+        if self.optim.state_dtype == "bf16" and self.train.parallel == "fsdp":
+            raise ValueError(
+                "optim.state_dtype=bf16 is not supported with train.parallel=fsdp (sharded optimizer state); use "
+                "train.parallel=ddp or optim.state_dtype=fp32"
             )
         if self.model.sheet.sparse_kernel != "auto" and conn.kind == "dense":
             raise ValueError(

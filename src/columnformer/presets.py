@@ -90,16 +90,19 @@ PRESETS: dict[str, dict] = {
             mixture_parts=["mlp"], mixture_conserve=True,
         ),
     ),
-    # Wide sparse sheet on digits: a 4x4 input layer (the 2x2 patches of an 8x8 digit) under a
-    # 128x128 sheet (16,384 columns, read by the head), 16,400 columns in all. Each column reads its
-    # 48 nearest columns plus 16 long-range ones drawn from p ~ exp(-d/16): sparse attention, K = 64.
+    # The `wide` sheet at 4x the columns: one 128x128 grid (16,384 columns) with the same retinotopic input
+    # (overlapping 3x3-pixel receptive fields, stride 1: each of the 6x6 patches covers a ~21x21 block of the
+    # sheet), read out everywhere; 16 nearest + 4 long-range edges per column (p ~ exp(-d/16), K = 20), width 16,
+    # q/k 8, 4 recurrent steps; block-sparse attention. (Until 2026-12-03 this preset was a 4x4 input layer
+    # under a 128x128 sheet, 16,400 columns, width 32, K = 64: its 16 input columns had to reach 16,384 columns
+    # through 4 steps of local attention, and it learned nothing in an hour on a 2-core CPU.)
     "scale": dict(
-        image_size=(8, 8), in_chans=1, patch=2, num_classes=10, pool="avg",
-        input_area="bottom", output_area="top",
-        geometry=dict(kind="stacked", layers=[(4, 4), (128, 128)], spacing=1.0),
-        connectivity=dict(kind="local_long_range", k=48, k_long=16, long_range_scale=16.0, seed=0),
+        image_size=(8, 8), in_chans=1, patch=3, stride=1, num_classes=10, pool="avg",
+        input_area="retinotopic", output_area="all",
+        geometry=dict(kind="grid", shape=(128, 128)),
+        connectivity=dict(kind="local_long_range", k=16, k_long=4, long_range_scale=16.0, seed=0),
         sheet=dict(
-            width=32, steps=4, recurrent=True, heads=1, qk_dim=16, value_proj=False, mlp_ratio=1.0,
+            width=16, steps=4, recurrent=True, heads=1, qk_dim=8, value_proj=False, mlp_ratio=1.0,
             attn_bias="local", bias_sigma=2.0, untied_attn=True, untied_mlp=True, untied_norm=True,
             pos_embed=True, time_embed=True,
         ),

@@ -40,6 +40,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler
 from .factory import count_parameters
+from .optim import AdamW
 from .regularizers import PENALTIES, SPARSITY_METRICS, SheetRegularizer, SparsityStats
 from .run import MetricsLog, provenance, remove_run, run_lock, write_config, write_json
 from .runtime import autocast_context, resolve_device, seed_everything
@@ -183,9 +184,12 @@ class Trainer:
         if tc.compile:
             self.train_module = torch.compile(self.train_module)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.weight_decay, cfg.optim.position_lr), lr=cfg.optim.lr, betas=cfg.optim.betas
-        )
+        groups = param_groups(self.model, cfg.optim.weight_decay, cfg.optim.position_lr)
+        if cfg.optim.state_dtype == "bf16":  # moments in bf16: half the optimizer state, same update; the rounding
+            # noise is seeded alike on every rank, so DDP replicas stay equal
+            self.optimizer = AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, seed=tc.seed)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_frac)
         )
