@@ -1,6 +1,7 @@
-"""Validation accuracy against training time for runs of the `wide` preset (RESULTS.md, issue 17).
+"""Validation accuracy against training time for runs of the `wide` and `scale` presets (RESULTS.md, issue 17).
 
     python experiments/wide_curve.py runs/wide-rf3 runs/wide-s1 runs/wide-s2 --out docs/images/wide_accuracy_vs_time.png
+    python experiments/wide_curve.py runs/scale --out docs/images/scale_accuracy_vs_time.png
 
 Reads each run's metrics.jsonl (the epoch records: cumulative training time, evaluation excluded, and
 validation accuracy) and its summary.json (test accuracy of the final model, whole-command wall time), prints
