@@ -73,6 +73,49 @@ def test_untied_layer_norm_equals_per_column_functional(randomize):
         torch.testing.assert_close(y[i], ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_untied_layer_norm_gradients_equal_per_column_functional(randomize, dtype):
+    """Input, weight and bias gradients equal those of F.layer_norm applied column by column (the normalised
+    input is recomputed in backward, not stored)."""
+    n, b, c = 5, 3, 7
+    ln = randomize(UntiedLayerNorm(n, c)).to(dtype)
+    x = (torch.randn(n, b, c, dtype=dtype) * 3 + 1).requires_grad_()
+    g = torch.randn(n, b, c, dtype=dtype)
+    (ln(x) * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    w2, b2 = ln.weight.detach().clone().requires_grad_(), ln.bias.detach().clone().requires_grad_()
+    ref = torch.stack([F.layer_norm(x2[i], (c,), weight=w2[i], bias=b2[i], eps=ln.eps) for i in range(n)])
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(ln.weight.grad, w2.grad)
+    torch.testing.assert_close(ln.bias.grad, b2.grad)
+
+
+def test_untied_layer_norm_saves_only_its_input_and_the_statistics():
+    """Memory for wide sheets: besides the input (which the residual stream keeps anyway), only (N, B) statistics
+    and the (N, C) weight are saved for backward; no second (N, B, C) tensor."""
+    n, b, c = 6, 4, 16
+    ln = UntiedLayerNorm(n, c)
+    x = torch.randn(n, b, c, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ln(x)
+    big = [t for t in saved if t.numel() >= n * b * c]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    assert sum(t.numel() for t in saved) <= n * b * c + 2 * n * b + n * c
+
+
+def test_untied_layer_norm_under_bf16_autocast_normalises_in_float32():
+    ln = UntiedLayerNorm(3, 8)
+    x = torch.randn(3, 2, 8).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ln(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.layer_norm(x.float(), (8,)))
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
 def test_untied_layer_norm_default_is_plain_layer_norm():
     ln = UntiedLayerNorm(3, 8)
     x = torch.randn(3, 2, 8)

@@ -267,22 +267,40 @@ class UntiedLinear(nn.Module):
         return f"n={self.n}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
-class _ColumnAffine(torch.autograd.Function):
-    """``y = x * w[n] + b[n]`` on (N, B, C) with w, b (N, C): one fused pass forward, and a backward without
-    the extra multiply-by-``value`` pass that ``torch.addcmul``'s generic backward spends."""
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _ColumnLayerNorm(torch.autograd.Function):
+    """``y = LayerNorm(x) * w[n] + b[n]`` on (N, B, C) with w, b (N, C), float32 math. Saves only the input (which
+    the graph keeps anyway: the block's residual stream) and the (N, B) mean and 1/std; the normalised input is
+    recomputed in backward instead of being stored: one (N, B, C) tensor less per norm and step. Low-precision
+    inputs (autocast) are normalised in float32, as ``F.layer_norm`` does under autocast."""
 
     @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        return torch.addcmul(b.unsqueeze(1), x, w.unsqueeze(1))
+    def forward(ctx, x, w, b, eps):
+        xf = _at_least_fp32(x)
+        xhat, mean, rstd = torch.native_layer_norm(xf, (xf.shape[-1],), None, None, eps)  # (N, B, C), (N, B, 1) x2
+        ctx.save_for_backward(x, w, mean, rstd)
+        return torch.addcmul(b.unsqueeze(1), xhat, w.unsqueeze(1))
 
     @staticmethod
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        gx = (g * w.unsqueeze(1)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        gw = (g * x).sum(1).to(w.dtype) if ctx.needs_input_grad[1] else None
-        gb = g.sum(1).to(w.dtype) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        x, w, mean, rstd = ctx.saved_tensors
+        xf = _at_least_fp32(x)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[1]:
+            xhat = (xf - mean).mul_(rstd)  # (N, B, C), recomputed
+            gw = (g * xhat).sum(1).to(w.dtype)
+            del xhat
+        if ctx.needs_input_grad[2]:
+            gb = g.sum(1).to(w.dtype)
+        if ctx.needs_input_grad[0]:
+            gxhat = g * w.unsqueeze(1)
+            gx = torch.ops.aten.native_layer_norm_backward(
+                gxhat, xf, (xf.shape[-1],), mean, rstd, None, None, [True, False, False]
+            )[0].to(x.dtype)
+        return gx, gw, gb, None
 
 
 class UntiedLayerNorm(nn.Module):
@@ -295,8 +313,9 @@ class UntiedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, (self.dim,), eps=self.eps)  # (N, B, C)
-        return _ColumnAffine.apply(x, self.weight, self.bias)
+        if x.shape[0] != self.n or x.shape[-1] != self.dim:
+            raise ValueError(f"UntiedLayerNorm expects input (N={self.n}, B, {self.dim}), got {tuple(x.shape)}")
+        return _ColumnLayerNorm.apply(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, dim={self.dim}"
