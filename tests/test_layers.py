@@ -73,12 +73,13 @@ def test_untied_layer_norm_equals_per_column_functional(randomize):
         torch.testing.assert_close(y[i], ref)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_untied_layer_norm_gradients_equal_per_column_functional(randomize, dtype):
-    """Input, weight and bias gradients equal those of F.layer_norm applied column by column (the normalised
-    input is recomputed in backward, not stored)."""
+def test_untied_layer_norm_gradients_equal_per_column_functional(randomize, dtype, recompute):
+    """Input, weight and bias gradients equal those of F.layer_norm applied column by column, whether the
+    normalised input is stored or recomputed in backward."""
     n, b, c = 5, 3, 7
-    ln = randomize(UntiedLayerNorm(n, c)).to(dtype)
+    ln = randomize(UntiedLayerNorm(n, c, recompute=recompute)).to(dtype)
     x = (torch.randn(n, b, c, dtype=dtype) * 3 + 1).requires_grad_()
     g = torch.randn(n, b, c, dtype=dtype)
     (ln(x) * g).sum().backward()
@@ -92,10 +93,17 @@ def test_untied_layer_norm_gradients_equal_per_column_functional(randomize, dtyp
 
 
 def test_untied_layer_norm_saves_only_its_input_and_the_statistics():
-    """Memory for wide sheets: besides the input (which the residual stream keeps anyway), only (N, B) statistics
-    and the (N, C) weight are saved for backward; no second (N, B, C) tensor."""
+    """Memory for wide sheets (recompute, set by checkpointing sheets): besides the input (which the residual
+    stream keeps anyway), only (N, B) statistics and the (N, C) weight are saved for backward; no second (N, B, C)
+    tensor. A sheet with checkpoint=true switches it on in its norms, one without leaves it off."""
+    from columnformer import Columnformer, SheetConfig, grid
+
+    for ckpt in (False, True):
+        sheet = Columnformer(SheetConfig(width=8, qk_dim=4, steps=2, checkpoint=ckpt), grid(2, 2))
+        norms = [m for m in sheet.modules() if isinstance(m, UntiedLayerNorm)]
+        assert norms and all(m.recompute == ckpt for m in norms)
     n, b, c = 6, 4, 16
-    ln = UntiedLayerNorm(n, c)
+    ln = UntiedLayerNorm(n, c, recompute=True)
     x = torch.randn(n, b, c, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -106,7 +114,7 @@ def test_untied_layer_norm_saves_only_its_input_and_the_statistics():
 
 
 def test_untied_layer_norm_under_bf16_autocast_normalises_in_float32():
-    ln = UntiedLayerNorm(3, 8)
+    ln = UntiedLayerNorm(3, 8, recompute=True)
     x = torch.randn(3, 2, 8).to(torch.bfloat16).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ln(x)

@@ -41,7 +41,9 @@ from .attention import AttentionStats, ColumnAttention, local_bias_init
 from .block_sparse import BlockPlan, build_block_plan
 from .connectivity import Connectivity
 from .geometry import Geometry
-from .layers import INIT_STD, Mlp, current_session, layer_norm, linear, reuse_session, untied_session
+from .layers import (
+    INIT_STD, Mlp, UntiedLayerNorm, current_session, layer_norm, linear, reuse_session, untied_session,
+)
 from .mixture import MixtureCoefficients
 
 RECORDABLE = ("attn", "features", "qk", "states")
@@ -83,7 +85,8 @@ class SheetConfig(BaseModel):
     wiring_p: float = Field(1.0, gt=0, description="wiring weight W = D^p / mean(D^p)")
     checkpoint: bool = Field(
         False, description="activation checkpointing: keep only each step's input and recompute the step in backward "
-        "(activation memory of one step instead of T; about one more forward pass of compute)",
+        "(activation memory of one step instead of T; about one more forward pass of compute); per-column layer norms "
+        "then also recompute their normalised input in backward instead of storing it",
     )
     halting: Literal["none", "act", "ponder"] = Field(
         "none", description="adaptive computation per column (recurrent sheets): ACT or PonderNet halting; see the "
@@ -390,6 +393,9 @@ class Columnformer(nn.Module):
         num_blocks = 1 if cfg.recurrent else cfg.steps
         coords = geometry.coords if cfg.mixture == "topo" else None
         self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity, coords, i) for i in range(num_blocks))
+        for m in self.blocks.modules():  # checkpointing is the memory mode: norms recompute their output too
+            if isinstance(m, UntiedLayerNorm):
+                m.recompute = cfg.checkpoint
         self.pos_embed = nn.Parameter(torch.zeros(n, c)) if cfg.pos_embed else None
         self.time_embed = nn.Parameter(torch.zeros(cfg.steps, c)) if cfg.time_embed else None
         # halting unit per column (shared when the MLPs are tied): state (N, B, C) -> logit (N, B, 1)
