@@ -92,7 +92,7 @@ def child(a) -> dict:
 
         opt = AdamW(model.parameters(), lr=1e-3)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # what the trainer uses (for-each loop on CPU)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # what the trainer uses (torch picks its per-parameter loop on CPU)
     tokens = torch.randn(a.batch, a.n, a.width)
     times = []
     for _ in range(a.repeats):
