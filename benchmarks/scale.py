@@ -92,7 +92,8 @@ def child(a) -> dict:
 
         opt = AdamW(model.parameters(), lr=1e-3)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # what the trainer uses (torch picks its per-parameter loop on CPU)
+        # what the trainer uses (on CPU torch picks its per-parameter loop)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randn(a.batch, a.n, a.width)
     times = []
     for _ in range(a.repeats):
