@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention_stats import AttentionStats
 from .block_sparse import BlockPlan, block_sparse_attention
+from .flex_sparse import FlexPlan, flex_sparse_attention
 from .layers import UntiedLinear, linear, untied_linear_fused
 from .sparse_attention import sparse_attention
 
@@ -188,15 +189,19 @@ def attention(
     edge_index: torch.Tensor | None = None,
     edge_mask: torch.Tensor | None = None,
     record_attn: bool = False,
-    plan: BlockPlan | None = None,
+    plan: BlockPlan | FlexPlan | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention restricted to a connectivity's edges; picks the kernel from them.
 
     ``edge_index``/``edge_mask`` (N, K) come from a sparse ``Connectivity``; ``None`` means all pairs.
-    ``plan``: a :class:`~columnformer.block_sparse.BlockPlan` of those edges runs the block-sparse kernel.
+    ``plan``: a :class:`~columnformer.block_sparse.BlockPlan` of those edges runs the block-sparse kernel,
+    a :class:`~columnformer.flex_sparse.FlexPlan` the FlexAttention backend.
     """
     if edge_index is None:
         return dense_attention(q, k, v, bias, wiring_weight, record_attn=record_attn)
+    if isinstance(plan, FlexPlan):
+        out, wiring, entropy, attn = flex_sparse_attention(q, k, v, bias, wiring_weight, plan, edge_index, edge_mask, record_attn)
+        return out, AttentionStats(wiring, entropy, attn)
     if plan is not None:
         out, wiring, entropy, attn = block_sparse_attention(q, k, v, bias, wiring_weight, plan, record_attn)
         return out, AttentionStats(wiring, entropy, attn)
@@ -303,7 +308,7 @@ class ColumnAttention(nn.Module):
         edge_mask: torch.Tensor | None = None,
         record_attn: bool = False,
         record_qk: bool = False,
-        plan: BlockPlan | None = None,
+        plan: BlockPlan | FlexPlan | None = None,
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
         N, B, C = x.shape
         H = self.heads

@@ -39,6 +39,7 @@ from torch import nn
 
 from .attention import AttentionStats, ColumnAttention, local_bias_init
 from .block_sparse import BlockPlan, build_block_plan
+from .flex_sparse import FlexPlan, build_flex_plan, runs_on as flex_runs_on
 from .connectivity import Connectivity
 from .geometry import Geometry
 from .layers import (
@@ -130,9 +131,11 @@ class SheetConfig(BaseModel):
         "inflate mean(D), which lowers every other wiring weight, compress the rest below the initial spacing, and "
         "the repulsion then pushes back)",
     )
-    sparse_kernel: Literal["auto", "gather", "block"] = Field(
+    sparse_kernel: Literal["auto", "gather", "block", "flex"] = Field(
         "auto", description="kernel for a sparse connectivity: block-sparse tiles (block), per-edge gather (gather), "
-        "or whichever the block plan's cost model estimates cheaper (auto); same math, ignored for dense sheets",
+        "or whichever the block plan's cost model estimates cheaper (auto); flex: the tiles as a FlexAttention block "
+        "mask on CUDA (untimed: no GPU was available to measure it), the block kernel on CPU (torch's FlexAttention has "
+        "no CPU backward); same math",
     )
 
     @model_validator(mode="after")
@@ -165,6 +168,11 @@ class SheetConfig(BaseModel):
             raise ValueError(
                 "position_repulsion / position_constraint apply when learn_positions=true; set learn_positions or "
                 "leave them at their defaults"
+            )
+        if self.learn_positions and self.sparse_kernel in ("block", "flex"):
+            raise ValueError(
+                f"learn_positions=true runs the gather kernel (tiles are built from fixed coordinates), but "
+                f"sparse_kernel={self.sparse_kernel}: set sparse_kernel to 'gather' or 'auto'"
             )
         if self.attn_head_bias and self.attn_mode != "linmixing":
             raise ValueError(f"attn_head_bias=true applies to attn_mode=linmixing (got {self.attn_mode})")
@@ -285,7 +293,7 @@ class ColumnBlock(nn.Module):
         edge_index: torch.Tensor | None,
         edge_mask: torch.Tensor | None,
         record: frozenset,
-        plan: BlockPlan | None = None,
+        plan: BlockPlan | FlexPlan | None = None,
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
         if self.coef is not None:
             self.coef.update(x)  # this step's mixing coefficients (dynamic: from the block's input)
@@ -361,7 +369,7 @@ class Columnformer(nn.Module):
                 f"sparse_kernel={cfg.sparse_kernel!r} needs a sparse connectivity (local / local_long_range); "
                 "a dense sheet always runs the dense kernel: leave sparse_kernel at 'auto'"
             )
-        self._plan: BlockPlan | None = None  # built on first use, rebuilt when the edge buffers change
+        self._plan: BlockPlan | FlexPlan | None = None  # built on first use, rebuilt when the edge buffers change
         n, c = geometry.n, cfg.width
         self.register_buffer("input_idx", torch.from_numpy(_area(geometry, input_area, "input_area")), persistent=False)
         # which token each input-area column receives (default: token i -> i-th column; a retinotopic map
@@ -479,8 +487,9 @@ class Columnformer(nn.Module):
             self.connectivity = Connectivity.from_index(self.geometry, self.edge_index.cpu(), self.edge_mask.cpu(),
                                                         kind=conn.kind, scale=conn.scale)
 
-    def block_plan(self) -> BlockPlan | None:
-        """The block-sparse plan of the current edges if the block kernel is to run, else None.
+    def block_plan(self) -> BlockPlan | FlexPlan | None:
+        """The block-sparse plan of the current edges if the block kernel (a ``BlockPlan``) or the
+        FlexAttention backend (a ``FlexPlan``, ``sparse_kernel='flex'``) is to run, else None.
 
         Built from the geometry's coordinates on first use and cached; rebuilt when the edge buffers
         change (``rewire_sheet``, ``load_state_dict``) or move to another device. With
@@ -489,13 +498,15 @@ class Columnformer(nn.Module):
         """
         if self.edge_index is None or self.cfg.sparse_kernel == "gather" or self.positions is not None:
             return None  # learned layouts run the gather kernel (its tiles come from fixed coordinates)
-        versions = (self.edge_index._version, self.edge_mask._version, self.edge_index.data_ptr())
+        versions = (self.edge_index._version, self.edge_mask._version, self.edge_index.data_ptr(), self.edge_index.device)
         plan = self._plan
         if plan is None or plan.versions != versions:
-            plan = build_block_plan(self.geometry.coords, self.edge_index, self.edge_mask).to(self.edge_index.device)
+            flex = self.cfg.sparse_kernel == "flex" and flex_runs_on(self.edge_index.device)
+            build = build_flex_plan if flex else build_block_plan
+            plan = build(self.geometry.coords, self.edge_index, self.edge_mask).to(self.edge_index.device)
             plan.versions = versions
             self._plan = plan
-        if self.cfg.sparse_kernel == "auto" and plan.cost >= plan.gather_cost:
+        if self.cfg.sparse_kernel == "auto" and plan.cost >= plan.gather_cost:  # (flex: always runs)
             return None
         return plan
 
@@ -510,7 +521,7 @@ class Columnformer(nn.Module):
         with untied_session(fuse=reused):
             return self._forward(tokens, record, steps)
 
-    def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | None, wiring_weight):
+    def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | FlexPlan | None, wiring_weight):
         """One block step under ``session`` (a checkpointed step recomputed in backward reuses the forward's
         tapped untied weights, so the recomputed graph saves the same tensors)."""
         with reuse_session(session):
