@@ -51,14 +51,21 @@ def _sheet(mode, connectivity=None, kernel="auto", geom=None, value_proj=True):
 
 
 @pytest.mark.parametrize("mode", ["attention", "static_mix", "selection", "linmixing", "linmixing-heads"])
-@pytest.mark.parametrize("kernel", ["dense", "gather", "block"])
-def test_every_mode_matches_its_math_on_every_kernel(mode, kernel):
+@pytest.mark.parametrize("kernel", ["dense", "gather", "block", "flex"])
+def test_every_mode_matches_its_math_on_every_kernel(mode, kernel, monkeypatch):
+    if kernel == "flex":  # as on CUDA, through torch's eager FlexAttention reference (differentiable once allowed)
+        import torch.nn.attention.flex_attention as fa
+        import columnformer.flex_sparse as fs
+
+        monkeypatch.setattr("columnformer.sheet.flex_runs_on", lambda device: True)
+        monkeypatch.setattr(fa, "_validate_device", lambda *a, **k: None)
+        monkeypatch.setattr(fs, "check_backward_supported", lambda *a: None)
     geom = g.grid(5, 5)
     conn = None if kernel == "dense" else Connectivity.local_plus_long_range(geom, 9, 2, seed=0)
     sheet = _sheet(mode, conn, "auto" if kernel == "dense" else kernel, geom)
     block = sheet.blocks[0]
-    if kernel == "block":
-        assert sheet.block_plan() is not None
+    if kernel in ("block", "flex"):
+        assert type(sheet.block_plan()).__name__ == ("FlexPlan" if kernel == "flex" else "BlockPlan")
     x = torch.randn(25, 3, C)  # (N, B, C), already the attention's input
     if conn is None:
         index, mask = torch.arange(25).expand(25, 25), torch.ones(25, 25, dtype=torch.bool)
