@@ -12,7 +12,8 @@ the K edges of each column; the block-sparse kernel (``block_sparse.py``) comput
 as dense attention between tiles of nearby columns and their key sets (a ``BlockPlan``). Dense or
 sparse is decided by the ``Connectivity``; among the sparse kernels the sheet picks (its
 ``sparse_kernel`` option: ``auto`` by the plan's cost model, or ``gather`` / ``block``) and passes a
-plan when the block kernel is to run.
+plan when the block kernel is to run; ``flex`` passes a ``FlexPlan``: the same tiles through
+FlexAttention on CUDA (``flex_sparse.py``).
 The wiring cost and the attention entropy are reduced to scalars inside the kernel, so no
 attention map is kept unless ``record_attn`` asks for it.
 """

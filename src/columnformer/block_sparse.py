@@ -30,9 +30,9 @@ The plan's cost model (:func:`plan_costs`) estimates both kernels' work in units
 element; ``sparse_kernel="auto"`` on the sheet takes the block kernel when it is estimated cheaper.
 Scores, softmax and reductions run in float32 (float64 for float64 inputs), as in the gather kernel.
 
-GPU note: this is plain PyTorch (index_select, bmm, softmax), so it runs on CUDA unchanged; a
-FlexAttention block mask could be derived from the same tiles, but no GPU was available to build
-and measure one, so none is claimed.
+GPU note: this is plain PyTorch (index_select, bmm, softmax), so it runs on CUDA unchanged; the
+FlexAttention backend (:mod:`columnformer.flex_sparse`, ``sparse_kernel='flex'``) derives a block
+mask from the same tiles for CUDA (tested on CPU, speed unmeasured: no GPU was available).
 """
 
 from __future__ import annotations
