@@ -489,7 +489,8 @@ class Columnformer(nn.Module):
 
     def block_plan(self) -> BlockPlan | FlexPlan | None:
         """The block-sparse plan of the current edges if the block kernel (a ``BlockPlan``) or the
-        FlexAttention backend (a ``FlexPlan``, ``sparse_kernel='flex'``) is to run, else None.
+        FlexAttention backend (a ``FlexPlan``, ``sparse_kernel='flex'`` on CUDA; on CPU ``flex`` runs the
+        block kernel) is to run, else None.
 
         Built from the geometry's coordinates on first use and cached; rebuilt when the edge buffers
         change (``rewire_sheet``, ``load_state_dict``) or move to another device. With
