@@ -20,6 +20,10 @@ FLOPs and minimum bytes of a step into a lower bound on its time and names the l
 least-squares fits of log(time), log(memory - baseline) against log(N) for N >= 4,096. Dense runs whose
 predicted memory exceeds ``--dense-limit-gib`` are refused, not tried. ``--million`` also times building
 ``Connectivity.local(k=64)`` on a 1000 x 1000 grid (10^6 columns) in a child.
+
+``--device cuda`` runs the children and the rate measurements on the GPU (synchronised timings; memory is
+``torch.cuda.max_memory_allocated`` per column instead of RSS) and allows the ``flex`` kind
+(``sparse_kernel=flex``, FlexAttention). No GPU was available when this option was written: it is untried.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def child(a) -> dict:
     torch.manual_seed(0)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res: dict = {"kind": a.kind, "n": a.n, "threads": torch.get_num_threads()}
+    dev = torch.device(a.device)
+    res: dict = {"kind": a.kind, "n": a.n, "threads": torch.get_num_threads(), "device": a.device}
     if a.kind == "baseline":
         import columnformer.sparse_attention  # noqa: F401  (import cost only)
         return res
@@ -80,7 +85,7 @@ def child(a) -> dict:
     cfg = SheetConfig(width=a.width, steps=a.steps, recurrent=True, heads=a.heads, qk_dim=a.qk_dim,
                       mlp_ratio=1.0, untied_attn=True, untied_mlp=True, untied_norm=True,
                       sparse_kernel="auto" if kernel == "dense" else kernel, checkpoint="ckpt" in options)
-    model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
+    model = Columnformer(cfg, geo, conn, input_area="all", output_area="all").to(dev)
     res["params"] = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     plan = model.block_plan()
@@ -94,19 +99,24 @@ def child(a) -> dict:
     else:
         # what the trainer uses (on CPU torch picks its per-parameter loop)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    tokens = torch.randn(a.batch, a.n, a.width)
+    tokens = torch.randn(a.batch, a.n, a.width, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
     for _ in range(a.repeats):
+        sync()
         t0 = time.perf_counter()
         out, trace = model(tokens)
         loss = out.square().mean() + 0.01 * trace.wiring_cost
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)  # as the trainer: no gradients live during the next forward
+        sync()
         times.append(time.perf_counter() - t0)
         res["loss"] = float(loss)
     res["step_s"] = times[-1]
     res["first_step_s"] = times[0]
+    if dev.type == "cuda":
+        res["peak_device_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
     return res
 
 
@@ -147,25 +157,32 @@ def fit_slope(xs, ys) -> float:
 
 
 # ---------------------------------------------------------------------- roofline
-def machine_rates(threads: int) -> dict:
+def machine_rates(threads: int, device: str = "cpu") -> dict:
     """This machine's fp32 GEMM rate (2048^3 matmul) and memory bandwidth (STREAM-style triad
-    ``a = b + s * c`` on three 1/3 GiB arrays, 3 x 1/3 GiB moved per pass), best of 5, ``threads`` threads."""
+    ``a = b + s * c`` on three 1/3 GiB arrays, 3 x 1/3 GiB moved per pass), best of 5, ``threads`` threads
+    (on ``device``; CUDA timings synchronised, TF32 as torch's default: off for matmul)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    x, y = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    x, y = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
     gemm = []
     for _ in range(6):
+        sync()
         t0 = time.perf_counter()
         torch.mm(x, y)
+        sync()
         gemm.append(2 * 2048**3 / (time.perf_counter() - t0))
     n = GIB // 3 // 4
-    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    a, b, c = torch.empty(n, device=dev), torch.rand(n, device=dev), torch.rand(n, device=dev)
     triad = []
     for _ in range(6):
+        sync()
         t0 = time.perf_counter()
         torch.add(b, c, alpha=3.0, out=a)
+        sync()
         triad.append(3 * 4 * n / (time.perf_counter() - t0))
     return {"gemm_flops": max(gemm[1:]), "triad_bytes_per_s": max(triad[1:]), "threads": torch.get_num_threads()}
 
@@ -199,7 +216,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ns", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"],
-                   choices=["gather", "block", "block+ckpt", "block+ckpt+bf16m", "dense"],
+                   choices=["gather", "block", "block+ckpt", "block+ckpt+bf16m", "dense", "flex", "flex+ckpt",
+                            "flex+ckpt+bf16m"],
                    help="ckpt: activation checkpointing; bf16m: AdamW moments in bf16 (columnformer.optim.AdamW)")
     p.add_argument("--checkpoint", action="store_true", help="also run block+ckpt (activation checkpointing)")
     p.add_argument("--max-n", nargs="+", default=[], metavar="KIND=N",
@@ -212,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="training steps per child; the last is timed")
     p.add_argument("--threads", type=int, default=2, help="torch threads in children and the rate measurements")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (untried: no GPU was available)")
     p.add_argument("--dense-limit-gib", type=float, default=20.0)
     p.add_argument("--million", action="store_true", help="also time local(k) on a 10^6-column grid")
     p.add_argument("--json", default=None, help="write all results to this file")
@@ -221,24 +240,32 @@ def main(argv=None) -> None:
     a.passthrough = [
         "--k", str(a.k), "--width", str(a.width), "--heads", str(a.heads), "--qk-dim", str(a.qk_dim),
         "--batch", str(a.batch), "--steps", str(a.steps), "--repeats", str(a.repeats), "--threads", str(a.threads),
+        "--device", a.device,
     ]
     if a.child:
         a.kind = a.child
         print(json.dumps(child(a)))
         return
     max_n = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in a.max_n}
+    if a.device.startswith("cuda") and "dense" in a.kinds:
+        a.kinds.remove("dense")  # its memory model and RLIMIT_AS guard are for host memory
+    if any(kind.split("+")[0] == "flex" for kind in a.kinds) and not a.device.startswith("cuda"):
+        p.error("the flex kinds (FlexAttention) run on CUDA only: pass --device cuda (on CPU the sheet runs the "
+                "block kernel for sparse_kernel=flex)")
     if a.checkpoint and "block+ckpt" not in a.kinds:
         a.kinds.append("block+ckpt")
 
     print(f"# sheet: grid, K={a.k} local, width {a.width}, heads {a.heads}, qk {a.qk_dim}, MLP 1, batch {a.batch}, "
           f"{a.steps} recurrent steps, untied, fp32; one AdamW training step; fresh process per run; "
           f"{a.threads} threads; load average before: {os.getloadavg()[0]:.2f}", flush=True)
-    rates = machine_rates(a.threads)
+    rates = machine_rates(a.threads, a.device)
     print(f"# this machine, same run: fp32 GEMM (2048^3) {rates['gemm_flops'] / 1e9:.1f} G FLOP/s, "
           f"STREAM-style triad {rates['triad_bytes_per_s'] / 1e9:.1f} GB/s ({rates['threads']} threads)", flush=True)
     results = [{"kind": "machine", **rates}, run_child("baseline", 0, a)]
     base = results[1]["peak_rss_gib"]
     print(f"# baseline RSS (python + torch + columnformer imported): {base:.2f} GiB", flush=True)
+    if a.device.startswith("cuda"):
+        base = 0.0  # memory columns are the device's max_memory_allocated, nothing to subtract
     print("| N | kernel | step (s) | peak RSS (GiB) | KiB / column | analytic GFLOP | min GB | roofline bound (s) "
           "| step / bound | limiter | note |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|", flush=True)
     for n in sorted(a.ns):
@@ -257,10 +284,12 @@ def main(argv=None) -> None:
             if "error" in r:
                 print(f"| {n:,} | {kind} | — | — | — | | | | | | failed: {r['error']} |", flush=True)
                 continue
+            if "peak_device_gib" in r:  # GPU: the device's high-water mark replaces the host RSS
+                r["peak_rss_gib"] = r["peak_device_gib"]
             r["kib_per_column"] = (r["peak_rss_gib"] - base) * GIB / n / 1024
             r["roofline"] = rl = roofline(n, r["params"], a, rates, 4 if kind.endswith("bf16m") else 8)
             plan = r.get("plan")
-            note = f"tile {plan['tile']}, {plan['key_slots']} key slots" if plan else ""
+            note = f"tile {plan['tile']}, {plan.get('key_slots', plan.get('max_key_tiles'))} key slots/tiles" if plan else ""
             print(f"| {n:,} | {kind} | {r['step_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['kib_per_column']:.1f} | "
                   f"{rl['gflop']:.1f} | {rl['gbytes']:.2f} | {rl['bound_s']:.2f} | {r['step_s'] / rl['bound_s']:.1f} | "
                   f"{rl['limiter']} | {note} |", flush=True)
@@ -277,10 +306,12 @@ def main(argv=None) -> None:
                   f"{per_col / 1024:.1f} KiB per column at N={big['n']:,} -> 10^6 columns ≈ {per_col * 1e6 / GIB:.1f} GiB")
     by = {(r["kind"], r["n"]): r for r in results if "step_s" in r}
     for n in sorted(a.ns):
-        if ("gather", n) in by and ("block", n) in by:
-            g, b = by[("gather", n)], by[("block", n)]
-            print(f"N={n:,}: block kernel {g['step_s'] / b['step_s']:.2f}x faster than the gather kernel "
-                  f"({b['step_s']:.2f} s vs {g['step_s']:.2f} s), peak RSS {b['peak_rss_gib']:.2f} vs {g['peak_rss_gib']:.2f} GiB")
+        for kind in (k for k in a.kinds if k.split("+")[0] in ("block", "flex")):
+            if ("gather", n) in by and (kind, n) in by:
+                g, b = by[("gather", n)], by[(kind, n)]
+                print(f"N={n:,}: {kind} {g['step_s'] / b['step_s']:.2f}x faster than the gather kernel "
+                      f"({b['step_s']:.2f} s vs {g['step_s']:.2f} s), peak memory {b['peak_rss_gib']:.2f} vs "
+                      f"{g['peak_rss_gib']:.2f} GiB")
         if ("dense", n) in by and ("block", n) in by:
             d, b = by[("dense", n)], by[("block", n)]
             print(f"N={n:,}: block kernel {d['step_s'] / b['step_s']:.1f}x faster than dense attention, "

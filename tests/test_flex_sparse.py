@@ -142,3 +142,24 @@ def test_tiled_kernels_refuse_learned_positions():
         SheetConfig(width=4, learn_positions=True, sparse_kernel="flex")
     with pytest.raises(ValueError, match="learn_positions"):
         SheetConfig(width=4, learn_positions=True, sparse_kernel="block")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention path needs CUDA (none here)")
+def test_compiled_flex_on_cuda_equals_gather_kernel():
+    """On a GPU: the compiled kernel (what training runs), fp32, against the gather kernel, values and gradients."""
+    conn = Connectivity.local_plus_long_range(grid(32, 32), 16, 4, seed=0)
+    n, k = conn.index.shape
+    dev = torch.device("cuda")
+    plan = build_flex_plan(conn.geometry.coords, conn.index, conn.mask).to(dev)
+    index, mask = conn.index.to(dev), conn.mask.to(dev)
+    q, kk, v, bias, w = (x.detach().float().to(dev).requires_grad_(x.requires_grad) for x in _inputs(n, k, b=2, h=2, d=16, dv=16))
+    ref, st = sparse_attention(q, kk, v, bias, w, index, mask)
+    g_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * g_out).sum() + 3.0 * st.wiring, [q, kk, v, bias])
+    out, wiring, entropy, _ = flex_sparse_attention(q, kk, v, bias, w, plan, index, mask)
+    grads = torch.autograd.grad((out * g_out).sum() + 3.0 * wiring, [q, kk, v, bias])
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(wiring, st.wiring, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(entropy, st.entropy, atol=1e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
