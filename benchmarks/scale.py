@@ -67,6 +67,10 @@ def child(a) -> dict:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     res: dict = {"kind": a.kind, "n": a.n, "threads": torch.get_num_threads(), "device": a.device}
+    if a.keep_host_memory:
+        from columnformer.runtime import keep_host_memory
+
+        res["host_memory_kept"] = keep_host_memory()
     if a.kind == "baseline":
         import columnformer.sparse_attention  # noqa: F401  (import cost only)
         return res
@@ -231,6 +235,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="training steps per child; the last is timed")
     p.add_argument("--threads", type=int, default=2, help="torch threads in children and the rate measurements")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (untried: no GPU was available)")
+    p.add_argument("--keep-host-memory", action="store_true",
+                   help="every child keeps freed host memory for reuse (train.keep_host_memory; glibc)")
     p.add_argument("--dense-limit-gib", type=float, default=20.0)
     p.add_argument("--million", action="store_true", help="also time local(k) on a 10^6-column grid")
     p.add_argument("--json", default=None, help="write all results to this file")
@@ -241,7 +247,7 @@ def main(argv=None) -> None:
         "--k", str(a.k), "--width", str(a.width), "--heads", str(a.heads), "--qk-dim", str(a.qk_dim),
         "--batch", str(a.batch), "--steps", str(a.steps), "--repeats", str(a.repeats), "--threads", str(a.threads),
         "--device", a.device,
-    ]
+    ] + (["--keep-host-memory"] if a.keep_host_memory else [])
     if a.child:
         a.kind = a.child
         print(json.dumps(child(a)))
@@ -257,7 +263,8 @@ def main(argv=None) -> None:
 
     print(f"# sheet: grid, K={a.k} local, width {a.width}, heads {a.heads}, qk {a.qk_dim}, MLP 1, batch {a.batch}, "
           f"{a.steps} recurrent steps, untied, fp32; one AdamW training step; fresh process per run; "
-          f"{a.threads} threads; load average before: {os.getloadavg()[0]:.2f}", flush=True)
+          f"{a.threads} threads; host memory {'kept for reuse' if a.keep_host_memory else 'glibc default'}; "
+          f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     rates = machine_rates(a.threads, a.device)
     print(f"# this machine, same run: fp32 GEMM (2048^3) {rates['gemm_flops'] / 1e9:.1f} G FLOP/s, "
           f"STREAM-style triad {rates['triad_bytes_per_s'] / 1e9:.1f} GB/s ({rates['threads']} threads)", flush=True)

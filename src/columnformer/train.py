@@ -43,7 +43,7 @@ from .factory import count_parameters
 from .optim import AdamW
 from .regularizers import PENALTIES, SPARSITY_METRICS, SheetRegularizer, SparsityStats
 from .run import MetricsLog, provenance, remove_run, run_lock, write_config, write_json
-from .runtime import autocast_context, resolve_device, seed_everything
+from .runtime import autocast_context, keep_host_memory, resolve_device, seed_everything
 from .tasks import build_task, evaluate
 
 
@@ -118,6 +118,9 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = resolve_device(tc.device) if dist is None else dist.device
+        self.host_memory_kept = keep_host_memory() if tc.keep_host_memory else False
+        if tc.keep_host_memory and not self.host_memory_kept and self.is_main:
+            print("note: train.keep_host_memory needs glibc malloc (Linux); ignored here", file=sys.stderr)
         seed_everything(tc.seed)
         self.task = build_task(cfg.task, cfg.model)
         self.model = self.task.build_model()  # before the data: a geometry/input mismatch fails before a slow load
