@@ -9,7 +9,8 @@ MLP ratio 1, recurrent, 4 steps, ``Connectivity.local(k=64)``; batch 8 of random
 every column; one training step = forward, backward (loss = mean square output + 0.01 wiring) and an
 AdamW step, fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``dense``
 all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing;
-``--kinds ... block+ckpt+bf16m`` also stores AdamW's moments in bf16 (``columnformer.optim.AdamW``).
+``--kinds ... block+ckpt+bf16m`` also stores AdamW's moments in bf16 (``columnformer.optim.AdamW``);
+``+keep`` keeps freed host memory in the child for reuse (``train.keep_host_memory``).
 
 Every (kernel, N) runs in a fresh subprocess with the same thread count; its peak memory is the child's
 RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
@@ -67,7 +68,7 @@ def child(a) -> dict:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     res: dict = {"kind": a.kind, "n": a.n, "threads": torch.get_num_threads(), "device": a.device}
-    if a.keep_host_memory:
+    if "keep" in a.kind.split("+"):  # before any large allocation
         from columnformer.runtime import keep_host_memory
 
         res["host_memory_kept"] = keep_host_memory()
@@ -153,6 +154,15 @@ def run_child(kind: str, n: int, a) -> dict:
     return res
 
 
+def kind_name(kind: str) -> str:
+    """Validate ``kernel[+option...]`` for --kinds."""
+    kernel, *options = kind.split("+")
+    if kernel not in ("gather", "block", "flex", "dense") or not set(options) <= {"ckpt", "bf16m", "keep"}:
+        raise argparse.ArgumentTypeError(f"{kind!r}: a kernel (gather, block, flex, dense) and options among "
+                                         "ckpt, bf16m, keep joined by '+'")
+    return kind
+
+
 def fit_slope(xs, ys) -> float:
     lx = [math.log(x) for x in xs]
     ly = [math.log(y) for y in ys]
@@ -219,10 +229,10 @@ def roofline(n: int, params: int, a, rates: dict, state_bytes: int = 8) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ns", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"],
-                   choices=["gather", "block", "block+ckpt", "block+ckpt+bf16m", "dense", "flex", "flex+ckpt",
-                            "flex+ckpt+bf16m"],
-                   help="ckpt: activation checkpointing; bf16m: AdamW moments in bf16 (columnformer.optim.AdamW)")
+    p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"], type=kind_name,
+                   help="a kernel (gather, block, flex, dense) and options joined by '+': ckpt activation "
+                        "checkpointing, bf16m AdamW moments in bf16, keep freed host memory kept for reuse "
+                        "(train.keep_host_memory), e.g. block+ckpt+bf16m, gather+keep")
     p.add_argument("--checkpoint", action="store_true", help="also run block+ckpt (activation checkpointing)")
     p.add_argument("--max-n", nargs="+", default=[], metavar="KIND=N",
                    help="largest N to run for a kind, e.g. gather=65536 (its step takes minutes beyond)")
@@ -235,8 +245,6 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="training steps per child; the last is timed")
     p.add_argument("--threads", type=int, default=2, help="torch threads in children and the rate measurements")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (untried: no GPU was available)")
-    p.add_argument("--keep-host-memory", action="store_true",
-                   help="every child keeps freed host memory for reuse (train.keep_host_memory; glibc)")
     p.add_argument("--dense-limit-gib", type=float, default=20.0)
     p.add_argument("--million", action="store_true", help="also time local(k) on a 10^6-column grid")
     p.add_argument("--json", default=None, help="write all results to this file")
@@ -247,7 +255,7 @@ def main(argv=None) -> None:
         "--k", str(a.k), "--width", str(a.width), "--heads", str(a.heads), "--qk-dim", str(a.qk_dim),
         "--batch", str(a.batch), "--steps", str(a.steps), "--repeats", str(a.repeats), "--threads", str(a.threads),
         "--device", a.device,
-    ] + (["--keep-host-memory"] if a.keep_host_memory else [])
+    ]
     if a.child:
         a.kind = a.child
         print(json.dumps(child(a)))
@@ -263,8 +271,7 @@ def main(argv=None) -> None:
 
     print(f"# sheet: grid, K={a.k} local, width {a.width}, heads {a.heads}, qk {a.qk_dim}, MLP 1, batch {a.batch}, "
           f"{a.steps} recurrent steps, untied, fp32; one AdamW training step; fresh process per run; "
-          f"{a.threads} threads; host memory {'kept for reuse' if a.keep_host_memory else 'glibc default'}; "
-          f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+          f"{a.threads} threads; load average before: {os.getloadavg()[0]:.2f}", flush=True)
     rates = machine_rates(a.threads, a.device)
     print(f"# this machine, same run: fp32 GEMM (2048^3) {rates['gemm_flops'] / 1e9:.1f} G FLOP/s, "
           f"STREAM-style triad {rates['triad_bytes_per_s'] / 1e9:.1f} GB/s ({rates['threads']} threads)", flush=True)
@@ -294,7 +301,7 @@ def main(argv=None) -> None:
             if "peak_device_gib" in r:  # GPU: the device's high-water mark replaces the host RSS
                 r["peak_rss_gib"] = r["peak_device_gib"]
             r["kib_per_column"] = (r["peak_rss_gib"] - base) * GIB / n / 1024
-            r["roofline"] = rl = roofline(n, r["params"], a, rates, 4 if kind.endswith("bf16m") else 8)
+            r["roofline"] = rl = roofline(n, r["params"], a, rates, 4 if "bf16m" in kind.split("+") else 8)
             plan = r.get("plan")
             note = f"tile {plan['tile']}, {plan.get('key_slots', plan.get('max_key_tiles'))} key slots/tiles" if plan else ""
             print(f"| {n:,} | {kind} | {r['step_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['kib_per_column']:.1f} | "
@@ -314,9 +321,10 @@ def main(argv=None) -> None:
     by = {(r["kind"], r["n"]): r for r in results if "step_s" in r}
     for n in sorted(a.ns):
         for kind in (k for k in a.kinds if k.split("+")[0] in ("block", "flex")):
-            if ("gather", n) in by and (kind, n) in by:
-                g, b = by[("gather", n)], by[(kind, n)]
-                print(f"N={n:,}: {kind} {g['step_s'] / b['step_s']:.2f}x faster than the gather kernel "
+            ref = "gather+keep" if "keep" in kind.split("+") else "gather"  # the same host-memory setting
+            if (ref, n) in by and (kind, n) in by:
+                g, b = by[(ref, n)], by[(kind, n)]
+                print(f"N={n:,}: {kind} {g['step_s'] / b['step_s']:.2f}x faster than {ref} "
                       f"({b['step_s']:.2f} s vs {g['step_s']:.2f} s), peak memory {b['peak_rss_gib']:.2f} vs "
                       f"{g['peak_rss_gib']:.2f} GiB")
         if ("dense", n) in by and ("block", n) in by:
