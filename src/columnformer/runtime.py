@@ -1,4 +1,4 @@
-"""Where and how computation runs: device choice, precision (autocast) and global seeding.
+"""Where and how computation runs: device choice, precision (autocast), global seeding, host-memory reuse.
 
 A low layer: the training loop, the tasks and the analysis suite all use it, none of them owns it.
 """
