@@ -74,6 +74,8 @@ MUTATIONS = [
     ("trainer ignores train.keep_host_memory", "src/columnformer/train.py",
      "self.host_memory_kept = keep_host_memory() if tc.keep_host_memory else False",
      "self.host_memory_kept = False", ["tests/test_host_memory.py"]),
+    ("factory reads ModelConfig from the run config (a 4-module import cycle)", "src/columnformer/factory.py",
+     "from .model_config import ModelConfig", "from .config import ModelConfig", ["tests/test_architecture.py"]),
     ("activation checkpointing option ignored", "src/columnformer/sheet.py",
      "if self.cfg.checkpoint and torch.is_grad_enabled():", "if False:",
      ["tests/test_block_sparse.py", "-k", "checkpointing"]),

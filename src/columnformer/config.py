@@ -12,16 +12,16 @@ combination raises :class:`ConfigError` with one message naming the key and what
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .errors import ConfigError  # noqa: F401  (re-exported: columnformer.config.ConfigError)
 from .presets import get_preset
-from .sheet import SheetConfig
+from .data.config import DataConfig
+from .model_config import ConnectivityConfig, GeometryConfig, ModelConfig, _Strict
 from .tasks import ArithmeticConfig, ClassifyConfig, MimConfig
 
 _TASK_CLASSES = {
@@ -31,192 +31,6 @@ _TASK_CLASSES = {
 TaskSection = Annotated[Union[ClassifyConfig, MimConfig, ArithmeticConfig], Field(discriminator="name")]
 
 CONFIG_SCHEMA_VERSION = 1
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class GeometryConfig(_Strict):
-    """Where the columns sit. ``grid``: shape [h, w]; ``stacked``: layers [[h, w], ...]; ``sphere``: n;
-    ``multilayer``: layers as for stacked, laid out as the predecessor did (see ``geometry.multilayer``)."""
-
-    kind: Literal["grid", "stacked", "sphere", "multilayer"] = "grid"
-    shape: tuple[int, int] = (4, 4)
-    layers: list[tuple[int, int]] = Field(default_factory=lambda: [(4, 4), (4, 4)])
-    spacing: float = Field(
-        1.0, gt=0, description="distance between stacked layers (multilayer: the predecessor's depth_offset)"
-    )
-    n: int = Field(64, ge=1)
-    span: bool = Field(
-        False, description="stacked only: stretch every layer over the widest one's extent (a retinotopic input map)"
-    )
-
-    @model_validator(mode="after")
-    def _span_only_stacked(self) -> "GeometryConfig":
-        if self.span and self.kind != "stacked":
-            raise ValueError(f"geometry.span=true applies to kind=stacked only (got kind={self.kind}); remove span")
-        return self
-
-    @property
-    def num_columns(self) -> int:
-        if self.kind == "grid":
-            return self.shape[0] * self.shape[1]
-        if self.kind in ("stacked", "multilayer"):
-            return sum(h * w for h, w in self.layers)
-        return self.n
-
-    def build(self):
-        from . import geometry as g
-
-        if self.kind == "grid":
-            return g.grid(*self.shape)
-        if self.kind == "stacked":
-            return g.stacked(self.layers, self.spacing, span=self.span)
-        if self.kind == "multilayer":
-            return g.multilayer(self.layers, self.spacing)
-        return g.sphere(self.n)
-
-
-class ConnectivityConfig(_Strict):
-    """Which columns each column reads: all pairs, k nearest, or k nearest + sampled long-range edges."""
-
-    kind: Literal["dense", "local", "local_long_range"] = "dense"
-    k: int = Field(64, ge=1, description="edges per column (local ones for local_long_range)")
-    k_long: int = Field(0, ge=0, description="long-range edges per column")
-    long_range_scale: float = Field(8.0, gt=0, description="length scale of the exponential distance rule")
-    seed: int = 0
-
-    def build(self, geometry):
-        from .connectivity import Connectivity
-
-        if self.kind == "dense":
-            return Connectivity.dense(geometry)
-        if self.kind == "local":
-            return Connectivity.local(geometry, self.k)
-        return Connectivity.local_plus_long_range(
-            geometry, self.k, self.k_long, scale=self.long_range_scale, seed=self.seed
-        )
-
-
-class ModelConfig(_Strict):
-    """An image classifier built around a sheet (see ``vision.py``)."""
-
-    image_size: tuple[int, int] = (8, 8)
-    in_chans: int = Field(1, ge=1)
-    patch: int = Field(2, ge=1)
-    stride: int | None = Field(None, ge=1, description="patch stride; None = patch (no overlap)")
-    num_classes: int = Field(10, ge=1)
-    pool: Literal["avg", "spatial"] = "avg"
-    head_norm: Literal["pooled", "tokens"] = Field(
-        "pooled", description="classifier LayerNorm after pooling (pooled) or on every output column before it "
-        "(tokens: the predecessor's order)",
-    )
-    input_area: Literal["bottom", "all", "retinotopic"] = Field(
-        "bottom", description="where patch tokens enter: the bottom layer (one column per patch), all columns, or "
-        "retinotopic (every column of a grid sheet, or of the bottom layer of a stacked one, receives the token of "
-        "the image patch its position maps to)",
-    )
-    output_area: Literal["top", "all", "bottom"] = Field("top", description="columns the task head reads (MIM: the read-out area)")
-    geometry: GeometryConfig = Field(default_factory=GeometryConfig)
-    connectivity: ConnectivityConfig = Field(default_factory=ConnectivityConfig)
-    sheet: SheetConfig = Field(default_factory=SheetConfig)
-
-    @property
-    def patch_grid(self) -> tuple[int, int]:
-        """Patches per image along (height, width)."""
-        stride = self.stride or self.patch
-        return tuple((s - self.patch) // stride + 1 for s in self.image_size)
-
-    @model_validator(mode="after")
-    def _check_retinotopic(self) -> "ModelConfig":
-        if self.input_area == "retinotopic":
-            if self.geometry.kind == "sphere":
-                raise ValueError(
-                    "input_area=retinotopic maps image patches onto a grid: set geometry.kind to grid, stacked or "
-                    "multilayer (got sphere)"
-                )
-            (h, w), (gh, gw) = self.retinotopic_shape, self.patch_grid
-            if h < gh or w < gw:
-                raise ValueError(
-                    f"input_area=retinotopic needs at least one column per patch: the {h}x{w} sheet is smaller than "
-                    f"the {gh}x{gw} patch grid; enlarge geometry.shape or the patch size"
-                )
-        return self
-
-    @property
-    def retinotopic_shape(self) -> tuple[int, int]:
-        """The (h, w) grid that input_area=retinotopic writes into: the grid, or a stacked sheet's bottom layer."""
-        return tuple(self.geometry.shape if self.geometry.kind == "grid" else self.geometry.layers[0])
-
-    def retinotopic_tokens(self):
-        """For input_area=retinotopic: the patch token of every column of the (h, w) input grid, row-major (numpy)."""
-        import numpy as np
-
-        (h, w), (gh, gw) = self.retinotopic_shape, self.patch_grid
-        ty = np.arange(h) * gh // h  # (h,) patch row under each sheet row
-        tx = np.arange(w) * gw // w
-        return (ty[:, None] * gw + tx[None, :]).reshape(-1)
-
-
-class DataConfig(_Strict):
-    """Dataset and loading. ``digits`` is the embedded default (scikit-learn's 8x8 digits)."""
-
-    name: Literal["digits", "hf", "folder", "photos"] = Field(
-        "digits", description="digits (embedded 8x8 digits), photos (patches of the photos bundled with scikit-learn, "
-        "disjoint train/val/test regions; see data/photos.py), hf (Hugging Face), folder (image folders)",
-    )
-    path: str | None = Field(None, description="hub name or local path (hf), root folder (folder)")
-    split_seed: int = Field(0, description="seed of the fixed train/val/test split (digits, photos' patch positions)")
-    photo_patches: int = Field(8192, ge=16, description="photos: training patches (validation 1/16, test 1/8 of it)")
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    test_fraction: float = Field(0.2, gt=0, lt=0.5)
-    augment: bool = True
-    num_workers: int = Field(0, ge=0)
-    labels_fraction: float = Field(
-        1.0, gt=0, le=1, description="train on a class-balanced share of the training split (label-efficiency studies)"
-    )
-    labels_holdout: float = Field(
-        0.0, ge=0, lt=1,
-        description="hold out this class-balanced share of the training labels as the validation split (0: the val split)",
-    )
-    labels_seed: int = Field(0, description="seed of the labelled subset and its hold-out")
-    # ---- image sources (hf, folder); see data/hf.py, data/folder.py, data/transforms.py
-    hf_config: str | None = Field(None, description="Hugging Face dataset configuration name (hf)")
-    train_split: str = Field("train", description="split (hf) or sub-folder (folder) to train on")
-    val_split: str | None = Field(
-        None, description="None: 'validation'/'val' if present and not used as test, else val_fraction of train"
-    )
-    test_split: str | None = Field(
-        None, description="None: 'test' if present, else 'validation'/'val', else test_fraction of train"
-    )
-    image_column: str | None = Field(None, description="hf image column; None: 'image'/'img' or the Image feature")
-    label_column: str | None = Field(None, description="hf label column; None: 'label'/'labels' or the ClassLabel feature")
-    bad_images: Literal["skip", "fail"] = Field(
-        "fail", description="an undecodable image: fail with its name, or skip it (replaced by the next one, counted and logged)"
-    )
-    crop_scale: tuple[float, float] = Field((0.35, 1.0), description="random resized crop: area fraction range")
-    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random resized crop: aspect ratio range")
-    eval_crop_frac: float = Field(0.875, gt=0, le=1, description="evaluation: resize to size/frac, centre-crop size")
-    hflip: bool = Field(True, description="random horizontal flip (training)")
-    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength (training)")
-    mean: list[float] | None = Field(None, description="per-channel normalisation mean; None: ImageNet (RGB) or 0.5 (grey)")
-    std: list[float] | None = Field(None, description="per-channel normalisation std; None: ImageNet (RGB) or 0.5 (grey)")
-
-    @model_validator(mode="after")
-    def _check_images(self) -> "DataConfig":
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1 (got {self.crop_scale})")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"data.crop_ratio must satisfy 0 < min <= max (got {self.crop_ratio})")
-        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
-            raise ValueError("data.mean and data.std must be given together, with one value per channel")
-        if self.std is not None and any(not (0 < s < math.inf) for s in self.std):
-            raise ValueError(f"data.std must be positive and finite (got {self.std})")
-        if self.mean is not None and any(not math.isfinite(m) for m in self.mean):
-            raise ValueError(f"data.mean must be finite (got {self.mean})")
-        return self
 
 
 class OptimConfig(_Strict):

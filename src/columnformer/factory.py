@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import ModelConfig
+from .model_config import ModelConfig
 from .presets import get_preset
 
 

@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from .base import ArrayImageDataset
+from .config import DataConfig
 
 
 def digits_arrays(split_seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2):
@@ -50,7 +51,5 @@ def digits_datasets(data_cfg, seed: int = 0) -> dict[str, ArrayImageDataset]:
 
 def load_digits_split(split: str = "test", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (M, 1, 8, 8), normalised as in training, and labels of one split (no augmentation)."""
-    from ..config import DataConfig
-
     ds = digits_datasets(DataConfig(augment=False, split_seed=seed))[split]
     return ds.images, ds.labels

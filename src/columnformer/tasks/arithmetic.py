@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch.utils.data import Dataset
 
+from ..factory import build_sheet
+from ..sequence import SequenceColumnformer, SequenceHead, TokenEmbed
 from .base import Task, TaskConfig
 
 SPLIT_STREAMS = {"train": 1, "val": 2, "test": 3}
@@ -234,9 +236,6 @@ class ArithmeticTask(Task):
         return build_arithmetic_sets(self.cfg)
 
     def build_model(self):
-        from ..factory import build_sheet
-        from ..sequence import SequenceColumnformer, SequenceHead, TokenEmbed
-
         m, cfg = self.model_cfg, self.cfg
         if m.input_area == "retinotopic":
             raise ValueError(f"task {cfg.name} writes one token per input column; set model.input_area to bottom or all")

@@ -26,6 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ..data import build_datasets
+from ..factory import model_config
 from ..runtime import autocast_context
 
 
@@ -43,15 +45,11 @@ class Task:
     select: ClassVar[tuple[str, str]] = ("loss", "min")
 
     def __init__(self, cfg: TaskConfig, model_cfg):
-        from ..factory import model_config
-
         self.cfg, self.model_cfg = cfg, model_config(model_cfg)
 
     # ---- data
     def datasets(self, data_cfg, model_cfg, seed: int = 0) -> dict:
         """The splits this task trains and evaluates on (default: the labelled images of ``data``)."""
-        from ..data import build_datasets
-
         return build_datasets(data_cfg, model_cfg, seed=seed)
 
     def dataset(self, ds, split: str, seed: int = 0):

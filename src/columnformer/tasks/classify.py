@@ -7,6 +7,7 @@ from typing import Literal
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..factory import build_model
 from .base import Task, TaskConfig
 
 
@@ -27,8 +28,6 @@ class ClassifyTask(Task):
     select = ("acc", "max")
 
     def build_model(self):
-        from ..factory import build_model
-
         return build_model(self.model_cfg)
 
     def loss(self, outputs, batch, reduction="mean", train=True):

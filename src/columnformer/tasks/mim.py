@@ -27,6 +27,8 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..factory import build_backbone
+from ..vision import VisionColumnformer
 from .base import Task, TaskConfig
 
 MASK_STREAM = 0x6D696D  # keeps mask draws apart from the augmentation's (seed, epoch, index) stream
@@ -166,9 +168,6 @@ class MimTask(Task):
         self.num_masked = num_masked(cfg.mask_fraction, self.grid[0] * self.grid[1])  # 0 or all patches: error
 
     def build_model(self):
-        from ..factory import build_backbone
-        from ..vision import VisionColumnformer
-
         mc = self.model_cfg
         embed, sheet = build_backbone(mc)
         patch_dim = mc.in_chans * mc.patch**2
