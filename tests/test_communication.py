@@ -52,6 +52,7 @@ def _sheet(mode, connectivity=None, kernel="auto", geom=None, value_proj=True):
 
 @pytest.mark.parametrize("mode", ["attention", "static_mix", "selection", "linmixing", "linmixing-heads"])
 @pytest.mark.parametrize("kernel", ["dense", "gather", "block", "flex"])
+@pytest.mark.filterwarnings("ignore:.*without torch.compile")  # flex on CPU: torch's eager reference, on purpose
 def test_every_mode_matches_its_math_on_every_kernel(mode, kernel, monkeypatch):
     if kernel == "flex":  # as on CUDA, through torch's eager FlexAttention reference (differentiable once allowed)
         import torch.nn.attention.flex_attention as fa

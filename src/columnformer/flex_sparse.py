@@ -229,21 +229,24 @@ def runs_on(device: torch.device) -> bool:
 
 def _flex(q, k, v, score_mod, block_mask):
     """FlexAttention with its log-sum-exp: compiled on CUDA; torch's eager math reference (all B*H*R*R
-    scores, for checking small sheets) elsewhere."""
+    scores, for checking small sheets) elsewhere. Returns (out (B, H, R, dv), lse (B, H, R))."""
     global _COMPILED
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
+    fn = flex_attention
     if q.is_cuda:
         if _COMPILED is None:
             _COMPILED = torch.compile(flex_attention, dynamic=False)
-        return _COMPILED(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True)
-    B, H, R, _ = q.shape
-    if B * H * R * R > EAGER_MAX_SCORES:
-        raise RuntimeError(
-            f"sparse_kernel='flex' off CUDA runs torch's eager FlexAttention reference, which holds all "
-            f"B*H*R*R = {B * H * R * R:,} scores; use sparse_kernel='block' (the same math) on {q.device.type}"
-        )
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True)
+        fn = _COMPILED
+    else:
+        B, H, R, _ = q.shape
+        if B * H * R * R > EAGER_MAX_SCORES:
+            raise RuntimeError(
+                f"sparse_kernel='flex' off CUDA runs torch's eager FlexAttention reference, which holds all "
+                f"B*H*R*R = {B * H * R * R:,} scores; use sparse_kernel='block' (the same math) on {q.device.type}"
+            )
+    out, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
 
 
 def flex_sparse_attention(
