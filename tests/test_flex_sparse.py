@@ -137,6 +137,14 @@ def test_sheet_runs_flex_on_cuda_and_the_block_kernel_on_cpu(cpu_backward, monke
         torch.testing.assert_close(p_flex.grad, p_ref.grad, msg=lambda m: f"{name}: {m}")
 
 
+def test_flex_refuses_activation_checkpointing():
+    """torch's FlexAttention gets a learned score_mod bias's gradient wrong under non-reentrant checkpointing
+    (reproduced on CPU with torch alone, see BENCHMARKS.md), so the sheet refuses the pair."""
+    with pytest.raises(ValueError, match="sparse_kernel=flex with checkpoint=true is refused"):
+        SheetConfig(width=4, sparse_kernel="flex", checkpoint=True)
+    SheetConfig(width=4, sparse_kernel="block", checkpoint=True)  # the CPU kernel checkpoints fine
+
+
 def test_tiled_kernels_refuse_learned_positions():
     with pytest.raises(ValueError, match="sparse_kernel=flex: set sparse_kernel to 'gather' or 'auto'"):
         SheetConfig(width=4, learn_positions=True, sparse_kernel="flex")

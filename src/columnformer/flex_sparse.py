@@ -16,9 +16,10 @@ table, ``edge_of``) and each edge's learned bias is added by the ``score_mod``. 
 
     lse = log(exp(lse_tiles) + sum_g exp(s_g));   out = exp(lse_tiles - lse) out_tiles + sum_g exp(s_g - lse) V_g
 
-The wiring cost stays inside block-sparse passes: a second FlexAttention pass with
-``score + log W`` gives ``log sum_e exp(s_e) W_e``, so ``sum_e A_e W_e = exp(lse_W - lse)``
-(W >= 0; W = 0 edges are clamped to 1e-30, a 1e-30 relative change). The entropy likewise, with
+The wiring cost stays inside the block-sparse kernel: a second copy of every query head scores
+``score + log W``, whose log-sum-exp is ``log sum_e exp(s_e) W_e``, so ``sum_e A_e W_e = exp(lse_W - lse)``
+(W >= 0; W = 0 edges are clamped to 1e-30, a 1e-30 relative change); both copies run in one
+FlexAttention call (grouped-query attention: 2H query heads on the H key/value heads). The entropy likewise, with
 ``score + log(lse - score)`` (``-log A >= 0``), in a third pass without gradient. Nothing of size
 O(N K C) is saved: FlexAttention recomputes its scores in backward; the gathered part saves its
 G << K gathered keys and values per column.
@@ -227,7 +228,7 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _flex(q, k, v, score_mod, block_mask):
+def _flex(q, k, v, score_mod, block_mask, gqa: bool = False):
     """FlexAttention with its log-sum-exp: compiled on CUDA; torch's eager math reference (all B*H*R*R
     scores, for checking small sheets) elsewhere. Returns (out (B, H, R, dv), lse (B, H, R))."""
     global _COMPILED
@@ -245,7 +246,7 @@ def _flex(q, k, v, score_mod, block_mask):
                 f"sparse_kernel='flex' off CUDA runs torch's eager FlexAttention reference, which holds all "
                 f"B*H*R*R = {B * H * R * R:,} scores; use sparse_kernel='block' (the same math) on {q.device.type}"
             )
-    out, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+    out, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
     return out, aux.lse
 
 
@@ -293,12 +294,15 @@ def flex_sparse_attention(
     def with_bias(score, b, h, q_idx, kv_idx):
         return score if bias_flat is None else score + edge_bias(q_idx, kv_idx, bias_flat)
 
-    def with_log_wiring(score, b, h, q_idx, kv_idx):
-        return with_bias(score, b, h, q_idx, kv_idx) + edge_bias(q_idx, kv_idx, logw_flat)
+    def with_bias_and_log_wiring(score, b, h, q_idx, kv_idx):  # odd query heads: the wiring pass
+        s = with_bias(score, b, h, q_idx, kv_idx)
+        return s + torch.where(h % 2 == 1, edge_bias(q_idx, kv_idx, logw_flat), 0.0)
 
     bm = plan.block_mask()
-    out_t, lse_t = _flex(qr, kr, vr, with_bias, bm)  # (B, H, R, dv), (B, H, R)
-    _, lse_w = _flex(qr, kr, vr, with_log_wiring, bm)
+    # one call for the output and the wiring: every query head twice (even: score + bias, odd: + log W) against
+    # the same keys and values (grouped-query attention), so both log-sum-exps come from one kernel
+    out2, lse2 = _flex(qr.repeat_interleave(2, dim=1), kr, vr, with_bias_and_log_wiring, bm, gqa=True)
+    out_t, lse_t, lse_w = out2[:, 0::2], lse2[:, 0::2], lse2[:, 1::2]  # (B, H, R, dv), (B, H, R) x 2
     cols = plan.row_of
     out_t = out_t.index_select(2, cols).permute(2, 0, 1, 3).to(acc)  # (N, B, H, dv)
     lse_t, lse_w = (x.index_select(2, cols).permute(2, 0, 1).to(acc) for x in (lse_t, lse_w))  # (N, B, H)

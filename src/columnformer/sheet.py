@@ -169,6 +169,12 @@ class SheetConfig(BaseModel):
                 "position_repulsion / position_constraint apply when learn_positions=true; set learn_positions or "
                 "leave them at their defaults"
             )
+        if self.sparse_kernel == "flex" and self.checkpoint:
+            raise ValueError(
+                "sparse_kernel=flex with checkpoint=true is refused: under activation checkpointing torch 2.13's "
+                "FlexAttention reference returns wrong gradients for a learned score_mod bias (checked on CPU; no GPU was "
+                "available to check the CUDA kernel); use sparse_kernel=block with checkpoint=true, or flex without it"
+            )
         if self.learn_positions and self.sparse_kernel in ("block", "flex"):
             raise ValueError(
                 f"learn_positions=true runs the gather kernel (tiles are built from fixed coordinates), but "
