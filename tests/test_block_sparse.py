@@ -45,11 +45,18 @@ def test_block_kernel_equals_gather_kernel(name, tile, min_readers, chunk):
     plan = build_block_plan(conn.geometry.coords, conn.index, conn.mask, tile=tile, min_readers=min_readers)
     if min_readers == 3:
         assert plan.gathered > 0  # the gathered part is exercised, not only the tiles
-    q, kk, v, bias, w = _inputs(n, k)
+    check_against_gather(conn, lambda q, kk, v, bias, w: block_sparse_attention(
+        q, kk, v, bias, w, plan, record_attn=True, chunk=chunk), _inputs(n, k))
+
+
+def check_against_gather(conn, run, inputs):
+    """``run(q, k, v, bias, w) -> (out, wiring, entropy, attn)`` equals the gather kernel on ``conn``'s edges:
+    values, wiring, entropy, the map, and the gradients of q, k, v and the bias."""
+    q, kk, v, bias, w = inputs
     ref, st = sparse_attention(q, kk, v, bias, w, conn.index, conn.mask, record_attn=True)
     g_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad((ref * g_out).sum() + 3.0 * st.wiring, [q, kk, v, bias])
-    out, wiring, entropy, attn = block_sparse_attention(q, kk, v, bias, w, plan, record_attn=True, chunk=chunk)
+    out, wiring, entropy, attn = run(q, kk, v, bias, w)
     grads = torch.autograd.grad((out * g_out).sum() + 3.0 * wiring, [q, kk, v, bias])
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(wiring, st.wiring)

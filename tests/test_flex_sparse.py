@@ -19,7 +19,7 @@ from columnformer.block_sparse import BlockPlan
 from columnformer.connectivity import Connectivity
 from columnformer.flex_sparse import FlexPlan, build_flex_plan, flex_sparse_attention
 from columnformer.sparse_attention import sparse_attention
-from test_block_sparse import GEOMETRIES, _inputs
+from test_block_sparse import GEOMETRIES, _inputs, check_against_gather
 
 
 @pytest.fixture
@@ -42,18 +42,8 @@ def test_flex_backend_equals_gather_kernel(name, cpu_backward):
     plan = build_flex_plan(conn.geometry.coords, conn.index, conn.mask, tile=tile, min_block_edges=min_edges)
     if name in ("grid_long_range", "grid_rewired", "stacked_long_range"):
         assert plan.gathered > 0  # the gathered part and the log-sum-exp merge are exercised
-    q, kk, v, bias, w = _inputs(n, k, b=2, h=1)
-    ref, st = sparse_attention(q, kk, v, bias, w, conn.index, conn.mask, record_attn=True)
-    g_out = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad((ref * g_out).sum() + 3.0 * st.wiring, [q, kk, v, bias])
-    out, wiring, entropy, attn = flex_sparse_attention(q, kk, v, bias, w, plan, conn.index, conn.mask, record_attn=True)
-    grads = torch.autograd.grad((out * g_out).sum() + 3.0 * wiring, [q, kk, v, bias])
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(wiring, st.wiring)
-    torch.testing.assert_close(entropy, st.entropy)
-    torch.testing.assert_close(attn, st.attn)
-    for got, want, what in zip(grads, ref_grads, ("q", "k", "v", "bias")):
-        torch.testing.assert_close(got, want, msg=lambda m: f"d{what}: {m}")
+    check_against_gather(conn, lambda q, kk, v, bias, w: flex_sparse_attention(
+        q, kk, v, bias, w, plan, conn.index, conn.mask, record_attn=True), _inputs(n, k, b=2, h=1))
 
 
 def test_flex_plan_partitions_the_edges_and_its_block_mask_covers_them():
