@@ -168,7 +168,7 @@ def build_flex_plan(
     qr, kr = row_of[col], row_of[idx[col, e]]
     qt, kt = qr // P, kr // P
     pair = qt * T + kt
-    uniq, inv, counts = np.unique(pair, return_inverse=True, return_counts=True)
+    _, inv, counts = np.unique(pair, return_inverse=True, return_counts=True)
     in_block = (counts >= min_block_edges)[inv]
     # a repeated (query, source) edge can hold only one table entry: later copies are gathered
     first = np.zeros(len(col), bool)
