@@ -29,8 +29,9 @@ def keep_host_memory() -> bool:
     By default glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
     unmaps them on free, so every large CPU tensor of every step is page-faulted and zeroed again by the
     kernel: on the benchmark sheet at 65,536 columns ~10 GB of faults per step. Keeping the memory made
-    steps 1.6-2.2x faster at 65,536-131,072 columns and raised the peak RSS by 30-60 % (BENCHMARKS.md); no
-    gain below ~16,384 columns. Process-wide and irreversible for blocks already allocated; changes no result.
+    steps 1.6-2.2x faster at 65,536-131,072 columns and raised the peak RSS by 30-60 % (BENCHMARKS.md); at
+    4,096-16,384 columns the effect was within the VM's spread. Process-wide and irreversible for blocks already
+    allocated; changes no result.
     """
     import ctypes
     import sys
