@@ -59,7 +59,7 @@ MUTATIONS = [
     ("flex backend: tile outputs merged without their log-sum-exp weight", "src/columnformer/flex_sparse.py",
      "out = out_t * torch.exp(lse_t - lse)[..., None] +", "out = out_t +", ["tests/test_flex_sparse.py"]),
     ("flex backend: gathered edges without their bias", "src/columnformer/flex_sparse.py",
-     "            s_g = s_g + bias.to(acc).gather(1, plan.g_edge)[..., None, None]\n", "            pass\n",
+     "g_bias = bias.gather(1, plan.g_edge) if bias is not None else None", "g_bias = None",
      ["tests/test_flex_sparse.py"]),
     ("flex backend: wiring heads without the wiring weights", "src/columnformer/flex_sparse.py",
      "        return s + torch.where(h % 2 == 1, edge_bias(q_idx, kv_idx, logw_flat), 0.0)\n",

@@ -309,11 +309,9 @@ def flex_sparse_attention(
     w = wiring_weight.to(acc)
     if plan.gathered:
         gv = plan.g_valid
-        kg = k.index_select(0, plan.g_src.reshape(-1)).view(N, -1, B, H, d).to(acc)  # (N, G, B, H, d)
-        vg = v.index_select(0, plan.g_src.reshape(-1)).view(N, -1, B, H, dv).to(acc)
-        s_g = (q.to(acc)[:, None] * kg).sum(-1) * scale  # (N, G, B, H)
-        if bias is not None:
-            s_g = s_g + bias.to(acc).gather(1, plan.g_edge)[..., None, None]
+        vg = v.index_select(0, plan.g_src.reshape(-1)).view(N, -1, B, H, dv).to(acc)  # (N, G, B, H, dv)
+        g_bias = bias.gather(1, plan.g_edge) if bias is not None else None
+        s_g = _edge_scores(q, k, plan.g_src, g_bias, scale, acc)  # (N, G, B, H)
         s_g = s_g.masked_fill(~gv[..., None, None], float("-inf"))
         lse = torch.logsumexp(torch.cat([lse_t[:, None], s_g], 1), dim=1)  # (N, B, H)
         a_g = torch.exp(s_g - lse[:, None])  # (N, G, B, H)
@@ -340,14 +338,18 @@ def flex_sparse_attention(
     return out.to(dt), wiring, entropy, attn
 
 
+def _edge_scores(q, k, src, edge_bias, scale, acc):
+    """Scores of each column's listed edges, (N, E, B, H): sources ``src`` (N, E), their bias (N, E) or None."""
+    N, B, H, d = q.shape
+    kg = k.index_select(0, src.reshape(-1)).view(N, -1, B, H, d).to(acc)  # (N, E, B, H, d)
+    s = (q.to(acc)[:, None] * kg).sum(-1) * scale
+    return s if edge_bias is None else s + edge_bias.to(acc)[..., None, None]
+
+
 def _edge_probs(q, k, bias, edge_index, edge_mask, lse, scale, acc):
     """(B, H, N, K) attention per edge: exp(score - lse) on the K gathered keys, 0 on padding edges
     (analysis only, no gradient)."""
-    N, B, H, d = q.shape
-    kg = k.detach().index_select(0, edge_index.reshape(-1)).view(N, -1, B, H, d).to(acc)
-    s = (q.detach().to(acc)[:, None] * kg).sum(-1) * scale  # (N, K, B, H)
-    if bias is not None:
-        s = s + bias.detach().to(acc)[..., None, None]
+    s = _edge_scores(q.detach(), k.detach(), edge_index, bias.detach() if bias is not None else None, scale, acc)
     if edge_mask is not None:
         s = s.masked_fill(~edge_mask[..., None, None], float("-inf"))
     return torch.exp(s - lse[:, None]).permute(2, 3, 0, 1)
