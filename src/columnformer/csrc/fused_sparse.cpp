@@ -1,0 +1,404 @@
+// Fused sparse attention for the CPU: the gather kernel's math (columnformer/sparse_attention.py) with
+// every column's K edges scored, normalised and summed in one pass over registers and cache, instead of
+// torch ops over gathered (chunk, K, B*H, d) tensors.
+//
+// Layout: columns first, the B*H lanes innermost and padded with zeros to P lanes (a multiple of the
+// vector width), contiguous: q, k: (N, d, P); v: (N, dv, P); index, valid, bias, W: (N, K). Every dot
+// product is then a vector over lanes (no horizontal sums); padding lanes are left out of every sum.
+//   s[n, e, bh] = <q[n, bh], k[index[n, e], bh]> * scale + bias[n, e]      (valid edges only)
+//   lse[n, bh]  = log sum_e exp(s[n, e, bh]);   A = exp(s - lse)
+//   out[n, bh]  = sum_e A v[index[n, e], bh]
+//   per column: wiring[n] = sum_{e, bh} A W[n, e];  entropy[n] = sum_{e, bh} -A log A
+// Backward recomputes the scores from the saved log-sum-exp (nothing of size N*K*BH is kept):
+//   pass 1, over reading columns n:  dA = <g[n], v[src]> + gw W,  D = sum_e A dA,  ds = A (dA - D),
+//                                    dq[n] = scale sum_e ds k[src],  dbias[n, e] = sum_bh ds,  dW = gw sum_bh A
+//   pass 2, over source columns s (the inverted edge table rev/qry): dk[s] = scale sum ds q[n],
+//                                    dv[s] = sum A g[n]  -- every output row owned by one thread, no atomics.
+// Threads: at::parallel_for over columns (torch's intra-op pool). Columns are visited in `order`
+// (e.g. tiles of nearby columns), so the keys and values a thread reads stay in cache.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp over an array, vectorised: float uses a Cephes-style polynomial (|rel. error| < 2e-7, 0 below
+// -87.3, where expf is subnormal); double calls std::exp.
+inline float exp_poly(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.3f);
+  const float fx = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float p2;
+  std::memcpy(&p2, &bits, sizeof p2);
+  return x < -87.3f ? 0.0f : y * p2;
+}
+
+inline void exp_inplace(float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_poly(x[i]);
+}
+inline void exp_inplace(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+constexpr int64_t GRAIN = 64;  // columns per task of the thread pool
+
+template <typename T>
+struct Edges {
+  const int64_t* index;
+  const bool* valid;  // null: every edge valid
+  const T* bias;      // null: no bias
+  const T* W;
+  int64_t K;
+  inline bool ok(int64_t n, int64_t e) const { return valid == nullptr || valid[n * K + e]; }
+  inline T b(int64_t n, int64_t e) const { return bias == nullptr ? T(0) : bias[n * K + e]; }
+};
+
+// Rows are (L, P) with the lanes (batch x head, padded to P, a multiple of the vector width LW)
+// innermost, so every product below is a vector over lanes and nothing needs a horizontal sum; each
+// block of LW lanes is accumulated in one register.
+template <typename T>
+constexpr int64_t LW = 32 / sizeof(T);  // one 256-bit vector
+
+// acc[h] = sum_i x[i, h] y[i, h]
+template <typename T, int L>
+inline void lane_dot(const T* __restrict x, const T* __restrict y, T* __restrict acc, int64_t n, int64_t P) {
+  if constexpr (L > 0) n = L;
+  for (int64_t b = 0; b < P; b += LW<T>) {
+    T r[LW<T>] = {};
+    for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+      for (int64_t l = 0; l < LW<T>; ++l) r[l] += x[i * P + b + l] * y[i * P + b + l];
+#pragma omp simd
+    for (int64_t l = 0; l < LW<T>; ++l) acc[b + l] = r[l];
+  }
+}
+
+// y[i, h] += c[h] x[i, h]
+template <typename T, int L>
+inline void lane_axpy(const T* __restrict c, const T* __restrict x, T* __restrict y, int64_t n, int64_t P) {
+  if constexpr (L > 0) n = L;
+  for (int64_t b = 0; b < P; b += LW<T>) {
+    T cb[LW<T>];
+#pragma omp simd
+    for (int64_t l = 0; l < LW<T>; ++l) cb[l] = c[b + l];
+    for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+      for (int64_t l = 0; l < LW<T>; ++l) y[i * P + b + l] += cb[l] * x[i * P + b + l];
+  }
+}
+
+// Scores of column n into s[e * BH + h] (-inf on invalid edges).
+template <typename T, int D>
+inline void scores(const Edges<T>& E, const T* q, const T* k, int64_t n, int64_t BH, int64_t d, T scale, T* s) {
+  const T* qn = q + n * d * BH;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t e = 0; e < E.K; ++e) {
+    T* se = s + e * BH;
+    if (!E.ok(n, e)) {
+      std::fill(se, se + BH, ninf);
+      continue;
+    }
+    lane_dot<T, D>(qn, k + E.index[n * E.K + e] * d * BH, se, d, BH);
+    const T be = E.b(n, e);
+#pragma omp simd
+    for (int64_t h = 0; h < BH; ++h) se[h] = se[h] * scale + be;
+  }
+}
+
+// a[e, h] = exp(s[e, h] - off[h])
+template <typename T>
+inline void shifted_exp(const T* s, const T* off, T* a, int64_t K, int64_t BH) {
+  for (int64_t e = 0; e < K; ++e)
+#pragma omp simd
+    for (int64_t h = 0; h < BH; ++h) a[e * BH + h] = s[e * BH + h] - off[h];
+  exp_inplace(a, K * BH);
+}
+
+template <typename T, int D, int DV>
+void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
+                  const int64_t* order, T scale, int64_t lanes, torch::Tensor& out, torch::Tensor& lse,
+                  torch::Tensor& colw, torch::Tensor& colh, T* probs) {
+  const int64_t N = q.size(0), d = q.size(1), BH = q.size(2), dv = v.size(1), K = E.K;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>(), *wp = colw.data_ptr<T>(), *hp = colh.data_ptr<T>();
+  const T inf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, N, GRAIN, [&](int64_t i0, int64_t i1) {
+    std::vector<T> s(K * BH), a(K * BH), mx(BH), z(BH), ws(BH), sa(BH);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = order ? order[i] : i;
+      scores<T, D>(E, qp, kp, n, BH, d, scale, s.data());
+      std::fill(mx.begin(), mx.end(), -inf);
+      for (int64_t e = 0; e < K; ++e)
+#pragma omp simd
+        for (int64_t h = 0; h < BH; ++h) mx[h] = std::max(mx[h], s[e * BH + h]);
+      for (int64_t h = 0; h < BH; ++h)
+        if (mx[h] == -inf) mx[h] = 0;  // no valid edge: every a is 0
+      shifted_exp(s.data(), mx.data(), a.data(), K, BH);
+      std::fill(z.begin(), z.end(), T(0));
+      for (int64_t e = 0; e < K; ++e)
+#pragma omp simd
+        for (int64_t h = 0; h < BH; ++h) z[h] += a[e * BH + h];
+      T* ln = lp + n * BH;
+      for (int64_t h = 0; h < BH; ++h) {
+        ln[h] = z[h] > 0 ? mx[h] + std::log(z[h]) : inf;  // no valid edge: A = 0 (also in backward)
+        z[h] = z[h] > 0 ? T(1) / z[h] : T(0);
+      }
+      T* on = op + n * dv * BH;
+      std::fill(on, on + dv * BH, T(0));
+      std::fill(ws.begin(), ws.end(), T(0));
+      std::fill(sa.begin(), sa.end(), T(0));
+      for (int64_t e = 0; e < K; ++e) {
+        T* ae = a.data() + e * BH;
+        if (!E.ok(n, e)) {
+          if (probs)
+            for (int64_t h = 0; h < lanes; ++h) probs[(n * lanes + h) * K + e] = 0;
+          continue;
+        }
+        const T we = E.W[n * K + e];
+        const T* se = s.data() + e * BH;
+#pragma omp simd
+        for (int64_t h = 0; h < BH; ++h) {
+          ae[h] *= z[h];  // A
+          ws[h] += ae[h] * we;
+          sa[h] += ae[h] * se[h];
+        }
+        lane_axpy<T, DV>(ae, vp + E.index[n * K + e] * dv * BH, on, dv, BH);
+        if (probs)
+          for (int64_t h = 0; h < lanes; ++h) probs[(n * lanes + h) * K + e] = ae[h];
+      }
+      T w = 0, ent = 0;
+      for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
+        w += ws[h];
+        if (z[h] > 0) ent += ln[h] - sa[h];  // -sum A log A = lse - sum A s
+      }
+      wp[n] = w;
+      hp[n] = ent;
+    }
+  });
+}
+
+template <typename T, int D, int DV>
+void backward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
+                   const int64_t* order, T scale, int64_t lanes, const torch::Tensor& lse, const torch::Tensor& g, T gw,
+                   const torch::Tensor& rev, const torch::Tensor& qry, torch::Tensor& dq, torch::Tensor& dk,
+                   torch::Tensor& dvv, torch::Tensor& dbias, torch::Tensor& dW, bool need_q, bool need_k, bool need_v,
+                   bool need_bias, bool need_w) {
+  const int64_t N = q.size(0), d = q.size(1), BH = q.size(2), dv = v.size(1), K = E.K;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *lp = lse.data_ptr<T>(),
+          *gp = g.data_ptr<T>();
+  auto D_ = torch::empty({N, BH}, q.options());
+  T* Dp = D_.data_ptr<T>();
+  T* dqp = need_q ? dq.data_ptr<T>() : nullptr;
+  T* dbp = need_bias ? dbias.data_ptr<T>() : nullptr;
+  T* dwp = need_w ? dW.data_ptr<T>() : nullptr;
+  // pass 1: reading columns
+  at::parallel_for(0, N, GRAIN, [&](int64_t i0, int64_t i1) {
+    std::vector<T> s(K * BH), a(K * BH), da(K * BH), c(BH);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = order ? order[i] : i;
+      scores<T, D>(E, qp, kp, n, BH, d, scale, s.data());
+      const T* ln = lp + n * BH;
+      shifted_exp(s.data(), ln, a.data(), K, BH);
+      const T* gn = gp + n * dv * BH;
+      T* Dn = Dp + n * BH;
+      std::fill(Dn, Dn + BH, T(0));
+      for (int64_t e = 0; e < K; ++e) {
+        if (!E.ok(n, e)) continue;
+        T* dae = da.data() + e * BH;
+        lane_dot<T, DV>(gn, vp + E.index[n * K + e] * dv * BH, dae, dv, BH);
+        const T gwe = gw * E.W[n * K + e];
+        const T* ae = a.data() + e * BH;
+#pragma omp simd
+        for (int64_t h = 0; h < BH; ++h) {
+          dae[h] += gwe;
+          Dn[h] += ae[h] * dae[h];
+        }
+      }
+      T* dqn = dqp ? dqp + n * d * BH : nullptr;
+      if (dqn) std::fill(dqn, dqn + d * BH, T(0));
+      for (int64_t e = 0; e < K; ++e) {
+        if (!E.ok(n, e)) {
+          if (dbp) dbp[n * K + e] = 0;
+          if (dwp) dwp[n * K + e] = 0;
+          continue;
+        }
+        const T *ae = a.data() + e * BH, *dae = da.data() + e * BH;
+        T sb = 0, sw = 0;
+#pragma omp simd
+        for (int64_t h = 0; h < BH; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);  // dS
+        for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
+          sb += c[h];
+          sw += ae[h];
+        }
+#pragma omp simd
+        for (int64_t h = 0; h < BH; ++h) c[h] *= scale;
+        if (dqn) lane_axpy<T, D>(c.data(), kp + E.index[n * K + e] * d * BH, dqn, d, BH);
+        if (dbp) dbp[n * K + e] = sb;
+        if (dwp) dwp[n * K + e] = gw * sw;
+      }
+    }
+  });
+  if (!need_k && !need_v) return;
+  // pass 2: source columns, each gathering the edges that leave it (padding of rev comes last)
+  const int64_t R = rev.size(1), NK = N * K;
+  const int64_t *rp = rev.data_ptr<int64_t>(), *qr = qry.data_ptr<int64_t>();
+  T* dkp = need_k ? dk.data_ptr<T>() : nullptr;
+  T* dvp = need_v ? dvv.data_ptr<T>() : nullptr;
+  at::parallel_for(0, N, GRAIN, [&](int64_t i0, int64_t i1) {
+    std::vector<T> a(R * BH), dae(BH), c(BH);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t src = order ? order[i] : i;
+      T* dks = dkp ? dkp + src * d * BH : nullptr;
+      T* dvs = dvp ? dvp + src * dv * BH : nullptr;
+      if (dks) std::fill(dks, dks + d * BH, T(0));
+      if (dvs) std::fill(dvs, dvs + dv * BH, T(0));
+      const T* ks = kp + src * d * BH;
+      const T* vs = vp + src * dv * BH;
+      int64_t m = 0;  // outgoing edges of src
+      for (; m < R && rp[src * R + m] < NK; ++m) {
+        const int64_t id = rp[src * R + m], n = qr[src * R + m], e = id - n * K;
+        T* am = a.data() + m * BH;
+        lane_dot<T, D>(qp + n * d * BH, ks, am, d, BH);
+        const T be = E.b(n, e);
+        const T* ln = lp + n * BH;
+#pragma omp simd
+        for (int64_t h = 0; h < BH; ++h) am[h] = am[h] * scale + be - ln[h];
+      }
+      exp_inplace(a.data(), m * BH);
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t id = rp[src * R + r], n = qr[src * R + r];
+        const T* gn = gp + n * dv * BH;
+        const T* ar = a.data() + r * BH;
+        if (dvs) lane_axpy<T, DV>(ar, gn, dvs, dv, BH);
+        if (dks) {
+          lane_dot<T, DV>(gn, vs, dae.data(), dv, BH);
+          const T gwe = gw * E.W[id];
+          const T* Dn = Dp + n * BH;
+#pragma omp simd
+          for (int64_t h = 0; h < BH; ++h) c[h] = ar[h] * (dae[h] + gwe - Dn[h]) * scale;
+          lane_axpy<T, D>(c.data(), qp + n * d * BH, dks, d, BH);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+Edges<T> edges(const torch::Tensor& index, const torch::Tensor& valid, const torch::Tensor& bias, const torch::Tensor& W) {
+  return Edges<T>{index.data_ptr<int64_t>(), valid.numel() ? valid.data_ptr<bool>() : nullptr,
+                  bias.numel() ? bias.data_ptr<T>() : nullptr, W.data_ptr<T>(), index.size(1)};
+}
+
+void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& index,
+           const torch::Tensor& valid, const torch::Tensor& bias, const torch::Tensor& W, const torch::Tensor& order,
+           int64_t lanes) {
+  TORCH_CHECK(q.device().is_cpu(), "fused sparse attention runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && lanes >= 1 && lanes <= q.size(2) && q.size(2) % (32 / q.element_size()) == 0,
+              "q must hold `lanes` lanes padded to a multiple of the vector width");
+  TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.dim() == 3 && v.size(0) == q.size(0) && v.size(2) == q.size(2),
+              "q, k must be (N, d, BH) and v (N, dv, BH)");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && W.scalar_type() == q.scalar_type(),
+              "q, k, v and W must share one dtype");
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == q.size(0) && index.scalar_type() == torch::kInt64 && index.is_contiguous(),
+              "index must be contiguous (N, K) int64");
+  TORCH_CHECK(W.sizes() == index.sizes() && W.is_contiguous(), "W must be contiguous (N, K)");
+  TORCH_CHECK(valid.numel() == 0 || (valid.sizes() == index.sizes() && valid.scalar_type() == torch::kBool && valid.is_contiguous()),
+              "valid must be empty or contiguous (N, K) bool");
+  TORCH_CHECK(bias.numel() == 0 || (bias.sizes() == index.sizes() && bias.scalar_type() == q.scalar_type() && bias.is_contiguous()),
+              "bias must be empty or contiguous (N, K) in q's dtype");
+  TORCH_CHECK(order.numel() == 0 || (order.numel() == q.size(0) && order.scalar_type() == torch::kInt64 && order.is_contiguous()),
+              "order must be empty or an (N,) int64 permutation");
+}
+
+}  // namespace
+
+// Head dimensions known at compile time for the common sizes (the dot products and axpys unroll into a
+// few vector instructions); any other size takes the generic loops.
+#define DIMS_CASE(DQ, DVV, ...)                   \
+  if (d_ == DQ && dv_ == DVV) {                  \
+    constexpr int D_ = DQ, DV_ = DVV;            \
+    __VA_ARGS__;                                 \
+    return;                                      \
+  }
+#define DISPATCH_DIMS(DQ_RT, DV_RT, ...)                                                \
+  [&] {                                                                                \
+    const int64_t d_ = DQ_RT, dv_ = DV_RT;                                             \
+    DIMS_CASE(8, 8, __VA_ARGS__) DIMS_CASE(8, 16, __VA_ARGS__) DIMS_CASE(16, 16, __VA_ARGS__)            \
+    DIMS_CASE(16, 32, __VA_ARGS__) DIMS_CASE(32, 32, __VA_ARGS__) DIMS_CASE(32, 64, __VA_ARGS__)            \
+    DIMS_CASE(64, 64, __VA_ARGS__) {                                                      \
+      constexpr int D_ = 0, DV_ = 0;                                                   \
+      __VA_ARGS__;                                                                     \
+    }                                                                                  \
+  }()
+
+// returns (out (N, dv, P), lse (N, P), wiring per column (N,), entropy per column (N,), probs (N, BH, K) or empty)
+std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                   torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
+                                   double scale, int64_t lanes, bool record) {
+  check(q, k, v, index, valid, bias, W, order, lanes);
+  const int64_t N = q.size(0), K = index.size(1);
+  auto out = torch::empty({N, v.size(1), q.size(2)}, q.options());
+  auto lse = torch::empty({N, q.size(2)}, q.options());
+  auto colw = torch::empty({N}, q.options());
+  auto colh = torch::empty({N}, q.options());
+  auto probs = record ? torch::empty({N, lanes, K}, q.options()) : torch::empty({0}, q.options());
+  const int64_t* op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_sparse_forward", [&] {
+    auto E = edges<scalar_t>(index, valid, bias, W);
+    scalar_t* pp = record ? probs.data_ptr<scalar_t>() : nullptr;
+    DISPATCH_DIMS(q.size(1), v.size(1), forward_impl<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes,
+                                                                         out, lse, colw, colh, pp));
+  });
+  return {out, lse, colw, colh, probs};
+}
+
+// returns (dq, dk, dv, dbias, dW); the ones not needed are empty
+std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                    torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
+                                    double scale, int64_t lanes, torch::Tensor lse, torch::Tensor g, double gw,
+                                    torch::Tensor rev, torch::Tensor qry, bool need_q, bool need_k, bool need_v,
+                                    bool need_bias, bool need_w) {
+  check(q, k, v, index, valid, bias, W, order, lanes);
+  TORCH_CHECK(g.sizes() == v.sizes() && g.is_contiguous() && g.scalar_type() == q.scalar_type(), "g must be like v");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) && lse.is_contiguous(), "lse must be (N, BH)");
+  TORCH_CHECK(!(need_k || need_v) || (rev.dim() == 2 && rev.size(0) == q.size(0) && qry.sizes() == rev.sizes() &&
+                                      rev.is_contiguous() && qry.is_contiguous()), "rev, qry must be (N, R)");
+  const int64_t N = q.size(0), K = index.size(1);
+  auto none = torch::empty({0}, q.options());
+  auto dq = need_q ? torch::empty_like(q) : none;
+  auto dk = need_k ? torch::empty_like(k) : none;
+  auto dvv = need_v ? torch::empty_like(v) : none;
+  auto dbias = need_bias ? torch::empty({N, K}, q.options()) : none;
+  auto dW = need_w ? torch::empty({N, K}, q.options()) : none;
+  const int64_t* op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_sparse_backward", [&] {
+    auto E = edges<scalar_t>(index, valid, bias, W);
+    DISPATCH_DIMS(q.size(1), v.size(1),
+                  backward_impl<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes, lse, g,
+                                                   static_cast<scalar_t>(gw), rev, qry, dq, dk, dvv, dbias, dW, need_q,
+                                                   need_k, need_v, need_bias, need_w));
+  });
+  return {dq, dk, dvv, dbias, dW};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "fused sparse attention, forward");
+  m.def("backward", &backward, "fused sparse attention, backward");
+}

@@ -1,0 +1,215 @@
+"""Fused sparse attention for the CPU: the gather kernel's math in one C++ pass per column.
+
+Same math as :func:`columnformer.sparse_attention.sparse_attention` (the specification)::
+
+    score[q, e] = <Q_q, K_{index[q, e]}> / sqrt(d) + bias[q, e]      (-inf where mask[q, e] is False)
+    A[q, :]     = softmax over the K edges of q
+    out[q]      = sum_e A[q, e] V_{index[q, e]}
+    wiring, entropy: means over (batch, head, q) of sum_e W A and -sum_e A log A
+
+The torch gather kernel moves every column's K keys and values through ``index_select`` into
+(chunk, K, B*H, d) tensors and runs a dozen elementwise passes over them; here
+(``csrc/fused_sparse.cpp``) each column's K scores, its softmax, weighted values, wiring and entropy
+are computed in registers and cache in one pass, and the keys and values are read where they lie.
+Backward saves only the inputs and the (N, B*H) log-sum-exp (as flash attention does) and recomputes
+the scores: a pass over reading columns (dq, the bias and wiring-weight gradients) and a pass over
+source columns through the inverted edge table (dk, dv) — every output row is written by one thread,
+so there are no atomics and the result does not depend on the thread count. Columns are visited in
+the tile order of :func:`columnformer.block_sparse.tile_order`, so the rows a thread reads stay in
+cache. Scores, softmax and reductions run in float32 (float64 for float64 inputs).
+
+The C++ source is compiled on first use with torch's JIT extension loader (needs a C++ compiler and
+``ninja``, a dependency) into torch's extension cache, under a name that includes this CPU's
+instruction-set flags (it is built with ``-march=native``); :func:`available` says whether it
+loaded, :func:`load_error` why not. CPU only: on CUDA use ``sparse_kernel='flex'`` or ``block``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attention_stats import AttentionStats
+from .block_sparse import tile_order
+from .sparse_attention import reverse_edges
+
+SOURCE = Path(__file__).with_name("csrc") / "fused_sparse.cpp"
+ORDER_TILE = 16  # columns per tile of the visiting order (a 4 x 4 square on a grid)
+_EXT = None
+_ERROR: str | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load():
+    global _EXT, _ERROR
+    if _EXT is not None or _ERROR is not None:
+        return _EXT
+    try:
+        from torch.utils import cpp_extension
+
+        src = SOURCE.read_text()
+        tag = hashlib.sha256((src + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+        _EXT = cpp_extension.load(
+            name=f"columnformer_fused_sparse_{tag}", sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("COLUMNFORMER_VERBOSE_BUILD")),
+        )
+    except Exception as e:  # no compiler, no ninja, a failed build: say why, the caller falls back or refuses
+        _ERROR = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return _EXT
+
+
+def available() -> bool:
+    """Whether the C++ kernel is built (building it now on first call, ~1 minute)."""
+    return _load() is not None
+
+
+def load_error() -> str | None:
+    """Why the C++ kernel could not be built (None if it was, or was not tried yet)."""
+    _load()
+    return _ERROR
+
+
+def _require():
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(
+            f"sparse_kernel='fused' needs its C++ kernel, which could not be built ({_ERROR}); it needs a C++ compiler "
+            "(g++) and the 'ninja' package; use sparse_kernel='block' or 'gather' (the same math in PyTorch)"
+        )
+    return ext
+
+
+_ORDER_CACHE: dict = {}
+
+
+def visit_order(coords) -> torch.Tensor:
+    """(N,) long: the columns in tiles of ``ORDER_TILE`` nearby columns (cached per coordinate array)."""
+    c = np.asarray(coords, dtype=np.float64)
+    key = (c.shape, hashlib.sha1(c.tobytes()).hexdigest())
+    if key not in _ORDER_CACHE:
+        _ORDER_CACHE.clear()
+        _ORDER_CACHE[key] = torch.from_numpy(np.concatenate(tile_order(c, ORDER_TILE))).long()
+    return _ORDER_CACHE[key]
+
+
+def _padded_lanes(lanes: int, dtype: torch.dtype) -> int:
+    width = 256 // torch.finfo(dtype).bits  # lanes per 256-bit vector (LW in the C++ source)
+    return -(-lanes // width) * width
+
+
+def _lanes(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, B, H, d) -> contiguous (N, d, P) in ``dtype``: the kernel's layout, the B*H lanes innermost,
+    zero-padded to P (a multiple of the vector width). One copy."""
+    N, B, H, d = x.shape
+    P = _padded_lanes(B * H, dtype)
+    out = torch.empty(N, d, P, dtype=dtype)
+    out[..., :B * H].view(N, d, B, H).copy_(x.permute(0, 3, 1, 2))
+    out[..., B * H:] = 0
+    return out
+
+
+def _unlanes(x: torch.Tensor, B: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, d, P) -> contiguous (N, B, H, d) in ``dtype`` (padding lanes dropped)."""
+    N, d, _ = x.shape
+    out = torch.empty(N, B, H, d, dtype=dtype)
+    out.copy_(x[..., :B * H].view(N, d, B, H).permute(0, 2, 3, 1))
+    return out
+
+
+class _FusedSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, wiring_weight, index, mask, order, record):
+        ctx.set_materialize_grads(False)
+        ext = _require()
+        N, B, H, d = q.shape
+        dv = v.shape[-1]
+        cdt = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+        with torch.autocast("cpu", enabled=False):
+            qc, kc, vc = _lanes(q, cdt), _lanes(k, cdt), _lanes(v, cdt)
+            b = bias.to(cdt).contiguous() if bias is not None else qc.new_empty(0)
+            w = wiring_weight.to(cdt).contiguous()
+            valid = mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
+            out, lse, colw, colh, probs = ext.forward(qc, kc, vc, index, valid, b, w, order, d**-0.5, B * H, record)
+            denom = N * B * H
+            wiring, entropy = colw.sum() / denom, colh.sum() / denom
+        ctx.save_for_backward(qc, kc, vc, b, w, index, valid, order, lse)
+        ctx.shape = (B, H, q.dtype, k.dtype, v.dtype, None if bias is None else bias.dtype, wiring_weight.dtype)
+        ctx.mark_non_differentiable(entropy, probs)
+        return _unlanes(out, B, H, torch.promote_types(q.dtype, v.dtype)), wiring, entropy, probs
+
+    @staticmethod
+    def backward(ctx, g_out, g_wiring, _g_entropy, _g_probs):
+        qc, kc, vc, b, w, index, valid, order, lse = ctx.saved_tensors
+        B, H, qdt, kdt, vdt, bdt, wdt = ctx.shape
+        N, d, _ = qc.shape
+        BH = B * H
+        need_q, need_k, need_v, need_bias, need_w = ctx.needs_input_grad[:5]
+        gw = float(g_wiring) / (N * BH) if g_wiring is not None else 0.0
+        need_w = need_w and g_wiring is not None
+        g = _lanes(g_out, qc.dtype) if g_out is not None else torch.zeros_like(vc)
+        if need_k or need_v:
+            rev, qry = reverse_edges(index, None if valid.numel() == 0 else valid)
+        else:
+            rev = qry = index.new_empty(0, 0)
+        with torch.autocast("cpu", enabled=False):
+            dq, dk, dvv, dbias, dw = _require().backward(
+                qc, kc, vc, index, valid, b, w, order, d**-0.5, BH, lse, g, gw, rev, qry,
+                need_q, need_k, need_v, need_bias, need_w,
+            )
+        return (
+            _unlanes(dq, B, H, qdt) if need_q else None,
+            _unlanes(dk, B, H, kdt) if need_k else None,
+            _unlanes(dvv, B, H, vdt) if need_v else None,
+            dbias.to(bdt) if need_bias else None,
+            dw.to(wdt) if need_w else None,
+            None, None, None, None,
+        )
+
+
+def fused_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    wiring_weight: torch.Tensor,
+    edge_index: torch.Tensor,
+    edge_mask: torch.Tensor | None = None,
+    record_attn: bool = False,
+    order: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Attention over the K incoming edges of every column; arguments and returns as
+    :func:`columnformer.sparse_attention.sparse_attention`. ``order``: (N,) long, the order in which
+    columns are visited (:func:`visit_order` of the geometry; None: 0..N-1) — it changes speed only."""
+    N, B, H, d = q.shape
+    if q.device.type != "cpu":
+        raise ValueError(f"sparse_kernel='fused' runs on CPU; the inputs are on {q.device.type}: use 'flex' or 'block' there")
+    if edge_index.dim() != 2 or edge_index.shape[0] != N:
+        raise ValueError(f"edge_index must be (N={N}, K), got {tuple(edge_index.shape)}")
+    K = edge_index.shape[1]
+    if wiring_weight.shape != (N, K):
+        raise ValueError(f"wiring_weight must be (N, K) = {(N, K)}, got {tuple(wiring_weight.shape)}")
+    if bias is not None and bias.shape != (N, K):
+        raise ValueError(f"attention bias must be (N, K) = {(N, K)} for a sparse connectivity, got {tuple(bias.shape)}")
+    if edge_mask is not None and edge_mask.all():
+        edge_mask = None
+    if order is None:
+        order = torch.empty(0, dtype=torch.long)
+    out, wiring, entropy, probs = _FusedSparseAttention.apply(
+        q, k, v, bias, wiring_weight, edge_index.long().contiguous(), edge_mask, order, record_attn
+    )
+    attn = probs.view(N, B, H, K).permute(1, 2, 0, 3) if record_attn else None  # (B, H, N, K)
+    return out, AttentionStats(wiring, entropy.detach(), attn)
