@@ -168,7 +168,8 @@ def test_plan_follows_rewiring_and_loaded_edges():
     torch.testing.assert_close(fresh(x)[0], ref(x)[0])
 
 
-def test_auto_picks_block_for_a_stencil_and_gather_for_scattered_edges():
+def test_auto_picks_block_for_a_stencil_and_gather_for_scattered_edges(monkeypatch):
+    monkeypatch.setattr("columnformer.sheet.fused_available", lambda: False)  # the choice when the C++ kernel can't build
     local = Connectivity.local(grid(32, 32), 64)
     sheet = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2), local.geometry, local, "all", "all")
     plan = sheet.block_plan()
@@ -192,7 +193,7 @@ def test_block_kernel_needs_a_sparse_connectivity():
         build_config({"model": {"sheet": {"sparse_kernel": "tiles"}}})
 
 
-@pytest.mark.parametrize("kernel,recurrent", [("block", True), ("gather", False), ("auto", True)])
+@pytest.mark.parametrize("kernel,recurrent", [("block", True), ("gather", False), ("fused", True), ("auto", True)])
 def test_activation_checkpointing_changes_memory_not_results(kernel, recurrent):
     conn = Connectivity.local_plus_long_range(grid(9, 9), 12, 4, seed=0) if kernel != "auto" else Connectivity.dense(grid(9, 9))
     base = dict(width=8, steps=3, qk_dim=4, heads=2, recurrent=recurrent, sparse_kernel=kernel)

@@ -51,7 +51,7 @@ def _sheet(mode, connectivity=None, kernel="auto", geom=None, value_proj=True):
 
 
 @pytest.mark.parametrize("mode", ["attention", "static_mix", "selection", "linmixing", "linmixing-heads"])
-@pytest.mark.parametrize("kernel", ["dense", "gather", "block", "flex"])
+@pytest.mark.parametrize("kernel", ["dense", "gather", "block", "flex", "fused"])
 @pytest.mark.filterwarnings("ignore:.*without torch.compile")  # flex on CPU: torch's eager reference, on purpose
 def test_every_mode_matches_its_math_on_every_kernel(mode, kernel, monkeypatch):
     if kernel == "flex":  # as on CUDA, through torch's eager FlexAttention reference (differentiable once allowed)
@@ -65,8 +65,8 @@ def test_every_mode_matches_its_math_on_every_kernel(mode, kernel, monkeypatch):
     conn = None if kernel == "dense" else Connectivity.local_plus_long_range(geom, 9, 2, seed=0)
     sheet = _sheet(mode, conn, "auto" if kernel == "dense" else kernel, geom)
     block = sheet.blocks[0]
-    if kernel in ("block", "flex"):
-        assert type(sheet.block_plan()).__name__ == ("FlexPlan" if kernel == "flex" else "BlockPlan")
+    if kernel in ("block", "flex", "fused"):
+        assert type(sheet.block_plan()).__name__ == {"flex": "FlexPlan", "block": "BlockPlan", "fused": "FusedPlan"}[kernel]
     x = torch.randn(25, 3, C)  # (N, B, C), already the attention's input
     if conn is None:
         index, mask = torch.arange(25).expand(25, 25), torch.ones(25, 25, dtype=torch.bool)

@@ -136,7 +136,7 @@ def test_flex_refuses_activation_checkpointing():
 
 
 def test_tiled_kernels_refuse_learned_positions():
-    with pytest.raises(ValueError, match="sparse_kernel=flex: set sparse_kernel to 'gather' or 'auto'"):
+    with pytest.raises(ValueError, match="sparse_kernel=flex: set sparse_kernel to 'gather', 'fused' or 'auto'"):
         SheetConfig(width=4, learn_positions=True, sparse_kernel="flex")
     with pytest.raises(ValueError, match="learn_positions"):
         SheetConfig(width=4, learn_positions=True, sparse_kernel="block")

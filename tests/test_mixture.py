@@ -91,7 +91,7 @@ def test_topographic_coefficients_are_smooth_on_the_sheet():
     assert sdiff[(d > 0) & (d <= 1.01)].mean() > 0.8 * sdiff[d >= 5].mean()  # static maps are not smooth by design
 
 
-@pytest.mark.parametrize("kernel", ["gather", "block"])
+@pytest.mark.parametrize("kernel", ["gather", "block", "fused"])
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_mixture_runs_on_the_sparse_kernels_like_dense_reference(kernel, mode):
     geom = g.grid(6, 6)

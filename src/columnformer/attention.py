@@ -13,7 +13,8 @@ as dense attention between tiles of nearby columns and their key sets (a ``Block
 sparse is decided by the ``Connectivity``; among the sparse kernels the sheet picks (its
 ``sparse_kernel`` option: ``auto`` by the plan's cost model, or ``gather`` / ``block``) and passes a
 plan when the block kernel is to run; ``flex`` passes a ``FlexPlan``: the same tiles through
-FlexAttention on CUDA (``flex_sparse.py``).
+FlexAttention on CUDA (``flex_sparse.py``); ``fused`` (and ``auto`` on CPU when it builds) passes a
+``FusedPlan``: the gather kernel's math as one compiled C++ pass per column (``fused_sparse.py``).
 The wiring cost and the attention entropy are reduced to scalars inside the kernel, so no
 attention map is kept unless ``record_attn`` asks for it.
 """
@@ -28,6 +29,7 @@ from torch import nn
 from .attention_stats import AttentionStats
 from .block_sparse import BlockPlan, block_sparse_attention
 from .flex_sparse import FlexPlan, flex_sparse_attention
+from .fused_sparse import FusedPlan, fused_sparse_attention
 from .layers import UntiedLinear, linear, untied_linear_fused
 from .sparse_attention import sparse_attention
 
@@ -190,16 +192,19 @@ def attention(
     edge_index: torch.Tensor | None = None,
     edge_mask: torch.Tensor | None = None,
     record_attn: bool = False,
-    plan: BlockPlan | FlexPlan | None = None,
+    plan: BlockPlan | FlexPlan | FusedPlan | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention restricted to a connectivity's edges; picks the kernel from them.
 
     ``edge_index``/``edge_mask`` (N, K) come from a sparse ``Connectivity``; ``None`` means all pairs.
     ``plan``: a :class:`~columnformer.block_sparse.BlockPlan` of those edges runs the block-sparse kernel,
-    a :class:`~columnformer.flex_sparse.FlexPlan` the FlexAttention backend.
+    a :class:`~columnformer.flex_sparse.FlexPlan` the FlexAttention backend, a
+    :class:`~columnformer.fused_sparse.FusedPlan` the fused C++ kernel (CPU).
     """
     if edge_index is None:
         return dense_attention(q, k, v, bias, wiring_weight, record_attn=record_attn)
+    if isinstance(plan, FusedPlan):
+        return fused_sparse_attention(q, k, v, bias, wiring_weight, edge_index, edge_mask, record_attn, plan.order)
     if isinstance(plan, FlexPlan):
         out, wiring, entropy, attn = flex_sparse_attention(q, k, v, bias, wiring_weight, plan, edge_index, edge_mask, record_attn)
         return out, AttentionStats(wiring, entropy, attn)
@@ -309,7 +314,7 @@ class ColumnAttention(nn.Module):
         edge_mask: torch.Tensor | None = None,
         record_attn: bool = False,
         record_qk: bool = False,
-        plan: BlockPlan | FlexPlan | None = None,
+        plan: BlockPlan | FlexPlan | FusedPlan | None = None,
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
         N, B, C = x.shape
         H = self.heads

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,17 +94,30 @@ def _require():
     return ext
 
 
-_ORDER_CACHE: dict = {}
-
-
 def visit_order(coords) -> torch.Tensor:
-    """(N,) long: the columns in tiles of ``ORDER_TILE`` nearby columns (cached per coordinate array)."""
-    c = np.asarray(coords, dtype=np.float64)
-    key = (c.shape, hashlib.sha1(c.tobytes()).hexdigest())
-    if key not in _ORDER_CACHE:
-        _ORDER_CACHE.clear()
-        _ORDER_CACHE[key] = torch.from_numpy(np.concatenate(tile_order(c, ORDER_TILE))).long()
-    return _ORDER_CACHE[key]
+    """(N,) long: the columns in tiles of ``ORDER_TILE`` nearby columns (``block_sparse.tile_order``)."""
+    return torch.from_numpy(np.concatenate(tile_order(np.asarray(coords, dtype=np.float64), ORDER_TILE))).long()
+
+
+@dataclass(eq=False)
+class FusedPlan:
+    """How the fused kernel visits a sheet's columns: ``order`` (N,) long, nearby columns together.
+    Any order gives the same result; this one keeps the rows a thread reads in cache."""
+
+    order: torch.Tensor
+    versions: tuple = ()
+
+    def to(self, device: torch.device) -> "FusedPlan":
+        return FusedPlan(self.order.to(device), self.versions)
+
+    def describe(self) -> dict:
+        return {"kernel": "fused", "order_tile": ORDER_TILE}
+
+
+def build_fused_plan(coords, index: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> FusedPlan:
+    """A :class:`FusedPlan` from the columns' coordinates (``index``/``mask`` accepted for the builders' common
+    signature; the edges are read at run time)."""
+    return FusedPlan(visit_order(coords))
 
 
 def _padded_lanes(lanes: int, dtype: torch.dtype) -> int:

@@ -40,6 +40,7 @@ from torch import nn
 from .attention import AttentionStats, ColumnAttention, local_bias_init
 from .block_sparse import BlockPlan, build_block_plan
 from .flex_sparse import FlexPlan, build_flex_plan, runs_on as flex_runs_on
+from .fused_sparse import FusedPlan, available as fused_available, build_fused_plan
 from .connectivity import Connectivity
 from .geometry import Geometry
 from .layers import (
@@ -131,11 +132,12 @@ class SheetConfig(BaseModel):
         "inflate mean(D), which lowers every other wiring weight, compress the rest below the initial spacing, and "
         "the repulsion then pushes back)",
     )
-    sparse_kernel: Literal["auto", "gather", "block", "flex"] = Field(
+    sparse_kernel: Literal["auto", "gather", "block", "flex", "fused"] = Field(
         "auto", description="kernel for a sparse connectivity: block-sparse tiles (block), per-edge gather (gather), "
-        "or whichever the block plan's cost model estimates cheaper (auto); flex: the tiles as a FlexAttention block "
-        "mask on CUDA (untimed: no GPU was available to measure it), the block kernel on CPU (torch's FlexAttention has "
-        "no CPU backward); same math",
+        "the per-edge math as one compiled C++ pass per column (fused: CPU only, built on first use, needs g++); auto: "
+        "fused on CPU when it builds, else whichever of block and gather the block plan's cost model estimates cheaper; "
+        "flex: the tiles as a FlexAttention block mask on CUDA (untimed: no GPU was available to measure it), the block "
+        "kernel on CPU (torch's FlexAttention has no CPU backward); same math",
     )
 
     @model_validator(mode="after")
@@ -177,8 +179,8 @@ class SheetConfig(BaseModel):
             )
         if self.learn_positions and self.sparse_kernel in ("block", "flex"):
             raise ValueError(
-                f"learn_positions=true runs the gather kernel (tiles are built from fixed coordinates), but "
-                f"sparse_kernel={self.sparse_kernel}: set sparse_kernel to 'gather' or 'auto'"
+                f"learn_positions=true needs a per-edge kernel (tiles are built from fixed coordinates), but "
+                f"sparse_kernel={self.sparse_kernel}: set sparse_kernel to 'gather', 'fused' or 'auto'"
             )
         if self.attn_head_bias and self.attn_mode != "linmixing":
             raise ValueError(f"attn_head_bias=true applies to attn_mode=linmixing (got {self.attn_mode})")
@@ -299,7 +301,7 @@ class ColumnBlock(nn.Module):
         edge_index: torch.Tensor | None,
         edge_mask: torch.Tensor | None,
         record: frozenset,
-        plan: BlockPlan | FlexPlan | None = None,
+        plan: BlockPlan | FlexPlan | FusedPlan | None = None,
     ) -> tuple[torch.Tensor, AttentionStats, tuple | None]:
         if self.coef is not None:
             self.coef.update(x)  # this step's mixing coefficients (dynamic: from the block's input)
@@ -375,7 +377,7 @@ class Columnformer(nn.Module):
                 f"sparse_kernel={cfg.sparse_kernel!r} needs a sparse connectivity (local / local_long_range); "
                 "a dense sheet always runs the dense kernel: leave sparse_kernel at 'auto'"
             )
-        self._plan: BlockPlan | FlexPlan | None = None  # built on first use, rebuilt when the edge buffers change
+        self._plan: BlockPlan | FlexPlan | FusedPlan | None = None  # built on first use, rebuilt when the edge buffers change
         n, c = geometry.n, cfg.width
         self.register_buffer("input_idx", torch.from_numpy(_area(geometry, input_area, "input_area")), persistent=False)
         # which token each input-area column receives (default: token i -> i-th column; a retinotopic map
@@ -493,27 +495,42 @@ class Columnformer(nn.Module):
             self.connectivity = Connectivity.from_index(self.geometry, self.edge_index.cpu(), self.edge_mask.cpu(),
                                                         kind=conn.kind, scale=conn.scale)
 
-    def block_plan(self) -> BlockPlan | FlexPlan | None:
-        """The block-sparse plan of the current edges if the block kernel (a ``BlockPlan``) or the
-        FlexAttention backend (a ``FlexPlan``, ``sparse_kernel='flex'`` on CUDA; on CPU ``flex`` runs the
-        block kernel) is to run, else None.
+    def block_plan(self) -> BlockPlan | FlexPlan | FusedPlan | None:
+        """How the sparse kernel visits the current edges, or None for the gather kernel (and dense sheets).
 
-        Built from the geometry's coordinates on first use and cached; rebuilt when the edge buffers
-        change (``rewire_sheet``, ``load_state_dict``) or move to another device. With
-        ``sparse_kernel='auto'`` the block kernel runs when its plan's estimated cost is below the gather
-        kernel's (``block_sparse.plan_costs``).
+        A ``FusedPlan`` (the fused C++ kernel: ``sparse_kernel='fused'``, or ``'auto'`` on CPU when the kernel
+        builds), a ``BlockPlan`` (the block kernel) or a ``FlexPlan`` (the FlexAttention backend,
+        ``sparse_kernel='flex'`` on CUDA; on CPU ``flex`` runs the block kernel). Built from the geometry's
+        coordinates on first use and cached; rebuilt when the edge buffers change (``rewire_sheet``,
+        ``load_state_dict``) or move to another device. When ``sparse_kernel='auto'`` cannot use the fused
+        kernel, the block kernel runs when its plan's estimated cost is below the gather kernel's
+        (``block_sparse.plan_costs``).
         """
-        if self.edge_index is None or self.cfg.sparse_kernel == "gather" or self.positions is not None:
+        if self.edge_index is None:
+            return None
+        kernel = self.cfg.sparse_kernel
+        device = self.edge_index.device
+        if kernel == "fused" and device.type != "cpu":
+            raise ValueError(
+                f"sparse_kernel='fused' is a CPU kernel but the sheet is on {device.type}: use sparse_kernel='flex' or "
+                "'block' on a GPU (or 'auto', which picks a kernel for the device)"
+            )
+        fused = kernel == "fused" or (kernel == "auto" and device.type == "cpu" and fused_available())
+        if not fused and (kernel == "gather" or self.positions is not None):
             return None  # learned layouts run the gather kernel (its tiles come from fixed coordinates)
-        versions = (self.edge_index._version, self.edge_mask._version, self.edge_index.data_ptr(), self.edge_index.device)
+        versions = (self.edge_index._version, self.edge_mask._version, self.edge_index.data_ptr(), device, fused)
         plan = self._plan
         if plan is None or plan.versions != versions:
-            flex = self.cfg.sparse_kernel == "flex" and flex_runs_on(self.edge_index.device)
-            build = build_flex_plan if flex else build_block_plan
-            plan = build(self.geometry.coords, self.edge_index, self.edge_mask).to(self.edge_index.device)
+            if fused:
+                build = build_fused_plan
+            elif kernel == "flex" and flex_runs_on(device):
+                build = build_flex_plan
+            else:
+                build = build_block_plan
+            plan = build(self.geometry.coords, self.edge_index, self.edge_mask).to(device)
             plan.versions = versions
             self._plan = plan
-        if self.cfg.sparse_kernel == "auto" and plan.cost >= plan.gather_cost:  # (flex: always runs)
+        if kernel == "auto" and isinstance(plan, BlockPlan) and plan.cost >= plan.gather_cost:
             return None
         return plan
 
@@ -528,7 +545,7 @@ class Columnformer(nn.Module):
         with untied_session(fuse=reused):
             return self._forward(tokens, record, steps)
 
-    def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | FlexPlan | None, wiring_weight):
+    def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | FlexPlan | FusedPlan | None, wiring_weight):
         """One block step under ``session`` (a checkpointed step recomputed in backward reuses the forward's
         tapped untied weights, so the recomputed graph saves the same tensors)."""
         with reuse_session(session):

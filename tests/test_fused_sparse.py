@@ -1,0 +1,172 @@
+"""The fused C++ kernel: the gather kernel's math in one pass per column (values and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import columnformer.fused_sparse as fused_sparse
+from columnformer import Columnformer, SheetConfig, grid
+from columnformer.connectivity import Connectivity
+from columnformer.fused_sparse import FusedPlan, fused_sparse_attention, visit_order
+from columnformer.sparse_attention import sparse_attention
+from test_block_sparse import GEOMETRIES, _inputs, check_against_gather
+
+pytestmark = pytest.mark.skipif(not fused_sparse.available(), reason=f"C++ kernel not built: {fused_sparse.load_error()}")
+
+
+def _run(conn, order=True):
+    o = visit_order(conn.geometry.coords) if order else None
+
+    def run(q, kk, v, bias, w):
+        out, st = fused_sparse_attention(q, kk, v, bias, w, conn.index, conn.mask, record_attn=True, order=o)
+        return out, st.wiring, st.entropy, st.attn
+
+    return run
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_fused_kernel_equals_gather_kernel(name):
+    conn = GEOMETRIES[name]()
+    n, k = conn.index.shape
+    check_against_gather(conn, _run(conn), _inputs(n, k))  # float64, B*H = 6 lanes padded to 8
+
+
+def test_fused_kernel_with_padding_edges_and_the_wiring_weight_gradient():
+    conn = Connectivity.local(grid(11, 9), 9)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(conn.index.shape, generator=g) > 0.3
+    mask[:, 0] = True  # every column keeps one edge
+    conn = Connectivity.from_index(conn.geometry, conn.index, mask)
+    n, k = conn.index.shape
+    q, kk, v, bias, _ = _inputs(n, k, b=2, h=3, d=8, dv=16)  # a compiled (d, dv) case
+    w = torch.rand(n, k, dtype=torch.float64, generator=g).requires_grad_()
+    check_against_gather(conn, _run(conn), (q, kk, v, bias, w.detach()))
+    grads = []
+    for fn in (sparse_attention, fused_sparse_attention):
+        out, st = fn(q, kk, v, bias, w, conn.index, conn.mask)
+        grads.append(torch.autograd.grad(out.square().sum() + 2.0 * st.wiring, [w, bias]))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("b,h,d,dv", [(3, 2, 4, 5), (4, 5, 8, 16), (8, 1, 16, 32)])
+def test_float32_matches_the_gather_kernel(b, h, d, dv):
+    """float32 runs the polynomial exp and the compiled (d, dv) cases; lanes padded to a multiple of 8."""
+    conn = GEOMETRIES["grid_long_range"]()
+    n, k = conn.index.shape
+    q, kk, v, bias, w = (t.detach().float().requires_grad_(t.requires_grad) for t in _inputs(n, k, b, h, d, dv))
+    res = []
+    for run in (lambda *a: sparse_attention(*a, conn.index, conn.mask, record_attn=True),
+                lambda *a: fused_sparse_attention(*a, conn.index, conn.mask, record_attn=True)):
+        out, st = run(q, kk, v, bias, w)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + st.wiring, [q, kk, v, bias])
+        res.append((out, st.wiring, st.entropy, st.attn, *grads))
+    for got, want in zip(*res):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_visiting_order_and_thread_count_do_not_change_the_result():
+    conn = GEOMETRIES["grid_rewired"]()
+    n, k = conn.index.shape
+    q, kk, v, bias, w = (t.detach().float().requires_grad_(t.requires_grad) for t in _inputs(n, k, 8, 1, 16, 32))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for order, nthreads in ((True, 1), (False, 2), (True, 2)):
+            torch.set_num_threads(nthreads)
+            out, wiring, _, _ = _run(conn, order)(q, kk, v, bias, w)
+            results.append([out, *torch.autograd.grad(out.square().sum() + wiring, [q, kk, v, bias])])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)  # every output row is computed by one thread, in the same order
+
+
+def test_bf16_autocast_inputs():
+    conn = GEOMETRIES["grid_long_range"]()
+    n, k = conn.index.shape
+    q, kk, v, _, w = (t.detach().float() for t in _inputs(n, k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = sparse_attention(q.bfloat16(), kk.bfloat16(), v.bfloat16(), None, w, conn.index, conn.mask)
+        out, _ = fused_sparse_attention(q.bfloat16(), kk.bfloat16(), v.bfloat16(), None, w, conn.index, conn.mask)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_fused_kernel_saves_no_edge_sized_tensors():
+    """Backward recomputes the scores from the (N, B*H) log-sum-exp: nothing of size B*N*K is kept."""
+    conn = Connectivity.local(grid(16, 16), 25)
+    n, k = conn.index.shape
+    q, kk, v, bias, w = _inputs(n, k, b=4, h=1, d=4, dv=4)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, st = fused_sparse_attention(q, kk, v, bias, w, conn.index, conn.mask)
+    (out.sum() + st.wiring).backward()
+    lanes_padded = 8  # float64 pads 4 lanes to 8 in the kernel's copies of q, k, v
+    budget = (2 * 4 + 4) * n * lanes_padded + 3 * n * k + n * lanes_padded + n
+    assert sum(t.numel() for t in saved) <= budget
+    assert 4 * n * k > 2 * 4 * 4 * n  # (B*N*K probabilities alone would exceed the q/k inputs here)
+
+
+def _sheets(conn, **cfg):
+    base = dict(width=8, steps=3, qk_dim=4, heads=2)
+    base.update(cfg)
+    torch.manual_seed(0)
+    ref = Columnformer(SheetConfig(**base, sparse_kernel="gather"), conn.geometry, conn, "all", "all").double()
+    fused = Columnformer(SheetConfig(**base, sparse_kernel="fused"), conn.geometry, conn, "all", "all").double()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(value_proj=True, attn_bias="zero", recurrent=False),
+                                 dict(learn_positions=True), dict(checkpoint=True, inject="every")])
+def test_sheet_on_fused_kernel_equals_gather_kernel(cfg):
+    conn = Connectivity.local_plus_long_range(grid(9, 9), 12, 4, seed=0)
+    ref, fused = _sheets(conn, **cfg)
+    assert ref.block_plan() is None and isinstance(fused.block_plan(), FusedPlan)
+    x = torch.randn(2, 81, 8, dtype=torch.float64)
+    outs = []
+    for m in (ref, fused):
+        out, trace = m(x, record=("attn",))
+        loss = out.square().sum() + 0.1 * trace.wiring_cost
+        if trace.repulsion is not None:
+            loss = loss + trace.repulsion
+        loss.backward()
+        outs.append((out, trace))
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(torch.stack(outs[1][1].attn), torch.stack(outs[0][1].attn))
+    torch.testing.assert_close(outs[1][1].attn_entropy, outs[0][1].attn_entropy)
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        assert p_ref.grad is not None, name
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_runs_fused_on_cpu_and_the_cost_model_when_it_cannot_build(monkeypatch):
+    conn = Connectivity.local(grid(32, 32), 64)
+    sheet = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2), conn.geometry, conn, "all", "all")
+    assert isinstance(sheet.block_plan(), FusedPlan)
+    monkeypatch.setattr(fused_sparse, "_EXT", None)
+    monkeypatch.setattr(fused_sparse, "_ERROR", "RuntimeError: no compiler (test)")
+    monkeypatch.setattr("columnformer.sheet.fused_available", fused_sparse.available)
+    assert type(sheet.block_plan()).__name__ == "BlockPlan"  # auto falls back to the cheaper torch kernel
+    forced = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2, sparse_kernel="fused"), conn.geometry, conn)
+    with pytest.raises(RuntimeError, match="could not be built.*no compiler.*sparse_kernel='block' or 'gather'"):
+        forced(torch.randn(1, forced.num_tokens, 4))
+
+
+def test_fused_is_refused_off_cpu():
+    conn = Connectivity.local(grid(4, 4), 4)
+    sheet = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2, sparse_kernel="fused"), conn.geometry, conn)
+    sheet.edge_index = sheet.edge_index.to("meta")
+    with pytest.raises(ValueError, match="CPU kernel but the sheet is on meta"):
+        sheet.block_plan()
+    q = torch.randn(16, 1, 1, 2, device="meta")
+    with pytest.raises(ValueError, match="runs on CPU"):
+        fused_sparse_attention(q, q, q, None, torch.rand(16, 4), conn.index, conn.mask)
