@@ -1,6 +1,6 @@
 """ColumnAttention: how columns read each other.
 
-One math, three kernels. For every query column q and each of its incoming edges k::
+One math, several kernels. For every query column q and each of its incoming edges k::
 
     score[q, k] = <Q_q, K_k> / sqrt(d) + bias[q, k]
     A[q, :]     = softmax over the edges of q
@@ -8,10 +8,11 @@ One math, three kernels. For every query column q and each of its incoming edges
     wiring      = mean over (batch, head, q) of sum_k W[q, k] A[q, k],   W = D**p / mean(D**p)
 
 The dense kernel lists all N x N pairs; the gather kernel (``sparse_attention.py``) visits only
-the K edges of each column; the block-sparse kernel (``block_sparse.py``) computes the same K edges
+the K edges of each column, the fused kernel (``fused_sparse.py``) does so in one compiled C++
+pass per column; the block-sparse kernel (``block_sparse.py``) computes the same K edges
 as dense attention between tiles of nearby columns and their key sets (a ``BlockPlan``). Dense or
 sparse is decided by the ``Connectivity``; among the sparse kernels the sheet picks (its
-``sparse_kernel`` option: ``auto`` by the plan's cost model, or ``gather`` / ``block``) and passes a
+``sparse_kernel`` option: ``auto``, or ``gather`` / ``block`` / ``fused``) and passes a
 plan when the block kernel is to run; ``flex`` passes a ``FlexPlan``: the same tiles through
 FlexAttention on CUDA (``flex_sparse.py``); ``fused`` (and ``auto`` on CPU when it builds) passes a
 ``FusedPlan``: the gather kernel's math as one compiled C++ pass per column (``fused_sparse.py``).

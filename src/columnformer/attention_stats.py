@@ -1,4 +1,4 @@
-"""What one attention call reports (shared by the dense, gather and block-sparse kernels)."""
+"""What one attention call reports (shared by the dense, gather, fused, block-sparse and FlexAttention kernels)."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,13 @@ def _load():
 
         src = SOURCE.read_text()
         tag = hashlib.sha256((src + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+        name = f"columnformer_fused_sparse_{tag}"
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        if not built.exists():
+            print(f"columnformer: building the fused sparse-attention kernel (once per machine, ~1 minute) in {built.parent}",
+                  file=sys.stderr, flush=True)
         _EXT = cpp_extension.load(
-            name=f"columnformer_fused_sparse_{tag}", sources=[str(SOURCE)],
+            name=name, sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("COLUMNFORMER_VERBOSE_BUILD")),
         )
     except Exception as e:  # no compiler, no ninja, a failed build: say why, the caller falls back or refuses

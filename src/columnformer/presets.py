@@ -93,7 +93,7 @@ PRESETS: dict[str, dict] = {
     # The `wide` sheet at 4x the columns: one 128x128 grid (16,384 columns) with the same retinotopic input
     # (overlapping 3x3-pixel receptive fields, stride 1: each of the 6x6 patches covers a ~21x21 block of the
     # sheet), read out everywhere; 16 nearest + 4 long-range edges per column (p ~ exp(-d/16), K = 20), width 16,
-    # q/k 8, 4 recurrent steps; block-sparse attention. (Until 2026-12-03 this preset was a 4x4 input layer
+    # q/k 8, 4 recurrent steps; sparse attention as `wide`. (Until 2026-12-03 this preset was a 4x4 input layer
     # under a 128x128 sheet, 16,400 columns, width 32, K = 64: its 16 input columns had to reach 16,384 columns
     # through 4 steps of local attention, and it learned nothing in an hour on a 2-core CPU.)
     "scale": dict(
@@ -111,8 +111,9 @@ PRESETS: dict[str, dict] = {
     # (overlapping 3x3-pixel receptive fields, stride 1: the 6x6 patches of the 8x8 digit, each covering a ~11x11
     # patch of the sheet; every column receives the embedded patch its position maps to) and read out everywhere
     # (the head averages all columns). Each column reads its 16 nearest columns plus 4 long-range ones drawn
-    # from p ~ exp(-d/16) (K = 20); narrow columns (width 16, q/k 8). Sparse attention runs on the block-sparse
-    # kernel (sparse_kernel auto picks it).
+    # from p ~ exp(-d/16) (K = 20); narrow columns (width 16, q/k 8). Sparse attention runs on the fused C++
+    # kernel on CPU (sparse_kernel auto picks it; the block-sparse kernel where it cannot be built; its results in
+    # RESULTS.md were measured on the block kernel, before the fused one existed).
     "wide": dict(
         image_size=(8, 8), in_chans=1, patch=3, stride=1, num_classes=10, pool="avg",
         input_area="retinotopic", output_area="all",
