@@ -1,4 +1,4 @@
-"""Wide sheets: the gather and block-sparse kernels (and dense attention) side by side, with a roofline.
+"""Wide sheets: the gather, fused and block-sparse kernels (and dense attention) side by side, with a roofline.
 
     python benchmarks/scale.py                                   # default sweep, markdown table
     python benchmarks/scale.py --ns 1024 4096 16384 65536 131072 262144 --max-n gather=65536 dense=4096 \
@@ -7,10 +7,12 @@
 Model: a 2D grid sheet of N columns, untied columns of width 32, one head with query/key dimension 16,
 MLP ratio 1, recurrent, 4 steps, ``Connectivity.local(k=64)``; batch 8 of random tokens written into
 every column; one training step = forward, backward (loss = mean square output + 0.01 wiring) and an
-AdamW step, fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``dense``
-all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing;
+AdamW step, fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``fused``
+``sparse_kernel=fused`` (the C++ kernel, built once by the parent before any child runs), ``dense`` all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing;
 ``--kinds ... block+ckpt+bf16m`` also stores AdamW's moments in bf16 (``columnformer.optim.AdamW``);
-``+keep`` keeps freed host memory in the child for reuse (``train.keep_host_memory``).
+``+keep`` keeps freed host memory in the child for reuse (``train.keep_host_memory``); ``+thp`` starts the
+child with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``runtime.with_huge_pages``: malloc's large blocks on
+transparent huge pages).
 
 Every (kernel, N) runs in a fresh subprocess with the same thread count; its peak memory is the child's
 RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
@@ -67,7 +69,8 @@ def child(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    res: dict = {"kind": a.kind, "n": a.n, "threads": torch.get_num_threads(), "device": a.device}
+    res: dict = {"kind": a.kind, "n": a.n, "threads": torch.get_num_threads(), "device": a.device,
+                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     if "keep" in a.kind.split("+"):  # before any large allocation
         from columnformer.runtime import keep_host_memory
 
@@ -128,6 +131,10 @@ def child(a) -> dict:
 def run_child(kind: str, n: int, a) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--n", str(n)] + a.passthrough
     env = dict(os.environ)
+    if "thp" in kind.split("+"):  # glibc's malloc advises huge pages for its large blocks (read at process start)
+        from columnformer.runtime import with_huge_pages
+
+        env = with_huge_pages(env)
     limit = None
     if kind == "dense":
         limit = int((a.dense_limit_gib + 4) * GIB)  # safety net on address space
@@ -157,9 +164,9 @@ def run_child(kind: str, n: int, a) -> dict:
 def kind_name(kind: str) -> str:
     """Validate ``kernel[+option...]`` for --kinds."""
     kernel, *options = kind.split("+")
-    if kernel not in ("gather", "block", "flex", "fused", "dense") or not set(options) <= {"ckpt", "bf16m", "keep"}:
+    if kernel not in ("gather", "block", "flex", "fused", "dense") or not set(options) <= {"ckpt", "bf16m", "keep", "thp"}:
         raise argparse.ArgumentTypeError(f"{kind!r}: a kernel (gather, block, flex, fused, dense) and options among "
-                                         "ckpt, bf16m, keep joined by '+'")
+                                         "ckpt, bf16m, keep, thp joined by '+'")
     return kind
 
 
@@ -232,7 +239,7 @@ def main(argv=None) -> None:
     p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"], type=kind_name,
                    help="a kernel (gather, block, flex, dense) and options joined by '+': ckpt activation "
                         "checkpointing, bf16m AdamW moments in bf16, keep freed host memory kept for reuse "
-                        "(train.keep_host_memory), e.g. block+ckpt+bf16m, gather+keep")
+                        "(train.keep_host_memory), +thp (glibc malloc on huge pages), e.g. block+ckpt+bf16m, gather+keep")
     p.add_argument("--checkpoint", action="store_true", help="also run block+ckpt (activation checkpointing)")
     p.add_argument("--max-n", nargs="+", default=[], metavar="KIND=N",
                    help="largest N to run for a kind, e.g. gather=65536 (its step takes minutes beyond)")
@@ -328,7 +335,8 @@ def main(argv=None) -> None:
     by = {(r["kind"], r["n"]): r for r in results if "step_s" in r}
     for n in sorted(a.ns):
         for kind in (k for k in a.kinds if k.split("+")[0] in ("block", "flex", "fused")):
-            same = "gather+keep" if "keep" in kind.split("+") else "gather"  # the same host-memory setting
+            # the same host-memory setting
+            same = "+".join(["gather"] + [o for o in kind.split("+")[1:] if o in ("keep", "thp")])
             for ref in dict.fromkeys((same, "gather")):
                 if (ref, n) in by and (kind, n) in by:
                     g, b = by[(ref, n)], by[(kind, n)]

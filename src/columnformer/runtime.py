@@ -47,6 +47,25 @@ def keep_host_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
+# glibc (>= 2.35) tunable: malloc advises the kernel to back its mmap-ed blocks with transparent huge pages
+# (MADV_HUGEPAGE), so a large tensor faults in 2 MiB at a time instead of 4 KiB. Read at process start only:
+# export it before Python starts (scripts/main.sh does). Older glibc ignores unknown tunables.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_pages(env: dict) -> dict:
+    """A copy of ``env`` whose ``GLIBC_TUNABLES`` includes :data:`HUGE_PAGES_TUNABLE` (for child processes).
+
+    Measured on the benchmark sheet at 65,536 columns (fused kernel, default allocator): the step 1.4-1.7x
+    faster at the same peak memory (BENCHMARKS.md). Changes no result. Needs the kernel's transparent huge
+    pages in ``madvise`` or ``always`` mode (``/sys/kernel/mm/transparent_hugepage/enabled``).
+    """
+    env = dict(env)
+    current = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+    env["GLIBC_TUNABLES"] = ":".join(current + [HUGE_PAGES_TUNABLE])
+    return env
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
