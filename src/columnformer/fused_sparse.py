@@ -38,7 +38,7 @@ import torch
 
 from .attention_stats import AttentionStats
 from .block_sparse import tile_order
-from .sparse_attention import reverse_edges
+from .sparse_attention import check_edges, reverse_edges
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_sparse.cpp"
 ORDER_TILE = 16  # columns per tile of the visiting order (a 4 x 4 square on a grid)
@@ -156,7 +156,6 @@ class _FusedSparseAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ext = _require()
         N, B, H, d = q.shape
-        dv = v.shape[-1]
         cdt = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
         with torch.autocast("cpu", enabled=False):
             qc, kc, vc = _lanes(q, cdt), _lanes(k, cdt), _lanes(v, cdt)
@@ -167,14 +166,14 @@ class _FusedSparseAttention(torch.autograd.Function):
             denom = N * B * H
             wiring, entropy = colw.sum() / denom, colh.sum() / denom
         ctx.save_for_backward(qc, kc, vc, b, w, index, valid, order, lse)
-        ctx.shape = (B, H, q.dtype, k.dtype, v.dtype, None if bias is None else bias.dtype, wiring_weight.dtype)
+        ctx.meta = (B, H, q.dtype, k.dtype, v.dtype, None if bias is None else bias.dtype, wiring_weight.dtype)
         ctx.mark_non_differentiable(entropy, probs)
         return _unlanes(out, B, H, torch.promote_types(q.dtype, v.dtype)), wiring, entropy, probs
 
     @staticmethod
     def backward(ctx, g_out, g_wiring, _g_entropy, _g_probs):
         qc, kc, vc, b, w, index, valid, order, lse = ctx.saved_tensors
-        B, H, qdt, kdt, vdt, bdt, wdt = ctx.shape
+        B, H, qdt, kdt, vdt, bdt, wdt = ctx.meta
         N, d, _ = qc.shape
         BH = B * H
         need_q, need_k, need_v, need_bias, need_w = ctx.needs_input_grad[:5]
@@ -217,15 +216,7 @@ def fused_sparse_attention(
     N, B, H, d = q.shape
     if q.device.type != "cpu":
         raise ValueError(f"sparse_kernel='fused' runs on CPU; the inputs are on {q.device.type}: use 'flex' or 'block' there")
-    if edge_index.dim() != 2 or edge_index.shape[0] != N:
-        raise ValueError(f"edge_index must be (N={N}, K), got {tuple(edge_index.shape)}")
-    K = edge_index.shape[1]
-    if wiring_weight.shape != (N, K):
-        raise ValueError(f"wiring_weight must be (N, K) = {(N, K)}, got {tuple(wiring_weight.shape)}")
-    if bias is not None and bias.shape != (N, K):
-        raise ValueError(f"attention bias must be (N, K) = {(N, K)} for a sparse connectivity, got {tuple(bias.shape)}")
-    if edge_mask is not None and edge_mask.all():
-        edge_mask = None
+    K, edge_mask = check_edges(N, bias, wiring_weight, edge_index, edge_mask)
     if order is None:
         order = torch.empty(0, dtype=torch.long)
     out, wiring, entropy, probs = _FusedSparseAttention.apply(

@@ -217,6 +217,20 @@ class _SparseAttention(torch.autograd.Function):
         )
 
 
+def check_edges(N: int, bias, wiring_weight, edge_index, edge_mask) -> tuple[int, torch.Tensor | None]:
+    """Check the (N, K) edge arrays of a per-edge kernel; returns K and the mask (None when nothing is masked)."""
+    if edge_index.dim() != 2 or edge_index.shape[0] != N:
+        raise ValueError(f"edge_index must be (N={N}, K), got {tuple(edge_index.shape)}")
+    K = edge_index.shape[1]
+    if wiring_weight.shape != (N, K):
+        raise ValueError(f"wiring_weight must be (N, K) = {(N, K)}, got {tuple(wiring_weight.shape)}")
+    if bias is not None and bias.shape != (N, K):
+        raise ValueError(f"attention bias must be (N, K) = {(N, K)} for a sparse connectivity, got {tuple(bias.shape)}")
+    if edge_mask is not None and edge_mask.all():
+        edge_mask = None  # nothing to mask
+    return K, edge_mask
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -241,15 +255,7 @@ def sparse_attention(
     Returns (out (N, B, H, dv), AttentionStats(wiring, entropy, attn)).
     """
     N, B, H, d = q.shape
-    if edge_index.dim() != 2 or edge_index.shape[0] != N:
-        raise ValueError(f"edge_index must be (N={N}, K), got {tuple(edge_index.shape)}")
-    K = edge_index.shape[1]
-    if wiring_weight.shape != (N, K):
-        raise ValueError(f"wiring_weight must be (N, K) = {(N, K)}, got {tuple(wiring_weight.shape)}")
-    if bias is not None and bias.shape != (N, K):
-        raise ValueError(f"attention bias must be (N, K) = {(N, K)} for a sparse connectivity, got {tuple(bias.shape)}")
-    if edge_mask is not None and edge_mask.all():
-        edge_mask = None  # nothing to mask: skip the masked_fill
+    K, edge_mask = check_edges(N, bias, wiring_weight, edge_index, edge_mask)
     out, wiring, entropy, probs = _SparseAttention.apply(
         q, k, v, bias, wiring_weight, edge_index.long(), edge_mask, chunk
     )
