@@ -121,14 +121,15 @@ def test_tiles_are_compact_squares_on_a_power_of_two_grid():
     assert sorted(len(t) for t in uneven) == [3, 8, 8, 8, 8]
 
 
-def _sheet_pair(conn, **cfg):
+def sheet_pair(conn, kernel="block", **cfg):
+    """Two float64 sheets with the same weights: one on the gather kernel, one on ``kernel``."""
     base = dict(width=8, steps=3, qk_dim=4, heads=2)
     base.update(cfg)
     torch.manual_seed(0)
     ref = Columnformer(SheetConfig(**base, sparse_kernel="gather"), conn.geometry, conn, "all", "all").double()
-    blk = Columnformer(SheetConfig(**base, sparse_kernel="block"), conn.geometry, conn, "all", "all").double()
-    blk.load_state_dict(ref.state_dict())
-    return ref, blk
+    other = Columnformer(SheetConfig(**base, sparse_kernel=kernel), conn.geometry, conn, "all", "all").double()
+    other.load_state_dict(ref.state_dict())
+    return ref, other
 
 
 @pytest.mark.parametrize(
@@ -141,7 +142,7 @@ def _sheet_pair(conn, **cfg):
 )
 def test_sheet_on_block_kernel_equals_gather_kernel(cfg):
     conn = Connectivity.local_plus_long_range(grid(9, 9), 12, 4, seed=0)
-    ref, blk = _sheet_pair(conn, **cfg)
+    ref, blk = sheet_pair(conn, **cfg)
     assert ref.block_plan() is None and blk.block_plan() is not None
     x = torch.randn(2, 81, 8, dtype=torch.float64)
     outs = []
@@ -158,7 +159,7 @@ def test_sheet_on_block_kernel_equals_gather_kernel(cfg):
 
 def test_plan_follows_rewiring_and_loaded_edges():
     conn = Connectivity.local(grid(10, 10), 9)
-    ref, blk = _sheet_pair(conn)
+    ref, blk = sheet_pair(conn)
     x = torch.randn(2, 100, 8, dtype=torch.float64)
     _, trace = blk(x, record=("attn",))
     plan_before = blk.block_plan()

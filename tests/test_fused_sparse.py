@@ -10,7 +10,7 @@ from columnformer import Columnformer, SheetConfig, grid
 from columnformer.connectivity import Connectivity
 from columnformer.fused_sparse import FusedPlan, fused_sparse_attention, visit_order
 from columnformer.sparse_attention import sparse_attention
-from test_block_sparse import GEOMETRIES, _inputs, check_against_gather, saved_elements
+from test_block_sparse import GEOMETRIES, _inputs, check_against_gather, saved_elements, sheet_pair
 
 pytestmark = pytest.mark.skipif(not fused_sparse.available(), reason=f"C++ kernel not built: {fused_sparse.load_error()}")
 
@@ -112,21 +112,11 @@ def test_fused_kernel_saves_no_edge_sized_tensors():
     assert 4 * n * k > 2 * 4 * 4 * n  # (B*N*K probabilities alone would exceed the q/k inputs here)
 
 
-def _sheets(conn, **cfg):
-    base = dict(width=8, steps=3, qk_dim=4, heads=2)
-    base.update(cfg)
-    torch.manual_seed(0)
-    ref = Columnformer(SheetConfig(**base, sparse_kernel="gather"), conn.geometry, conn, "all", "all").double()
-    fused = Columnformer(SheetConfig(**base, sparse_kernel="fused"), conn.geometry, conn, "all", "all").double()
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused
-
-
 @pytest.mark.parametrize("cfg", [dict(), dict(value_proj=True, attn_bias="zero", recurrent=False),
                                  dict(learn_positions=True), dict(checkpoint=True, inject="every")])
 def test_sheet_on_fused_kernel_equals_gather_kernel(cfg):
     conn = Connectivity.local_plus_long_range(grid(9, 9), 12, 4, seed=0)
-    ref, fused = _sheets(conn, **cfg)
+    ref, fused = sheet_pair(conn, "fused", **cfg)
     assert ref.block_plan() is None and isinstance(fused.block_plan(), FusedPlan)
     x = torch.randn(2, 81, 8, dtype=torch.float64)
     outs = []
