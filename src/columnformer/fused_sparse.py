@@ -56,6 +56,19 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _announce_build(cpp_extension, name: str) -> None:
+    """Say on stderr that the first build is starting (it takes about a minute). Only a message: the build
+    directory is found through a private torch helper, so any failure here is ignored rather than blocking the
+    kernel."""
+    try:
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    except Exception:
+        return
+    if not built.exists():
+        print(f"columnformer: building the fused sparse-attention kernel (once per machine, ~1 minute) in {built.parent}",
+              file=sys.stderr, flush=True)
+
+
 def _load():
     global _EXT, _ERROR
     if _EXT is not None or _ERROR is not None:
@@ -66,10 +79,7 @@ def _load():
         src = SOURCE.read_text()
         tag = hashlib.sha256((src + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
         name = f"columnformer_fused_sparse_{tag}"
-        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-        if not built.exists():
-            print(f"columnformer: building the fused sparse-attention kernel (once per machine, ~1 minute) in {built.parent}",
-                  file=sys.stderr, flush=True)
+        _announce_build(cpp_extension, name)
         _EXT = cpp_extension.load(
             name=name, sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("COLUMNFORMER_VERBOSE_BUILD")),
@@ -85,7 +95,7 @@ def available() -> bool:
 
 
 def load_error() -> str | None:
-    """Why the C++ kernel could not be built (None if it was, or was not tried yet)."""
+    """Why the C++ kernel could not be built (None if it was); tries the build first if it was not tried yet."""
     _load()
     return _ERROR
 
