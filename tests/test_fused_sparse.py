@@ -50,9 +50,10 @@ def test_fused_kernel_with_padding_edges_and_the_wiring_weight_gradient():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("b,h,d,dv", [(3, 2, 4, 5), (4, 5, 8, 16), (8, 1, 16, 32)])
+@pytest.mark.parametrize("b,h,d,dv", [(3, 2, 4, 5), (4, 5, 8, 16), (8, 1, 16, 32), (16, 1, 16, 32), (64, 4, 8, 8)])
 def test_float32_matches_the_gather_kernel(b, h, d, dv):
-    """float32 runs the polynomial exp and the compiled (d, dv) cases; lanes padded to a multiple of 8."""
+    """float32 runs the polynomial exp and the compiled (d, dv) cases; the B*H lanes are padded to 1, 2, 4 or
+    32 vectors of 8 (20 lanes to 32; 256 lanes: more lane blocks than a register tile holds)."""
     conn = GEOMETRIES["grid_long_range"]()
     n, k = conn.index.shape
     q, kk, v, bias, w = (t.detach().float().requires_grad_(t.requires_grad) for t in _inputs(n, k, b, h, d, dv))

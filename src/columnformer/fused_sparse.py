@@ -137,13 +137,15 @@ def build_fused_plan(coords, index: torch.Tensor | None = None, mask: torch.Tens
 
 
 def _padded_lanes(lanes: int, dtype: torch.dtype) -> int:
+    """Lanes padded to a power-of-two number of 256-bit vectors (the C++ kernel's tiles need it)."""
     width = 256 // torch.finfo(dtype).bits  # lanes per 256-bit vector (LW in the C++ source)
-    return -(-lanes // width) * width
+    vectors = -(-lanes // width)
+    return width * (1 << (vectors - 1).bit_length())
 
 
 def _lanes(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(N, B, H, d) -> contiguous (N, d, P) in ``dtype``: the kernel's layout, the B*H lanes innermost,
-    zero-padded to P (a multiple of the vector width). One copy."""
+    zero-padded to P (a power-of-two number of 256-bit vectors). One copy."""
     N, B, H, d = x.shape
     P = _padded_lanes(B * H, dtype)
     out = torch.empty(N, d, P, dtype=dtype)
