@@ -7,7 +7,7 @@
 Model: a 2D grid sheet of N columns, untied columns of width 32, one head with query/key dimension 16,
 MLP ratio 1, recurrent, 4 steps, ``Connectivity.local(k=64)``; batch 8 of random tokens written into
 every column; one training step = forward, backward (loss = mean square output + 0.01 wiring) and an
-AdamW step, fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``fused``
+AdamW step (torch's fused AdamW, as the trainer), fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``fused``
 ``sparse_kernel=fused`` (the C++ kernel, built once by the parent before any child runs), ``dense`` all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing;
 ``--kinds ... block+ckpt+bf16m`` also stores AdamW's moments in bf16 (``columnformer.optim.AdamW``);
 ``+keep`` keeps freed host memory in the child for reuse (``train.keep_host_memory``); ``+thp`` starts the
@@ -105,8 +105,9 @@ def child(a) -> dict:
 
         opt = AdamW(model.parameters(), lr=1e-3)
     else:
-        # what the trainer uses (on CPU torch picks its per-parameter loop)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        # what the trainer uses: torch's fused AdamW (--unfused-adamw: its per-parameter loop, which the runs
+        # recorded before that option used)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=None if a.unfused_adamw else True)
     tokens = torch.randn(a.batch, a.n, a.width, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
@@ -255,6 +256,8 @@ def main(argv=None) -> None:
     p.add_argument("--dense-limit-gib", type=float, default=20.0)
     p.add_argument("--million", action="store_true", help="also time local(k) on a 10^6-column grid")
     p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--unfused-adamw", action="store_true",
+                   help="torch.optim.AdamW's per-parameter loop instead of its fused kernel (what the trainer uses)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -262,7 +265,7 @@ def main(argv=None) -> None:
         "--k", str(a.k), "--width", str(a.width), "--heads", str(a.heads), "--qk-dim", str(a.qk_dim),
         "--batch", str(a.batch), "--steps", str(a.steps), "--repeats", str(a.repeats), "--threads", str(a.threads),
         "--device", a.device,
-    ]
+    ] + (["--unfused-adamw"] if a.unfused_adamw else [])
     if a.child:
         a.kind = a.child
         print(json.dumps(child(a)))

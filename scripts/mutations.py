@@ -91,6 +91,8 @@ MUTATIONS = [
      ["tests/test_fused_sparse.py"]),
     ("fused kernel: wiring gradient not divided by the lanes", "src/columnformer/fused_sparse.py",
      "gw = float(g_wiring) / (N * BH)", "gw = float(g_wiring) / N", ["tests/test_fused_sparse.py"]),
+    ("trainer: torch's AdamW without its fused kernel", "src/columnformer/train.py",
+     "betas=cfg.optim.betas, fused=fused or None)", "betas=cfg.optim.betas)", ["tests/test_optim.py"]),
     ("huge-pages environment without the tunable", "src/columnformer/runtime.py",
      'env["GLIBC_TUNABLES"] = ":".join(current + [HUGE_PAGES_TUNABLE])', 'env["GLIBC_TUNABLES"] = ":".join(current)',
      ["tests/test_host_memory.py"]),

@@ -151,8 +151,9 @@ class _Killed(Exception):
 
 
 def test_trainer_uses_bf16_moments_and_resumes(tmp_path, monkeypatch):
-    """optim.state_dtype=bf16 reaches the trainer: the checkpoint's moments are bf16 (fp32 by default), and a run
-    killed after its step-4 checkpoint and resumed ends with the weights of the uninterrupted run, bit for bit."""
+    """optim.state_dtype=bf16 reaches the trainer: the checkpoint's moments are bf16 (fp32 by default, with torch's
+    fused AdamW), and a run killed after its step-4 checkpoint and resumed ends with the weights of the uninterrupted
+    run, bit for bit."""
     from columnformer.checkpoint import load_checkpoint
     from columnformer.config import ConfigError, build_config
     from columnformer.train import Trainer, resume, train
@@ -180,6 +181,7 @@ def test_trainer_uses_bf16_moments_and_resumes(tmp_path, monkeypatch):
     assert {s["exp_avg"].dtype for s in whole["optimizer"]["state"].values()} == {torch.bfloat16}
     fp32 = load_checkpoint(tmp_path / "fp32" / "checkpoints" / "last.pt")
     assert {s["exp_avg"].dtype for s in fp32["optimizer"]["state"].values()} == {torch.float32}
+    assert all(g["fused"] for g in fp32["optimizer"]["param_groups"])  # fp32: torch's fused AdamW (a resume keeps it)
     for k, v in whole["model"].items():
         assert torch.equal(cut["model"][k], v), k
     with pytest.raises(ConfigError, match="state_dtype"):

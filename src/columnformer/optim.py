@@ -12,7 +12,8 @@ less than half a bf16 ulp (0.2 %), e.g. the second moment with beta2 = 0.999 cou
 noise comes from a generator seeded by (seed, step, parameter index): a resumed run rounds exactly as an
 uninterrupted one. Large tensors are processed in chunks, so the float32 temporaries stay small.
 
-Selected by ``optim.state_dtype=bf16`` (``train.py``); the default ``fp32`` uses ``torch.optim.AdamW``.
+Selected by ``optim.state_dtype=bf16`` (``train.py``); the default ``fp32`` uses ``torch.optim.AdamW`` (its fused kernel
+on CPU and CUDA).
 """
 
 from __future__ import annotations
