@@ -191,9 +191,9 @@ class Trainer:
         if cfg.optim.state_dtype == "bf16":  # moments in bf16: half the optimizer state, same update; the rounding
             # noise is seeded alike on every rank, so DDP replicas stay equal
             self.optimizer = AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, seed=tc.seed)
-        else:  # torch's fused AdamW: one pass per parameter, ~3x its for-loop on CPU (benchmarks/scale.py), the same
-            # update up to rounding; not for FSDP's sharded parameters. A checkpoint's param_groups carry the choice,
-            # so a run resumes with the implementation it started with.
+        else:  # torch's fused AdamW: one pass per parameter, 6x its for-loop on CPU (benchmarks/optimizer_step.py),
+            # the same update up to rounding; not for FSDP's sharded parameters. A checkpoint's param_groups carry the
+            # choice, so a run resumes with the implementation it started with.
             fused = self.device.type in ("cpu", "cuda") and not self._sharded
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
