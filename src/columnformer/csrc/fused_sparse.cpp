@@ -76,8 +76,8 @@ struct Edges {
 // (edges, P) buffers. In the forward pass the sum over edges keeps RB vectors of the output in registers
 // while the edges stream past (register blocking: each edge costs one load and one FMA per vector of the
 // output, never a load and a store of the accumulator) and the reductions over edges (max, sum) run per
-// lane block in registers. The backward pass keeps its accumulators in memory (lane_dot / lane_axpy
-// below): a register-blocked backward was measured no faster on a Zen 4 CPU, where both passes are bound
+// lane block in registers. The backward pass keeps its accumulators in memory (lane_axpy below): a
+// register-blocked backward was measured no faster on a Zen 4 CPU, where both passes are bound
 // by gathering the K source rows of every column from L2.
 typedef float vfloat __attribute__((vector_size(32)));
 typedef double vdouble __attribute__((vector_size(32)));
@@ -95,27 +95,6 @@ constexpr int RB = 8;   // 16 vector registers
 
 template <typename T> inline Vec<T> vload(const T* p) { Vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename T> inline void vstore(T* p, const Vec<T>& v) { std::memcpy(p, &v, sizeof v); }
-
-// out[b] = sum_i x[i * P + b] * y[i * P + b] for the P lanes b, over n rows (L > 0: n known at compile time);
-// one lane block at a time (the rows of y stay in L1 between blocks), four partial sums per block break
-// the chain of dependent FMAs
-template <typename T, int L>
-inline void row_dot(const T* __restrict x, const T* __restrict y, int64_t n, int64_t P, T* __restrict out) {
-  if constexpr (L > 0) n = L;
-  for (int64_t b = 0; b < P; b += LW<T>) {
-    const T *xb = x + b, *yb = y + b;
-    Vec<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4, xb += 4 * P, yb += 4 * P) {
-      a0 += vload(xb) * vload(yb);
-      a1 += vload(xb + P) * vload(yb + P);
-      a2 += vload(xb + 2 * P) * vload(yb + 2 * P);
-      a3 += vload(xb + 3 * P) * vload(yb + 3 * P);
-    }
-    for (; i < n; ++i, xb += P, yb += P) a0 += vload(xb) * vload(yb);
-    vstore(out + b, (a0 + a1) + (a2 + a3));
-  }
-}
 
 // y[f] = sum_j c[j * P + f % P] * rows[j][f] over the n * P elements f of n rows (written, not added);
 // c is (m, P). Tiles of RB vectors; a tile's vector t uses lane block (v0 + t) & (nb - 1) of c[j].
@@ -154,8 +133,7 @@ inline void weighted_rows(const T* __restrict c, const T* const* rows, int64_t m
   }
 }
 
-// The backward pass's helpers: one row's lanes, block by block, accumulators in memory.
-// acc[h] = sum_i x[i, h] y[i, h]
+// acc[h] = sum_i x[i, h] y[i, h], block by block (the dot products of both passes)
 template <typename T, int L>
 inline void lane_dot(const T* __restrict x, const T* __restrict y, T* __restrict acc, int64_t n, int64_t P) {
   if constexpr (L > 0) n = L;
@@ -169,7 +147,7 @@ inline void lane_dot(const T* __restrict x, const T* __restrict y, T* __restrict
   }
 }
 
-// y[i, h] += c[h] x[i, h]
+// y[i, h] += c[h] x[i, h] (the backward pass's sums over edges, accumulators in memory)
 template <typename T, int L>
 inline void lane_axpy(const T* __restrict c, const T* __restrict x, T* __restrict y, int64_t n, int64_t P) {
   if constexpr (L > 0) n = L;
@@ -246,7 +224,7 @@ void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::T
       for (int64_t j = 0; j < m; ++j) {  // scores
         const int64_t e = es[j], src = E.index[n * K + e];
         T* sj = s.data() + j * P;
-        row_dot<T, D>(qn, kp + src * d * P, d, P, sj);
+        lane_dot<T, D>(qn, kp + src * d * P, sj, d, P);
         const T be = E.b(n, e);
         for (int64_t h = 0; h < P; h += W) vstore(sj + h, vload(sj + h) * scale + be);
         vr[j] = vp + src * dv * P;
