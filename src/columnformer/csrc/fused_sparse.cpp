@@ -231,13 +231,11 @@ void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::T
       }
       // per lane block, reductions over the edges in registers: max, then exp(s - max) and its sum
       for (int64_t h = 0; h < P; h += W) {
-        Vec<T> x = vload(s.data() + h);  // m == 0: never read
-        Vec<T> y = x;
-        for (int64_t j = 1; j < m; ++j) {
+        Vec<T> y = Vec<T>{} - inf;  // stays -inf without valid edges (then z = 0: A = 0, lse = inf)
+        for (int64_t j = 0; j < m; ++j) {
           const Vec<T> sj = vload(s.data() + j * P + h);
           y = sj > y ? sj : y;
         }
-        if (m == 0) y = Vec<T>{} - inf;
         vstore(mx.data() + h, y);
         for (int64_t j = 0; j < m; ++j) vstore(a.data() + j * P + h, vload(s.data() + j * P + h) - y);
       }
