@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import columnformer.fused_sparse as fused_sparse
+from columnformer import native
 from columnformer import Columnformer, SheetConfig, grid
 from columnformer.connectivity import Connectivity
 from columnformer.fused_sparse import FusedPlan, fused_sparse_attention, visit_order
@@ -140,8 +141,8 @@ def test_auto_runs_fused_on_cpu_and_the_cost_model_when_it_cannot_build(monkeypa
     conn = Connectivity.local(grid(32, 32), 64)
     sheet = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2), conn.geometry, conn, "all", "all")
     assert isinstance(sheet.block_plan(), FusedPlan)
-    monkeypatch.setattr(fused_sparse, "_EXT", None)
-    monkeypatch.setattr(fused_sparse, "_ERROR", "RuntimeError: no compiler (test)")
+    monkeypatch.setattr(native, "_EXT", None)
+    monkeypatch.setattr(native, "_ERROR", "RuntimeError: no compiler (test)")
     monkeypatch.setattr("columnformer.sheet.fused_available", fused_sparse.available)
     assert type(sheet.block_plan()).__name__ == "BlockPlan"  # auto falls back to the cheaper torch kernel
     forced = Columnformer(SheetConfig(width=4, steps=1, qk_dim=2, sparse_kernel="fused"), conn.geometry, conn)

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from columnformer.attention import dense_attention, dense_attention_reference
-from columnformer.layers import UntiedLinear, untied_linear_fused, untied_session
+from columnformer.layers import UntiedLinear, native_kernels, untied_linear_fused, untied_session
+
+
+@pytest.fixture(autouse=True, params=["C++ kernels", "torch"])
+def layer_kernels(request):
+    """Every test here runs twice: with the per-column C++ kernels where they apply and with torch's ops (the path
+    on GPUs and where the kernels cannot be built)."""
+    with native_kernels(request.param != "torch"):
+        yield request.param
 
 
 def _plain(x, layer):

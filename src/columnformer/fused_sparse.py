@@ -18,94 +18,34 @@ so there are no atomics and the result does not depend on the thread count. Colu
 the tile order of :func:`columnformer.block_sparse.tile_order`, so the rows a thread reads stay in
 cache. Scores, softmax and reductions run in float32 (float64 for float64 inputs).
 
-The C++ source is compiled on first use with torch's JIT extension loader (needs a C++ compiler and
-``ninja``, a dependency) into torch's extension cache, under a name that includes this CPU's
-instruction-set flags (it is built with ``-march=native``); :func:`available` says whether it
-loaded, :func:`load_error` why not. CPU only: on CUDA use ``sparse_kernel='flex'`` or ``block``.
+The C++ source is part of the library's C++ kernels (:mod:`columnformer.native`), built on first use;
+:func:`available` says whether they loaded, :func:`load_error` why not. CPU only: on CUDA use
+``sparse_kernel='flex'`` or ``block``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import native
 from .attention_stats import AttentionStats
 from .block_sparse import tile_order
 from .sparse_attention import check_edges, reverse_edges
 
-SOURCE = Path(__file__).with_name("csrc") / "fused_sparse.cpp"
 ORDER_TILE = 16  # columns per tile of the visiting order (a 4 x 4 square on a grid)
-_EXT = None
-_ERROR: str | None = None
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _announce_build(cpp_extension, name: str) -> None:
-    """Say on stderr that the first build is starting (it takes about a minute). Only a message: the build
-    directory is found through a private torch helper, so any failure here is ignored rather than blocking the
-    kernel."""
-    try:
-        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-    except Exception:
-        return
-    if not built.exists():
-        print(f"columnformer: building the fused sparse-attention kernel (once per machine, ~1 minute) in {built.parent}",
-              file=sys.stderr, flush=True)
-
-
-def _load():
-    global _EXT, _ERROR
-    if _EXT is not None or _ERROR is not None:
-        return _EXT
-    try:
-        from torch.utils import cpp_extension
-
-        src = SOURCE.read_text()
-        tag = hashlib.sha256((src + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
-        name = f"columnformer_fused_sparse_{tag}"
-        _announce_build(cpp_extension, name)
-        _EXT = cpp_extension.load(
-            name=name, sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("COLUMNFORMER_VERBOSE_BUILD")),
-        )
-    except Exception as e:  # no compiler, no ninja, a failed build: say why, the caller falls back or refuses
-        _ERROR = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-    return _EXT
-
-
-def available() -> bool:
-    """Whether the C++ kernel is built (building it now on first call, ~1 minute)."""
-    return _load() is not None
-
-
-def load_error() -> str | None:
-    """Why the C++ kernel could not be built (None if it was); tries the build first if it was not tried yet."""
-    _load()
-    return _ERROR
+available = native.available
+load_error = native.load_error
 
 
 def _require():
-    ext = _load()
+    ext = native.load()
     if ext is None:
         raise RuntimeError(
-            f"sparse_kernel='fused' needs its C++ kernel, which could not be built ({_ERROR}); it needs a C++ compiler "
-            "(g++) and the 'ninja' package; use sparse_kernel='block' or 'gather' (the same math in PyTorch)"
+            f"sparse_kernel='fused' needs its C++ kernel, which could not be built ({native.load_error()}); it needs a "
+            "C++ compiler (g++) and the 'ninja' package; use sparse_kernel='block' or 'gather' (the same math in PyTorch)"
         )
     return ext
 
@@ -145,21 +85,21 @@ def _padded_lanes(lanes: int, dtype: torch.dtype) -> int:
 
 def _lanes(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(N, B, H, d) -> contiguous (N, d, P) in ``dtype``: the kernel's layout, the B*H lanes innermost,
-    zero-padded to P (a power-of-two number of 256-bit vectors). One copy."""
+    zero-padded to P (a power-of-two number of 256-bit vectors). One pass: every column's (B*H, d) block
+    transposed in C++ (strided inputs such as a slice of the query/key projection are read in place)."""
     N, B, H, d = x.shape
     P = _padded_lanes(B * H, dtype)
-    out = torch.empty(N, d, P, dtype=dtype)
-    out[..., :B * H].view(N, d, B, H).copy_(x.permute(0, 3, 1, 2))
-    out[..., B * H:] = 0
-    return out
+    x = x.to(dtype)
+    rows = x.squeeze(2) if H == 1 else x.reshape(N, B * H, d)  # (N, B*H, d): a view where the strides allow
+    if rows.stride(2) != 1:
+        rows = rows.contiguous()
+    return _require().to_lanes(rows, P)
 
 
 def _unlanes(x: torch.Tensor, B: int, H: int, dtype: torch.dtype) -> torch.Tensor:
     """(N, d, P) -> contiguous (N, B, H, d) in ``dtype`` (padding lanes dropped)."""
     N, d, _ = x.shape
-    out = torch.empty(N, B, H, d, dtype=dtype)
-    out.copy_(x[..., :B * H].view(N, d, B, H).permute(0, 2, 3, 1))
-    return out
+    return _require().from_lanes(x, B * H).view(N, B, H, d).to(dtype)
 
 
 class _FusedSparseAttention(torch.autograd.Function):
@@ -174,7 +114,7 @@ class _FusedSparseAttention(torch.autograd.Function):
             b = bias.to(cdt).contiguous() if bias is not None else qc.new_empty(0)
             w = wiring_weight.to(cdt).contiguous()
             valid = mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
-            out, lse, colw, colh, probs = ext.forward(qc, kc, vc, index, valid, b, w, order, d**-0.5, B * H, record)
+            out, lse, colw, colh, probs = ext.sparse_forward(qc, kc, vc, index, valid, b, w, order, d**-0.5, B * H, record)
             denom = N * B * H
             wiring, entropy = colw.sum() / denom, colh.sum() / denom
         ctx.save_for_backward(qc, kc, vc, b, w, index, valid, order, lse)
@@ -197,7 +137,7 @@ class _FusedSparseAttention(torch.autograd.Function):
         else:
             rev = qry = index.new_empty(0, 0)
         with torch.autocast("cpu", enabled=False):
-            dq, dk, dvv, dbias, dw = _require().backward(
+            dq, dk, dvv, dbias, dw = _require().sparse_backward(
                 qc, kc, vc, index, valid, b, w, order, d**-0.5, BH, lse, g, gw, rev, qry,
                 need_q, need_k, need_v, need_bias, need_w,
             )

@@ -27,9 +27,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 INIT_STD = 0.02
 
 _LOCAL = threading.local()
+_NATIVE = {"enabled": True}
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool):
+    """Run the per-column layers with (True) or without (False) the C++ kernels of :mod:`columnformer.native`
+    inside this context (default: with them, where they apply). The same math either way; for comparisons."""
+    previous = _NATIVE["enabled"]
+    _NATIVE["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _NATIVE["enabled"] = previous
+
+
+def _native_for(*tensors: torch.Tensor | None):
+    """The C++ kernels' module when they apply to these tensors (CPU, float32/float64, one dtype, built), else None."""
+    if not _NATIVE["enabled"] or torch.compiler.is_compiling():  # torch.compile traces the torch ops instead
+        return None
+    ts = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dtype != ts[0].dtype for t in ts):
+        return None
+    return native.load()
 
 
 class _Stash:
@@ -58,6 +83,20 @@ class _Stash:
             acc.baddbmm_(xt, p)
         if self.bias:
             sums[-1].add_(g.sum(1))
+
+    def add_native(self, ext, task: int, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, need_dx: bool):
+        """:meth:`add` and the input gradient ``g @ w^T`` in one pass of the C++ kernel (float32/float64 on CPU);
+        returns the input gradient (None unless ``need_dx``)."""
+        N, _, I = x.shape
+        sums = self.sums.get(task)
+        first = sums is None
+        if first:  # one buffer per layer, so every gradient is born contiguous
+            sums = [x.new_empty(N, I, o) for o in self.splits] + ([x.new_empty(N, sum(self.splits))] if self.bias else [])
+            self.sums[task] = sums
+        db = sums[-1] if self.bias else x.new_empty(0)
+        dws = sums[:-1] if self.bias else sums
+        dx = ext.linear_backward(x, w, g, dws, db, need_dx, not first)
+        return dx if need_dx else None
 
 
 class _Session:
@@ -177,7 +216,7 @@ class _UntiedUse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, stash):
         x = x.to(w.dtype)
-        y = torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+        y = _linear(x, w, b)
         ctx.stash = stash
         ctx.save_for_backward(x, w)
         return y
@@ -185,10 +224,28 @@ class _UntiedUse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        ext = _native_for(x, w, g)
+        if ext is not None and w.is_contiguous():  # dx and the stashed weight gradient in one C++ pass
+            x, g = x.contiguous(), g.contiguous()
+            if need_w:
+                return ctx.stash.add_native(ext, torch._C._current_graph_task_id(), x, w, g, ctx.needs_input_grad[0]), \
+                    None, None, None
+            dx = ext.linear_backward(x, w, g, [], x.new_empty(0), True, False) if ctx.needs_input_grad[0] else None
+            return dx, None, None, None
+        if need_w:
             ctx.stash.add(torch._C._current_graph_task_id(), x, g)
         dx = torch.bmm(g, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         return dx, None, None, None
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w + b`` per column: x (N, B, in), w (N, in, out), b (N, out) or None -> (N, B, out); the C++ kernel
+    where it applies (:func:`native_kernels`), else torch's batched GEMM."""
+    ext = _native_for(x, w, b)
+    if ext is not None and w.is_contiguous() and (b is None or b.is_contiguous()):
+        return ext.linear_forward(x.contiguous(), w, b if b is not None else x.new_empty(0))
+    return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
 
 
 def untied_linear_fused(x: torch.Tensor, layers: list["UntiedLinear"]) -> list[torch.Tensor]:
@@ -223,8 +280,7 @@ def _fused(x: torch.Tensor, layers: list["UntiedLinear"], session: _Session, bia
     if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
         y = _UntiedUse.apply(x, w, b, stash)
     else:
-        x = x.to(w.dtype)
-        y = torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+        y = _linear(x.to(w.dtype), w, b)
     if len(layers) == 1:
         return [y]
     return list(y.split([layer.out_features for layer in layers], dim=-1))
@@ -321,12 +377,32 @@ class _ColumnAffine(torch.autograd.Function):
         return gx, gw, gb
 
 
+class _NativeColumnNorm(torch.autograd.Function):
+    """:class:`_ColumnLayerNorm`'s math in the C++ kernel (float32/float64 on CPU): one pass over each column's rows
+    forward (saving the input and the (N, B) statistics) and one backward (the normalised input recomputed)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, eps):
+        y, mean, rstd = native.load().norm_forward(x, w, b, eps)
+        ctx.save_for_backward(x, w, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = native.load().norm_backward(g.contiguous(), x, mean, rstd, w, need_x, need_w, need_b)
+        return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
+
+
 class UntiedLayerNorm(nn.Module):
     """LayerNorm over channels with a separate affine (weight, bias) per column. (N, B, C) -> (N, B, C).
 
     ``recompute`` (set by a sheet with ``checkpoint=true``): store only the input and the (N, B) statistics and
     recompute the normalised input in backward (one (N, B, C) tensor less per use; 3-10 % slower steps on the
-    tiny presets, so off by default). Same values and gradients either way.
+    tiny presets, so off by default). Same values and gradients either way. Where the C++ kernels apply
+    (float32/float64 on CPU, :func:`native_kernels`) the norm always runs as one C++ pass that stores only the
+    input and the statistics, whatever ``recompute`` says.
     """
 
     def __init__(self, n: int, dim: int, eps: float = 1e-5, recompute: bool = False):
@@ -338,6 +414,8 @@ class UntiedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.n or x.shape[-1] != self.dim:
             raise ValueError(f"UntiedLayerNorm expects input (N={self.n}, B, {self.dim}), got {tuple(x.shape)}")
+        if _native_for(x, self.weight, self.bias) is not None and x.dim() == 3:
+            return _NativeColumnNorm.apply(x.contiguous(), self.weight, self.bias, self.eps)
         if self.recompute:
             return _ColumnLayerNorm.apply(x, self.weight, self.bias, self.eps)
         x = F.layer_norm(x, (self.dim,), eps=self.eps)  # (N, B, C)

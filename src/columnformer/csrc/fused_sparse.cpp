@@ -26,7 +26,11 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using namespace columnformer_native;
 
 // exp over an array, vectorised: float uses a Cephes-style polynomial (|rel. error| < 2e-7, 0 below
 // -87.3, where expf is subnormal); double calls std::exp.
@@ -56,7 +60,6 @@ inline void exp_inplace(double* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
-constexpr int64_t GRAIN = 64;  // columns per task of the thread pool
 
 template <typename T>
 struct Edges {
@@ -79,22 +82,12 @@ struct Edges {
 // lane block in registers. The backward pass keeps its accumulators in memory (lane_axpy below): a
 // register-blocked backward was measured no faster on a Zen 4 CPU, where both passes are bound
 // by gathering the K source rows of every column from L2.
-typedef float vfloat __attribute__((vector_size(32)));
-typedef double vdouble __attribute__((vector_size(32)));
-template <typename T> struct VecOf;
-template <> struct VecOf<float> { using type = vfloat; };
-template <> struct VecOf<double> { using type = vdouble; };
-template <typename T> using Vec = typename VecOf<T>::type;
-template <typename T> constexpr int64_t LW = 32 / sizeof(T);  // lanes per vector
-
 #if defined(__AVX512F__) || defined(__aarch64__)
 constexpr int RB = 16;  // result vectors held in registers (32 vector registers)
 #else
 constexpr int RB = 8;   // 16 vector registers
 #endif
 
-template <typename T> inline Vec<T> vload(const T* p) { Vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
-template <typename T> inline void vstore(T* p, const Vec<T>& v) { std::memcpy(p, &v, sizeof v); }
 
 // y[f] = sum_j c[j * P + f % P] * rows[j][f] over the n * P elements f of n rows (written, not added);
 // c is (m, P). Tiles of RB vectors; a tile's vector t uses lane block (v0 + t) & (nb - 1) of c[j].
@@ -437,7 +430,7 @@ void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& 
   }()
 
 // returns (out (N, dv, P), lse (N, P), wiring per column (N,), entropy per column (N,), probs (N, BH, K) or empty)
-std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+std::vector<torch::Tensor> sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
                                    torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
                                    double scale, int64_t lanes, bool record) {
   check(q, k, v, index, valid, bias, W, order, lanes);
@@ -458,7 +451,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
 }
 
 // returns (dq, dk, dv, dbias, dW); the ones not needed are empty
-std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+std::vector<torch::Tensor> sparse_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
                                     torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
                                     double scale, int64_t lanes, torch::Tensor lse, torch::Tensor g, double gw,
                                     torch::Tensor rev, torch::Tensor qry, bool need_q, bool need_k, bool need_v,
@@ -484,9 +477,4 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
                                                    need_k, need_v, need_bias, need_w));
   });
   return {dq, dk, dvv, dbias, dW};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "fused sparse attention, forward");
-  m.def("backward", &backward, "fused sparse attention, backward");
 }

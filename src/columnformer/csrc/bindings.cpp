@@ -1,0 +1,32 @@
+// The Python module of the C++ kernels (columnformer/native.py builds it from every source in csrc/).
+#include <torch/extension.h>
+
+#include <vector>
+
+std::vector<torch::Tensor> sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                          torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
+                                          double scale, int64_t lanes, bool record);
+std::vector<torch::Tensor> sparse_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
+                                           torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
+                                           double scale, int64_t lanes, torch::Tensor lse, torch::Tensor g, double gw,
+                                           torch::Tensor rev, torch::Tensor qry, bool need_q, bool need_k, bool need_v,
+                                           bool need_bias, bool need_w);
+torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b);
+torch::Tensor linear_backward(torch::Tensor x, torch::Tensor w, torch::Tensor g, std::vector<torch::Tensor> dws,
+                              torch::Tensor db, bool need_dx, bool accumulate);
+std::vector<torch::Tensor> norm_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps);
+std::vector<torch::Tensor> norm_backward(torch::Tensor g, torch::Tensor x, torch::Tensor mean, torch::Tensor rstd,
+                                         torch::Tensor w, bool need_x, bool need_w, bool need_b);
+torch::Tensor to_lanes(torch::Tensor x, int64_t P);
+torch::Tensor from_lanes(torch::Tensor y, int64_t R);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_forward", &sparse_forward, "fused sparse attention, forward (fused_sparse.cpp)");
+  m.def("sparse_backward", &sparse_backward, "fused sparse attention, backward (fused_sparse.cpp)");
+  m.def("linear_forward", &linear_forward, "untied linear per column, forward (column_ops.cpp)");
+  m.def("linear_backward", &linear_backward, "untied linear per column, backward (column_ops.cpp)");
+  m.def("norm_forward", &norm_forward, "layer norm with a per-column affine, forward (column_ops.cpp)");
+  m.def("to_lanes", &to_lanes, "(N, R, d) -> (N, d, P): the fused attention kernel's layout (column_ops.cpp)");
+  m.def("from_lanes", &from_lanes, "(N, d, P) -> (N, R, d) (column_ops.cpp)");
+  m.def("norm_backward", &norm_backward, "layer norm with a per-column affine, backward (column_ops.cpp)");
+}
