@@ -159,3 +159,23 @@ def test_fused_is_refused_off_cpu():
     q = torch.randn(16, 1, 1, 2, device="meta")
     with pytest.raises(ValueError, match="runs on CPU"):
         fused_sparse_attention(q, q, q, None, torch.rand(16, 4), conn.index, conn.mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kernel_reads_query_and_key_slices_of_one_projection_in_place(dtype):
+    """q and k as the two halves of one (N, B, 1, 2d) projection (as the sheet's fused query/key matmul makes them:
+    row stride 2d, not d) give the results of contiguous copies; 8 and 3 lanes (whole and padded vectors)."""
+    conn = Connectivity.local(grid(6, 6), 7)
+    n, k = conn.index.shape
+    for b in (8, 3):
+        g = torch.Generator().manual_seed(b)
+        qk = torch.randn(n, b, 1, 32, dtype=dtype, generator=g)
+        v = torch.randn(n, b, 1, 16, dtype=dtype, generator=g)
+        w = torch.rand(n, k, dtype=dtype, generator=g)
+        q, kk = qk[..., :16], qk[..., 16:]
+        assert q.stride(1) == 32
+        out, st = fused_sparse_attention(q, kk, v, None, w, conn.index, conn.mask)
+        ref, st_ref = fused_sparse_attention(q.contiguous(), kk.contiguous(), v, None, w, conn.index, conn.mask)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        ref_g, st_g = sparse_attention(q, kk, v, None, w, conn.index, conn.mask)
+        torch.testing.assert_close(out, ref_g, rtol=1e-5, atol=1e-5)
