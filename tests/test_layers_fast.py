@@ -214,3 +214,39 @@ def test_only_sheets_that_reuse_their_layers_concatenate_weights():
         assert (qk in mode.sizes) == recurrent, (recurrent, mode.sizes)
         out.sum().backward()  # both paths train
         assert model.sheet.blocks[0].attn.q.weight.grad.abs().sum() > 0
+
+
+def test_recomputed_mlp_matches_the_stored_one_and_saves_less():
+    """Mlp(recompute=True) in a session: the same output and gradients (MLP reused over 3 steps, fc1/fc2 weight
+    and bias gradients accumulated), and its graph saves fewer bytes (no hidden activations)."""
+    from columnformer.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(5, 8, 12, untied=True)
+    with torch.no_grad():
+        for p in (mlp.fc1.bias, mlp.fc2.bias):
+            p.normal_()
+    x0 = torch.randn(5, 4, 8)
+    results = []
+    for recompute in (False, True):
+        mlp.recompute = recompute
+        mlp.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), untied_session():
+            h = x
+            for _ in range(3):
+                h = h + mlp(h)
+        (h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum().backward()
+        results.append((h.detach(), x.grad, [p.grad.clone() for p in mlp.parameters()], sum(saved)))
+    (y0, gx0, gp0, bytes0), (y1, gx1, gp1, bytes1) = results
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(gx1, gx0)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b)
+    assert bytes1 < bytes0 - 3 * 2 * 5 * 4 * 12 * 4 // 2  # at least half of the 2 hidden tensors per use are gone

@@ -232,18 +232,47 @@ class _UntiedUse(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        ext = _native_for(x, w, g)
-        if ext is not None and w.is_contiguous():  # dx and the stashed weight gradient in one C++ pass
-            x, g = x.contiguous(), g.contiguous()
-            if need_w:
-                return ctx.stash.add_native(ext, torch._C._current_graph_task_id(), x, w, g, ctx.needs_input_grad[0]), \
-                    None, None, None
-            dx = ext.linear_backward(x, w, g, [], x.new_empty(0), True, False) if ctx.needs_input_grad[0] else None
-            return dx, None, None, None
+        return _use_backward(x, w, g, ctx.stash, need_w, ctx.needs_input_grad[0]), None, None, None
+
+
+def _use_backward(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, stash: _Stash, need_w: bool, need_dx: bool):
+    """One use's backward: hand (x, g) to the stash (its weight gradient) and return ``g @ w^T`` (None unless
+    ``need_dx``); one C++ pass where the kernels apply."""
+    ext = _native_for(x, w, g)
+    if ext is not None and w.is_contiguous():  # dx and the stashed weight gradient in one C++ pass
+        x, g = x.contiguous(), g.contiguous()
         if need_w:
-            ctx.stash.add(torch._C._current_graph_task_id(), x, g)
-        dx = torch.bmm(g, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        return dx, None, None, None
+            return stash.add_native(ext, torch._C._current_graph_task_id(), x, w, g, need_dx)
+        return ext.linear_backward(x, w, g, [], x.new_empty(0), True, False) if need_dx else None
+    if need_w:
+        stash.add(torch._C._current_graph_task_id(), x, g)
+    return torch.bmm(g, w.transpose(1, 2)) if need_dx else None
+
+
+class _RecomputedMlp(torch.autograd.Function):
+    """``fc2(gelu(fc1(x)))`` on two tapped untied layers, saving only x: the hidden pre-activation and the GELU
+    output ((N, B, hidden) each) are recomputed in backward (one more fc1 forward) instead of stored."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, stash1, stash2):
+        x = x.to(w1.dtype)
+        y = _linear(F.gelu(_linear(x, w1, b1)), w2, b2)
+        ctx.stashes = (stash1, stash2)
+        ctx.save_for_backward(x, w1, b1, w2)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w1, b1, w2 = ctx.saved_tensors
+        stash1, stash2 = ctx.stashes
+        h = _linear(x, w1, b1)  # (N, B, hidden), recomputed
+        a = F.gelu(h)
+        da = _use_backward(a, w2, g, stash2, ctx.needs_input_grad[3] or ctx.needs_input_grad[4], True)
+        del a
+        dh = torch.ops.aten.gelu_backward(da, h)
+        del da, h
+        need_w1 = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        return _use_backward(x, w1, dh, stash1, need_w1, ctx.needs_input_grad[0]), None, None, None, None, None, None
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -275,7 +304,8 @@ def untied_linear_fused(x: torch.Tensor, layers: list["UntiedLinear"]) -> list[t
     return _fused(x, layers, session, True in has_bias)
 
 
-def _fused(x: torch.Tensor, layers: list["UntiedLinear"], session: _Session, bias: bool) -> list[torch.Tensor]:
+def _tap(layers: list["UntiedLinear"], session: _Session, bias: bool):
+    """(tapped weight, tapped bias or None, stash) of these layers in this session (tapped on first use)."""
     key = tuple(id(layer) for layer in layers)
     if key not in session.taps:
         splits = [layer.out_features for layer in layers]
@@ -283,7 +313,11 @@ def _fused(x: torch.Tensor, layers: list["UntiedLinear"], session: _Session, bia
         params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias else [])
         w, b = _Tap.apply(stash, _compute_dtype(layers[0].weight), splits, len(layers), *params)
         session.taps[key] = (w, b, stash)
-    w, b, stash = session.taps[key]
+    return session.taps[key]
+
+
+def _fused(x: torch.Tensor, layers: list["UntiedLinear"], session: _Session, bias: bool) -> list[torch.Tensor]:
+    w, b, stash = _tap(layers, session, bias)
     if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
         y = _UntiedUse.apply(x, w, b, stash)
     else:
@@ -474,12 +508,26 @@ def layer_norm(n: int, dim: int, untied) -> nn.Module:
 
 
 class Mlp(nn.Module):
-    """Column computation: Linear -> GELU -> Linear, per column or shared. (N, B, C) -> (N, B, C)."""
+    """Column computation: Linear -> GELU -> Linear, per column or shared. (N, B, C) -> (N, B, C).
 
-    def __init__(self, n: int, dim: int, hidden: int, untied):
+    ``recompute`` (set by a sheet with ``checkpoint=true``): with untied layers inside an untied session, store only
+    the input and recompute the hidden activations in backward (two (N, B, hidden) tensors less per use, one more
+    fc1 forward). Same values and gradients either way.
+    """
+
+    def __init__(self, n: int, dim: int, hidden: int, untied, recompute: bool = False):
         super().__init__()
         self.fc1 = linear(n, dim, hidden, untied)
         self.fc2 = linear(n, hidden, dim, untied)
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        session = getattr(_LOCAL, "session", None)
+        if (self.recompute and session is not None and torch.is_grad_enabled()
+                and isinstance(self.fc1, UntiedLinear) and isinstance(self.fc2, UntiedLinear)
+                and self.fc1.bias is not None and self.fc2.bias is not None):
+            self.fc1._check(x)
+            w1, b1, stash1 = _tap([self.fc1], session, True)
+            w2, b2, stash2 = _tap([self.fc2], session, True)
+            return _RecomputedMlp.apply(x, w1, b1, w2, b2, stash1, stash2)
         return self.fc2(F.gelu(self.fc1(x)))

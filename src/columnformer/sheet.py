@@ -88,7 +88,8 @@ class SheetConfig(BaseModel):
     checkpoint: bool = Field(
         False, description="activation checkpointing: keep only each step's input and recompute the step in backward "
         "(activation memory of one step instead of T; about one more forward pass of compute); per-column layer norms "
-        "then also recompute their normalised input in backward instead of storing it",
+        "then also recompute their normalised input, and untied MLPs their hidden activations, in backward instead of "
+        "storing them",
     )
     halting: Literal["none", "act", "ponder"] = Field(
         "none", description="adaptive computation per column (recurrent sheets): ACT or PonderNet halting; see the "
@@ -409,8 +410,8 @@ class Columnformer(nn.Module):
         num_blocks = 1 if cfg.recurrent else cfg.steps
         coords = geometry.coords if cfg.mixture == "topo" else None
         self.blocks = nn.ModuleList(ColumnBlock(cfg, self.connectivity, coords, i) for i in range(num_blocks))
-        for m in self.blocks.modules():  # checkpointing is the memory mode: norms recompute their output too
-            if isinstance(m, UntiedLayerNorm):
+        for m in self.blocks.modules():  # checkpointing is the memory mode: norms and MLPs recompute inside too
+            if isinstance(m, (UntiedLayerNorm, Mlp)):
                 m.recompute = cfg.checkpoint
         self.pos_embed = nn.Parameter(torch.zeros(n, c)) if cfg.pos_embed else None
         self.time_embed = nn.Parameter(torch.zeros(cfg.steps, c)) if cfg.time_embed else None
