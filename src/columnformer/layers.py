@@ -277,7 +277,9 @@ class _RecomputedMlp(torch.autograd.Function):
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``x @ w + b`` per column: x (N, B, in), w (N, in, out), b (N, out) or None -> (N, B, out); the C++ kernel
-    where it applies (:func:`native_kernels`), else torch's batched GEMM."""
+    where it applies (:func:`native_kernels`), else torch's batched GEMM. Autograd does not see through the C++
+    kernel: call it inside an autograd Function's forward/backward (as ``_UntiedUse``) or where no gradient is
+    needed, never on a differentiable path directly."""
     ext = _native_for(x, w, b)
     if ext is not None and w.is_contiguous() and (b is None or b.is_contiguous()):
         return ext.linear_forward(x.contiguous(), w, b if b is not None else x.new_empty(0))
