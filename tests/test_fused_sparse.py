@@ -16,6 +16,16 @@ from test_block_sparse import GEOMETRIES, _inputs, check_against_gather, saved_e
 pytestmark = pytest.mark.skipif(not fused_sparse.available(), reason=f"C++ kernel not built: {fused_sparse.load_error()}")
 
 
+@pytest.fixture(autouse=True, params=["two_pass", "one_pass"])
+def backward_path(request, monkeypatch):
+    """Every test runs with both backward passes: two passes (dk, dv over the inverted edge table) and one pass
+    (blocks of the visiting order in colour phases; tiny blocks here so that the small test sheets still get
+    several blocks and colours)."""
+    monkeypatch.setattr(fused_sparse, "BACKWARD", request.param)
+    monkeypatch.setattr(fused_sparse, "MIN_BLOCK", 8)
+    return request.param
+
+
 def _run(conn, order=True):
     o = visit_order(conn.geometry.coords) if order else None
 
@@ -68,7 +78,9 @@ def test_float32_matches_the_gather_kernel(b, h, d, dv):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
 
 
-def test_visiting_order_and_thread_count_do_not_change_the_result():
+def test_visiting_order_and_thread_count_do_not_change_the_result(backward_path):
+    """Bit for bit: the thread count never changes the result; the visiting order neither with two passes (with one
+    pass it orders the sums into dk, dv: equal up to rounding)."""
     conn = GEOMETRIES["grid_rewired"]()
     n, k = conn.index.shape
     q, kk, v, bias, w = (t.detach().float().requires_grad_(t.requires_grad) for t in _inputs(n, k, 8, 1, 16, 32))
@@ -81,9 +93,13 @@ def test_visiting_order_and_thread_count_do_not_change_the_result():
             results.append([out, *torch.autograd.grad(out.square().sum() + wiring, [q, kk, v, bias])])
     finally:
         torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)  # every output row is computed by one thread, in the same order
+    for a, b in zip(results[0], results[2]):
+        assert torch.equal(a, b)  # every output row is computed by one thread, in the same order
+    for a, b in zip(results[0], results[1]):
+        if backward_path == "two_pass":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
 
 
 def test_bf16_autocast_inputs():
@@ -179,3 +195,43 @@ def test_fused_kernel_reads_query_and_key_slices_of_one_projection_in_place(dtyp
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         ref_g, st_g = sparse_attention(q, kk, v, None, w, conn.index, conn.mask)
         torch.testing.assert_close(out, ref_g, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_one_pass_schedule_never_runs_two_readers_of_a_source_at_once(name, backward_path):
+    """Blocks of one colour (run in parallel by the one-pass backward) read disjoint sets of sources, and every
+    block is scheduled exactly once."""
+    conn = GEOMETRIES[name]()
+    index, mask = conn.index.long().contiguous(), conn.mask
+    order = visit_order(conn.geometry.coords)
+    blocks, phase_ptr, block = fused_sparse.backward_phases(index, mask, order)
+    n = index.shape[0]
+    assert sorted(blocks.tolist()) == list(range(-(-n // block)))
+    assert len(phase_ptr) > 2  # several colours: the schedule is not trivially serial
+    for c in range(len(phase_ptr) - 1):
+        seen = set()
+        for blk in blocks[phase_ptr[c]:phase_ptr[c + 1]].tolist():
+            cols = order[blk * block:(blk + 1) * block]
+            src = index[cols] if mask is None else index[cols][mask[cols]]
+            mine = set(src.tolist())
+            assert not (mine & seen), f"colour {c}: blocks share sources"
+            seen |= mine
+
+
+def test_auto_takes_one_pass_on_local_edges_and_two_passes_when_colouring_fails(monkeypatch):
+    monkeypatch.setattr(fused_sparse, "BACKWARD", "auto")
+    monkeypatch.setattr(fused_sparse, "MIN_BLOCK", 64)
+    conn = Connectivity.local(grid(64, 64), 9)
+    order = visit_order(conn.geometry.coords)
+    index = conn.index.long().contiguous()
+    assert fused_sparse._one_pass_schedule(index, conn.mask, order) is not None
+    hub = index.clone()
+    hub[:, 0] = 0  # every column reads column 0: all blocks conflict, 64 blocks need 64 colours
+    n = 64 * 65
+    hub = torch.cat([hub, hub[: n - 4096]])
+    hub_order = torch.arange(n)
+    assert fused_sparse.backward_phases(hub, None, hub_order) is None
+    assert fused_sparse._one_pass_schedule(hub, None, hub_order) is None
+    monkeypatch.setattr(fused_sparse, "BACKWARD", "one_pass")
+    with pytest.raises(RuntimeError, match="more than 64 colours"):
+        fused_sparse._one_pass_schedule(hub, None, hub_order)

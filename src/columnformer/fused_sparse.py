@@ -12,9 +12,14 @@ The torch gather kernel moves every column's K keys and values through ``index_s
 (``csrc/fused_sparse.cpp``) each column's K scores, its softmax, weighted values, wiring and entropy
 are computed in registers and cache in one pass, and the keys and values are read where they lie.
 Backward saves only the inputs and the (N, B*H) log-sum-exp (as flash attention does) and recomputes
-the scores: a pass over reading columns (dq, the bias and wiring-weight gradients) and a pass over
-source columns through the inverted edge table (dk, dv) — every output row is written by one thread,
-so there are no atomics and the result does not depend on the thread count. Columns are visited in
+the scores once, in one pass over reading columns that writes dq, the bias and wiring-weight gradients
+and adds into the dk, dv rows of the sources: the visiting order is cut into blocks, and the blocks are
+coloured so that blocks of one colour read disjoint sources (:func:`backward_phases`); colours run one
+after another, the blocks of a colour in parallel. Where that needs too many colours (many long-range
+edges) it takes two passes instead: the reading columns (dq, bias, wiring weight), then the source
+columns through the inverted edge table (dk, dv, recomputing the scores). Either way every output row is
+written by one thread in a fixed order: no atomics, and the result does not depend on the thread count
+(the one-pass sums follow the visiting order, so another order changes them by rounding). Columns are visited in
 the tile order of :func:`columnformer.block_sparse.tile_order`, so the rows a thread reads stay in
 cache. Scores, softmax and reductions run in float32 (float64 for float64 inputs).
 
@@ -36,6 +41,17 @@ from .block_sparse import tile_order
 from .sparse_attention import check_edges, reverse_edges
 
 ORDER_TILE = 16  # columns per tile of the visiting order (a 4 x 4 square on a grid)
+# One-pass backward: blocks of the visiting order, coloured so that blocks of one colour share no source.
+# A block size that depends on N only (so the result does not depend on the thread count): about
+# BLOCKS_PER_SHEET blocks, at least MIN_BLOCK columns (a block much smaller than a neighbourhood conflicts
+# with many others). The one pass is taken when every colour holds MIN_BLOCKS_PER_COLOUR blocks on average
+# (enough to share among threads); else (e.g. many long-range edges) the two-pass backward.
+BLOCKS_PER_SHEET = 128
+MIN_BLOCK = 64
+MIN_BLOCKS_PER_COLOUR = 4
+BACKWARD = "auto"  # "auto" | "one_pass" | "two_pass" (tests and benchmarks force one)
+_COLOUR_CACHE: list = []
+_COLOUR_CACHE_SIZE = 8
 available = native.available
 load_error = native.load_error
 
@@ -74,6 +90,44 @@ def build_fused_plan(coords, index: torch.Tensor | None = None, mask: torch.Tens
     """A :class:`FusedPlan` from the columns' coordinates (``index``/``mask`` accepted for the builders' common
     signature; the edges are read at run time)."""
     return FusedPlan(visit_order(coords))
+
+
+def backward_phases(index: torch.Tensor, mask: torch.Tensor | None, order: torch.Tensor):
+    """The one-pass backward's schedule for these edges and this visiting order: ``(blocks, phase_ptr, block)``
+    (the block ids sorted by colour, the offsets of each colour in them, the block size), or None when it
+    needs more than 64 colours. Cached per (index, mask, order) tensor object and version, as
+    :func:`columnformer.sparse_attention.reverse_edges`."""
+    versions = (index._version, None if mask is None else mask._version, order._version)
+    for entry in _COLOUR_CACHE:
+        if entry[0] is index and entry[1] is mask and entry[2] is order and entry[3] == versions:
+            return entry[4]
+    N = index.shape[0]
+    block = max(MIN_BLOCK, 1 << max(0, (N // BLOCKS_PER_SHEET - 1).bit_length()))
+    valid = mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
+    colours = _require().sparse_block_colours(index, valid, order, block)
+    schedule = None
+    if colours.numel():
+        blocks = torch.argsort(colours, stable=True)  # (nblocks,) by colour, visiting order within one
+        phase_ptr = torch.cat([colours.new_zeros(1), torch.cumsum(torch.bincount(colours), 0)])
+        schedule = (blocks, phase_ptr, block)
+    _COLOUR_CACHE.append((index, mask, order, versions, schedule))
+    del _COLOUR_CACHE[:-_COLOUR_CACHE_SIZE]
+    return schedule
+
+
+def _one_pass_schedule(index, mask, order):
+    """The schedule when the one-pass backward is taken (``BACKWARD`` and the blocks per colour), else None."""
+    if BACKWARD == "two_pass":
+        return None
+    schedule = backward_phases(index, mask, order)
+    if schedule is None:
+        if BACKWARD == "one_pass":
+            raise RuntimeError("fused_sparse.BACKWARD='one_pass', but these edges need more than 64 colours")
+        return None
+    blocks, phase_ptr, _ = schedule
+    if BACKWARD == "auto" and len(blocks) < MIN_BLOCKS_PER_COLOUR * (len(phase_ptr) - 1):
+        return None
+    return schedule
 
 
 def _padded_lanes(lanes: int, dtype: torch.dtype) -> int:
@@ -132,13 +186,18 @@ class _FusedSparseAttention(torch.autograd.Function):
         gw = float(g_wiring) / (N * BH) if g_wiring is not None else 0.0
         need_w = need_w and g_wiring is not None
         g = _lanes(g_out, qc.dtype) if g_out is not None else torch.zeros_like(vc)
-        if need_k or need_v:
-            rev, qry = reverse_edges(index, None if valid.numel() == 0 else valid)
-        else:
-            rev = qry = index.new_empty(0, 0)
+        mask = None if valid.numel() == 0 else valid
+        schedule = _one_pass_schedule(index, mask, order) if need_k or need_v else None
+        rev = qry = index.new_empty(0, 0)
+        blocks = phase_ptr = index.new_empty(0)
+        block = 1
+        if schedule is not None:
+            blocks, phase_ptr, block = schedule
+        elif need_k or need_v:
+            rev, qry = reverse_edges(index, mask)
         with torch.autocast("cpu", enabled=False):
             dq, dk, dvv, dbias, dw = _require().sparse_backward(
-                qc, kc, vc, index, valid, b, w, order, d**-0.5, BH, lse, g, gw, rev, qry,
+                qc, kc, vc, index, valid, b, w, order, d**-0.5, BH, lse, g, gw, rev, qry, blocks, phase_ptr, block,
                 need_q, need_k, need_v, need_bias, need_w,
             )
         return (

@@ -9,7 +9,8 @@
 //   lse[n, bh]  = log sum_e exp(s[n, e, bh]);   A = exp(s - lse)
 //   out[n, bh]  = sum_e A v[index[n, e], bh]
 //   per column: wiring[n] = sum_{e, bh} A W[n, e];  entropy[n] = sum_{e, bh} -A log A
-// Backward recomputes the scores from the saved log-sum-exp (nothing of size N*K*BH is kept):
+// Backward recomputes the scores from the saved log-sum-exp (nothing of size N*K*BH is kept). One pass
+// (backward_one_pass, below) where the blocks of the visiting order can be coloured; else two passes:
 //   pass 1, over reading columns n:  dA = <g[n], v[src]> + gw W,  D = sum_e A dA,  ds = A (dA - D),
 //                                    dq[n] = scale sum_e ds k[src],  dbias[n, e] = sum_bh ds,  dW = gw sum_bh A
 //   pass 2, over source columns s (the inverted edge table rev/qry): dk[s] = scale sum ds q[n],
@@ -378,6 +379,81 @@ void backward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::
   });
 }
 
+// One pass over reading columns that also writes dk and dv (no recomputation over the inverted edge table):
+// the columns are cut into blocks of `block` consecutive columns of `order`, and the blocks are coloured so
+// that two blocks of one colour never read a common source (sparse_block_colours). Colours run one after
+// another (`phase_ptr` into `blocks`, the block ids sorted by colour); the blocks of one colour run in parallel,
+// each adding into the dk, dv rows of its sources, which no other running block touches. Every row's sum
+// therefore runs in one fixed order (colour by colour, then visiting order): no atomics, and the result does
+// not depend on the thread count. Per edge: the score, dA and the dq, dk, dv products once each.
+template <typename T, int D, int DV>
+void backward_one_pass(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
+                       const int64_t* order, T scale, int64_t lanes, const torch::Tensor& lse, const torch::Tensor& g,
+                       T gw, const int64_t* blocks, const int64_t* phase_ptr, int64_t phases, int64_t block,
+                       torch::Tensor& dq, torch::Tensor& dk, torch::Tensor& dvv, torch::Tensor& dbias, torch::Tensor& dW,
+                       bool need_q, bool need_k, bool need_v, bool need_bias, bool need_w) {
+  const int64_t N = q.size(0), d = q.size(1), BH = q.size(2), dv = v.size(1), K = E.K;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *lp = lse.data_ptr<T>(),
+          *gp = g.data_ptr<T>();
+  T* dqp = need_q ? dq.data_ptr<T>() : nullptr;
+  T* dkp = need_k ? dk.data_ptr<T>() : nullptr;
+  T* dvp = need_v ? dvv.data_ptr<T>() : nullptr;
+  T* dbp = need_bias ? dbias.data_ptr<T>() : nullptr;
+  T* dwp = need_w ? dW.data_ptr<T>() : nullptr;
+  for (int64_t ph = 0; ph < phases; ++ph) {
+    at::parallel_for(phase_ptr[ph], phase_ptr[ph + 1], 1, [&](int64_t j0, int64_t j1) {
+      std::vector<T> s(K * BH), a(K * BH), da(K * BH), c(BH), Dn(BH);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t i1 = std::min(N, (blocks[j] + 1) * block);
+        for (int64_t i = blocks[j] * block; i < i1; ++i) {
+          const int64_t n = order ? order[i] : i;
+          const int64_t* src = E.index + n * K;
+          scores<T, D>(E, qp, kp, n, BH, d, scale, s.data());
+          shifted_exp(s.data(), lp + n * BH, a.data(), K, BH);
+          const T *gn = gp + n * dv * BH, *qn = qp + n * d * BH;
+          std::fill(Dn.begin(), Dn.end(), T(0));
+          for (int64_t e = 0; e < K; ++e) {  // dA, D = sum_e A dA; dv[src] += A g[n]
+            if (!E.ok(n, e)) continue;
+            T* dae = da.data() + e * BH;
+            const T* ae = a.data() + e * BH;
+            lane_dot<T, DV>(gn, vp + src[e] * dv * BH, dae, dv, BH);
+            const T gwe = gw * E.W[n * K + e];
+#pragma omp simd
+            for (int64_t h = 0; h < BH; ++h) {
+              dae[h] += gwe;
+              Dn[h] += ae[h] * dae[h];
+            }
+            if (dvp) lane_axpy<T, DV>(ae, gn, dvp + src[e] * dv * BH, dv, BH);
+          }
+          T* dqn = dqp ? dqp + n * d * BH : nullptr;
+          if (dqn) std::fill(dqn, dqn + d * BH, T(0));
+          for (int64_t e = 0; e < K; ++e) {  // dS = A (dA - D): dq[n], dk[src], the bias and wiring-weight gradients
+            if (!E.ok(n, e)) {
+              if (dbp) dbp[n * K + e] = 0;
+              if (dwp) dwp[n * K + e] = 0;
+              continue;
+            }
+            const T *ae = a.data() + e * BH, *dae = da.data() + e * BH;
+            T sb = 0, sw = 0;
+#pragma omp simd
+            for (int64_t h = 0; h < BH; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);
+            for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
+              sb += c[h];
+              sw += ae[h];
+            }
+#pragma omp simd
+            for (int64_t h = 0; h < BH; ++h) c[h] *= scale;
+            if (dqn) lane_axpy<T, D>(c.data(), kp + src[e] * d * BH, dqn, d, BH);
+            if (dkp) lane_axpy<T, D>(c.data(), qn, dkp + src[e] * d * BH, d, BH);
+            if (dbp) dbp[n * K + e] = sb;
+            if (dwp) dwp[n * K + e] = gw * sw;
+          }
+        }
+      }
+    });
+  }
+}
+
 template <typename T>
 Edges<T> edges(const torch::Tensor& index, const torch::Tensor& valid, const torch::Tensor& bias, const torch::Tensor& W) {
   return Edges<T>{index.data_ptr<int64_t>(), valid.numel() ? valid.data_ptr<bool>() : nullptr,
@@ -450,27 +526,79 @@ std::vector<torch::Tensor> sparse_forward(torch::Tensor q, torch::Tensor k, torc
   return {out, lse, colw, colh, probs};
 }
 
-// returns (dq, dk, dv, dbias, dW); the ones not needed are empty
+// Greedy colouring of the blocks of `block` consecutive columns of `order` (the last one may be shorter): blocks
+// whose columns read a common source get different colours; blocks are coloured in order, each taking the lowest
+// colour none of its sources has been read under. Returns (nblocks,) int64 colours, or an empty tensor when more
+// than 64 colours would be needed (e.g. many long-range edges): then the backward pass takes two passes.
+torch::Tensor sparse_block_colours(torch::Tensor index, torch::Tensor valid, torch::Tensor order, int64_t block) {
+  TORCH_CHECK(index.dim() == 2 && index.scalar_type() == torch::kInt64 && index.is_contiguous() && block >= 1,
+              "index must be contiguous (N, K) int64 and block >= 1");
+  const int64_t N = index.size(0), K = index.size(1), nblocks = (N + block - 1) / block;
+  TORCH_CHECK(valid.numel() == 0 || (valid.sizes() == index.sizes() && valid.scalar_type() == torch::kBool &&
+                                     valid.is_contiguous()), "valid must be empty or contiguous (N, K) bool");
+  TORCH_CHECK(order.numel() == 0 || (order.numel() == N && order.scalar_type() == torch::kInt64 && order.is_contiguous()),
+              "order must be empty or an (N,) int64 permutation");
+  const int64_t *ip = index.data_ptr<int64_t>(), *op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
+  const bool* vp = valid.numel() ? valid.data_ptr<bool>() : nullptr;
+  std::vector<uint64_t> used(N, 0);  // colours under which each source has been read
+  auto colours = torch::empty({nblocks}, index.options());
+  int64_t* cp = colours.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t i0 = b * block, i1 = std::min(N, i0 + block);
+    uint64_t taken = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = op ? op[i] : i;
+      for (int64_t e = 0; e < K; ++e)
+        if (vp == nullptr || vp[n * K + e]) taken |= used[ip[n * K + e]];
+    }
+    if (~taken == 0) return torch::empty({0}, index.options());
+    const int c = __builtin_ctzll(~taken);
+    cp[b] = c;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = op ? op[i] : i;
+      for (int64_t e = 0; e < K; ++e)
+        if (vp == nullptr || vp[n * K + e]) used[ip[n * K + e]] |= uint64_t(1) << c;
+    }
+  }
+  return colours;
+}
+
+// returns (dq, dk, dv, dbias, dW); the ones not needed are empty. With `phase_ptr` non-empty the one-pass
+// backward runs (blocks, phase_ptr, block from sparse_block_colours), else two passes (rev, qry).
 std::vector<torch::Tensor> sparse_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
                                     torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
                                     double scale, int64_t lanes, torch::Tensor lse, torch::Tensor g, double gw,
-                                    torch::Tensor rev, torch::Tensor qry, bool need_q, bool need_k, bool need_v,
-                                    bool need_bias, bool need_w) {
+                                    torch::Tensor rev, torch::Tensor qry, torch::Tensor blocks, torch::Tensor phase_ptr,
+                                    int64_t block, bool need_q, bool need_k, bool need_v, bool need_bias, bool need_w) {
   check(q, k, v, index, valid, bias, W, order, lanes);
   TORCH_CHECK(g.sizes() == v.sizes() && g.is_contiguous() && g.scalar_type() == q.scalar_type(), "g must be like v");
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) && lse.is_contiguous(), "lse must be (N, BH)");
-  TORCH_CHECK(!(need_k || need_v) || (rev.dim() == 2 && rev.size(0) == q.size(0) && qry.sizes() == rev.sizes() &&
+  const bool one_pass = phase_ptr.numel() > 0;
+  TORCH_CHECK(!one_pass || (phase_ptr.scalar_type() == torch::kInt64 && blocks.scalar_type() == torch::kInt64 &&
+                            blocks.is_contiguous() && phase_ptr.is_contiguous() && block >= 1 &&
+                            blocks.numel() == (q.size(0) + block - 1) / block &&
+                            phase_ptr[-1].item<int64_t>() == blocks.numel()),
+              "blocks, phase_ptr must come from sparse_block_colours with this block size");
+  TORCH_CHECK(one_pass || !(need_k || need_v) || (rev.dim() == 2 && rev.size(0) == q.size(0) && qry.sizes() == rev.sizes() &&
                                       rev.is_contiguous() && qry.is_contiguous()), "rev, qry must be (N, R)");
   const int64_t N = q.size(0), K = index.size(1);
   auto none = torch::empty({0}, q.options());
   auto dq = need_q ? torch::empty_like(q) : none;
-  auto dk = need_k ? torch::empty_like(k) : none;
-  auto dvv = need_v ? torch::empty_like(v) : none;
+  auto dk = need_k ? (one_pass ? torch::zeros_like(k) : torch::empty_like(k)) : none;
+  auto dvv = need_v ? (one_pass ? torch::zeros_like(v) : torch::empty_like(v)) : none;
   auto dbias = need_bias ? torch::empty({N, K}, q.options()) : none;
   auto dW = need_w ? torch::empty({N, K}, q.options()) : none;
   const int64_t* op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_sparse_backward", [&] {
     auto E = edges<scalar_t>(index, valid, bias, W);
+    if (one_pass) {
+      DISPATCH_DIMS(q.size(1), v.size(1),
+                    backward_one_pass<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes, lse, g,
+                                                         static_cast<scalar_t>(gw), blocks.data_ptr<int64_t>(),
+                                                         phase_ptr.data_ptr<int64_t>(), phase_ptr.numel() - 1, block, dq,
+                                                         dk, dvv, dbias, dW, need_q, need_k, need_v, need_bias, need_w));
+      return;
+    }
     DISPATCH_DIMS(q.size(1), v.size(1),
                   backward_impl<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes, lse, g,
                                                    static_cast<scalar_t>(gw), rev, qry, dq, dk, dvv, dbias, dW, need_q,
