@@ -440,3 +440,26 @@ def test_patch_grid_not_matching_input_area_names_the_fix():
     with pytest.raises(ValueError, match="change patch/stride or the geometry") as info:
         build_model(cfg)
     assert "4 patches" in str(info.value) and "16 columns" in str(info.value)
+
+
+@pytest.mark.parametrize("inject", ["first", "every"])
+def test_whole_sheet_areas_skip_the_scatter_and_gather_with_the_same_result(inject):
+    """input_area = output_area = all in column order takes the shortcut (no index_add / index_select); the
+    general path gives the same outputs and gradients."""
+    cfg = SheetConfig(**{**BASE, "inject": inject})
+    torch.manual_seed(0)
+    fast = Columnformer(cfg, grid(3, 4), input_area="all", output_area="all").double()
+    assert fast._input_is_sheet and fast._output_is_sheet
+    slow = Columnformer(cfg, grid(3, 4), input_area="all", output_area="all").double()
+    slow.load_state_dict(fast.state_dict())
+    slow._input_is_sheet = slow._output_is_sheet = False
+    tokens = torch.randn(2, 12, cfg.width, dtype=torch.float64, requires_grad=True)
+    results = []
+    for m in (fast, slow):
+        out, _ = m(tokens)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [tokens, *m.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    part = Columnformer(cfg, grid(3, 4), input_area=[0, 2, 5], output_area=[11, 3])
+    assert not part._input_is_sheet and not part._output_is_sheet
+    assert part(torch.randn(2, 3, cfg.width))[0].shape == (2, 2, cfg.width)
