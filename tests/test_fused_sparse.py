@@ -16,14 +16,16 @@ from test_block_sparse import GEOMETRIES, _inputs, check_against_gather, saved_e
 pytestmark = pytest.mark.skipif(not fused_sparse.available(), reason=f"C++ kernel not built: {fused_sparse.load_error()}")
 
 
-@pytest.fixture(autouse=True, params=["two_pass", "one_pass"])
+@pytest.fixture(autouse=True, params=["two_pass", "one_pass", "one_pass+groups"])
 def backward_path(request, monkeypatch):
-    """Every test runs with both backward passes: two passes (dk, dv over the inverted edge table) and one pass
-    (blocks of the visiting order in colour phases; tiny blocks here so that the small test sheets still get
-    several blocks and colours)."""
-    monkeypatch.setattr(fused_sparse, "BACKWARD", request.param)
+    """Every test runs with each kernel variant: two passes in backward (dk, dv over the inverted edge table); one
+    pass (blocks of the visiting order in colour phases; tiny blocks here so that the small test sheets still get
+    several blocks and colours), one column at a time; and one pass with reader groups in forward and backward."""
+    backward, _, groups = request.param.partition("+")
+    monkeypatch.setattr(fused_sparse, "BACKWARD", backward)
+    monkeypatch.setattr(fused_sparse, "GROUPS", "on" if groups else "off")
     monkeypatch.setattr(fused_sparse, "MIN_BLOCK", 8)
-    return request.param
+    return backward
 
 
 def _run(conn, order=True):
@@ -235,3 +237,32 @@ def test_auto_takes_one_pass_on_local_edges_and_two_passes_when_colouring_fails(
     monkeypatch.setattr(fused_sparse, "BACKWARD", "one_pass")
     with pytest.raises(RuntimeError, match="more than 64 colours"):
         fused_sparse._one_pass_schedule(hub, None, hub_order)
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_reader_groups_hold_the_union_of_their_readers_sources(name, backward_path):
+    conn = GEOMETRIES[name]()
+    index, mask = conn.index.long().contiguous(), conn.mask
+    order = visit_order(conn.geometry.coords)
+    uni, count, slot = fused_sparse.reader_groups(index, mask, order)
+    R = fused_sparse.READERS_PER_GROUP
+    n = index.shape[0]
+    assert len(count) == -(-n // R)
+    for g in range(len(count)):
+        cols = order[g * R:(g + 1) * R]
+        src = index[cols] if mask is None else index[cols][mask[cols]]
+        want = sorted(set(src.tolist()))
+        got = uni[g, :count[g]].tolist()
+        assert got == want
+        for c in cols.tolist():
+            ok = torch.ones(index.shape[1], dtype=torch.bool) if mask is None else mask[c]
+            assert torch.equal(uni[g].long()[slot[c].long()][ok], index[c][ok])
+
+
+def test_auto_takes_reader_groups_on_local_edges_only(monkeypatch):
+    monkeypatch.setattr(fused_sparse, "GROUPS", "auto")
+    local = Connectivity.local(grid(32, 32), 25)
+    order = visit_order(local.geometry.coords)
+    assert fused_sparse._groups_for(local.index.long().contiguous(), local.mask, order) is not None
+    scattered = torch.randperm(1024 * 25, generator=torch.Generator().manual_seed(0)).view(1024, 25) % 1024
+    assert fused_sparse._groups_for(scattered.contiguous(), None, order) is None  # ~no shared sources

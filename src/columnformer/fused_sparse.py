@@ -50,7 +50,14 @@ BLOCKS_PER_SHEET = 128
 MIN_BLOCK = 64
 MIN_BLOCKS_PER_COLOUR = 4
 BACKWARD = "auto"  # "auto" | "one_pass" | "two_pass" (tests and benchmarks force one)
+# Reader groups (forward and the one-pass backward): READERS_PER_GROUP consecutive columns of the visiting order
+# against the union of their sources, taken when the union holds at most GROUP_UNION_FRACTION of the groups' edges
+# (each source row is then loaded at most that often per edge); else one column at a time.
+READERS_PER_GROUP = 4  # RG in csrc/fused_sparse.cpp
+GROUP_UNION_FRACTION = 0.6
+GROUPS = "auto"  # "auto" | "on" | "off" (tests and benchmarks force one)
 _COLOUR_CACHE: list = []
+_GROUP_CACHE: list = []
 _COLOUR_CACHE_SIZE = 8
 available = native.available
 load_error = native.load_error
@@ -115,6 +122,33 @@ def backward_phases(index: torch.Tensor, mask: torch.Tensor | None, order: torch
     return schedule
 
 
+def reader_groups(index: torch.Tensor, mask: torch.Tensor | None, order: torch.Tensor):
+    """``(uni, ucount, slot)``: the sources' union of every group of ``READERS_PER_GROUP`` consecutive columns of
+    ``order`` ((G, U) int32 padded, (G,) int32 sizes) and each edge's position in it ((N, K) int32). Cached as
+    :func:`backward_phases`."""
+    versions = (index._version, None if mask is None else mask._version, order._version)
+    for entry in _GROUP_CACHE:
+        if entry[0] is index and entry[1] is mask and entry[2] is order and entry[3] == versions:
+            return entry[4]
+    valid = mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
+    groups = tuple(_require().sparse_reader_groups(index, valid, order))
+    _GROUP_CACHE.append((index, mask, order, versions, groups))
+    del _GROUP_CACHE[:-_COLOUR_CACHE_SIZE]
+    return groups
+
+
+def _groups_for(index, mask, order):
+    """The reader groups when the grouped kernels are taken (``GROUPS`` and the union's size), else None."""
+    if GROUPS == "off":
+        return None
+    groups = reader_groups(index, mask, order)
+    if GROUPS == "auto":
+        edges = index.numel() if mask is None else int(mask.sum())
+        if int(groups[1].sum()) > GROUP_UNION_FRACTION * edges:
+            return None
+    return groups
+
+
 def _one_pass_schedule(index, mask, order):
     """The schedule when the one-pass backward is taken (``BACKWARD`` and the blocks per colour), else None."""
     if BACKWARD == "two_pass":
@@ -168,7 +202,11 @@ class _FusedSparseAttention(torch.autograd.Function):
             b = bias.to(cdt).contiguous() if bias is not None else qc.new_empty(0)
             w = wiring_weight.to(cdt).contiguous()
             valid = mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
-            out, lse, colw, colh, probs = ext.sparse_forward(qc, kc, vc, index, valid, b, w, order, d**-0.5, B * H, record)
+            groups = _groups_for(index, None if valid.numel() == 0 else valid, order)
+            none = torch.empty(0, dtype=torch.int32)
+            uni, ucount, slot = groups if groups is not None else (none, none, none)
+            out, lse, colw, colh, probs = ext.sparse_forward(qc, kc, vc, index, valid, b, w, order, d**-0.5, B * H, record,
+                                                             uni, ucount, slot)
             denom = N * B * H
             wiring, entropy = colw.sum() / denom, colh.sum() / denom
         ctx.save_for_backward(qc, kc, vc, b, w, index, valid, order, lse)
@@ -191,14 +229,18 @@ class _FusedSparseAttention(torch.autograd.Function):
         rev = qry = index.new_empty(0, 0)
         blocks = phase_ptr = index.new_empty(0)
         block = 1
+        uni = ucount = slot = torch.empty(0, dtype=torch.int32)
         if schedule is not None:
             blocks, phase_ptr, block = schedule
+            groups = _groups_for(index, mask, order) if block % READERS_PER_GROUP == 0 else None
+            if groups is not None:
+                uni, ucount, slot = groups
         elif need_k or need_v:
             rev, qry = reverse_edges(index, mask)
         with torch.autocast("cpu", enabled=False):
             dq, dk, dvv, dbias, dw = _require().sparse_backward(
                 qc, kc, vc, index, valid, b, w, order, d**-0.5, BH, lse, g, gw, rev, qry, blocks, phase_ptr, block,
-                need_q, need_k, need_v, need_bias, need_w,
+                uni, ucount, slot, need_q, need_k, need_v, need_bias, need_w,
             )
         return (
             _unlanes(dq, B, H, qdt) if need_q else None,

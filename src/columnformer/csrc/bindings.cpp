@@ -5,12 +5,15 @@
 
 std::vector<torch::Tensor> sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
                                           torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
-                                          double scale, int64_t lanes, bool record);
+                                          double scale, int64_t lanes, bool record, torch::Tensor uni,
+                                          torch::Tensor ucount, torch::Tensor slot);
+std::vector<torch::Tensor> sparse_reader_groups(torch::Tensor index, torch::Tensor valid, torch::Tensor order);
 std::vector<torch::Tensor> sparse_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
                                            torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
                                            double scale, int64_t lanes, torch::Tensor lse, torch::Tensor g, double gw,
                                            torch::Tensor rev, torch::Tensor qry, torch::Tensor blocks,
-                                           torch::Tensor phase_ptr, int64_t block, bool need_q, bool need_k,
+                                           torch::Tensor phase_ptr, int64_t block, torch::Tensor uni,
+                                           torch::Tensor ucount, torch::Tensor slot, bool need_q, bool need_k,
                                            bool need_v, bool need_bias, bool need_w);
 torch::Tensor sparse_block_colours(torch::Tensor index, torch::Tensor valid, torch::Tensor order, int64_t block);
 torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b);
@@ -26,6 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_forward", &sparse_forward, "fused sparse attention, forward (fused_sparse.cpp)");
   m.def("sparse_backward", &sparse_backward, "fused sparse attention, backward (fused_sparse.cpp)");
   m.def("sparse_block_colours", &sparse_block_colours, "blocks of the visiting order coloured for the one-pass backward (fused_sparse.cpp)");
+  m.def("sparse_reader_groups", &sparse_reader_groups, "groups of neighbouring readers and their sources' union (fused_sparse.cpp)");
   m.def("linear_forward", &linear_forward, "untied linear per column, forward (column_ops.cpp)");
   m.def("linear_backward", &linear_backward, "untied linear per column, backward (column_ops.cpp)");
   m.def("norm_forward", &norm_forward, "layer norm with a per-column affine, forward (column_ops.cpp)");

@@ -273,6 +273,194 @@ void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   });
 }
 
+// ---------------------------------------------------------------- reader groups
+// Neighbouring columns read nearly the same sources. A group of RG consecutive columns of the visiting order
+// (a 2 x 2 square on a grid) is processed together against the union of its sources (`uni`, from
+// sparse_reader_groups): each source row is loaded once per group instead of once per reading column, and
+// every product runs for all readers of the group (a reader that does not read that source gets A = 0 there).
+// The per-edge quantities (bias, softmax, wiring, entropy) stay in edge space; `slot` maps every edge to its
+// source's position in the group's union, so duplicate edges add up as in the other kernels.
+constexpr int RG = 4;
+
+// su[r][u] = <q_r, k_u> over lane blocks: one load of every key vector for all RG readers
+template <typename T, int D>
+inline void group_dots(const T* const* xs, const T* y, T* __restrict out, int64_t stride, int64_t n, int64_t P) {
+  if constexpr (D > 0) n = D;
+  constexpr int64_t W = LW<T>;
+  for (int64_t b = 0; b < P; b += W) {
+    Vec<T> acc[2][RG] = {};  // two partial sums per reader: 2 * RG independent FMA chains of n / 2
+    int64_t i = 0;
+#pragma GCC unroll 8
+    for (; i + 2 <= n; i += 2) {
+      const Vec<T> y0 = vload(y + i * P + b), y1 = vload(y + (i + 1) * P + b);
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r) {
+        acc[0][r] += vload(xs[r] + i * P + b) * y0;
+        acc[1][r] += vload(xs[r] + (i + 1) * P + b) * y1;
+      }
+    }
+    if (i < n) {
+      const Vec<T> y0 = vload(y + i * P + b);
+      for (int r = 0; r < RG; ++r) acc[0][r] += vload(xs[r] + i * P + b) * y0;
+    }
+    for (int r = 0; r < RG; ++r) vstore(out + r * stride + b, acc[0][r] + acc[1][r]);
+  }
+}
+
+// ys[r][f] (=, or += with `add`) sum_u c[r][u][f % P] rows[u][f] over the n * P elements f of a row; c is
+// (RG, U, P) with row stride cs = U * P. Tiles of TB vectors per reader in registers, each row vector loaded once.
+template <typename T, int L>
+inline void group_rows(const T* __restrict c, int64_t cs, const T* base, const int32_t* uni, int64_t rowlen,
+                       int64_t uc, int64_t n, int64_t P, T* const* ys, bool add) {
+  if constexpr (L > 0) n = L;
+  constexpr int64_t W = LW<T>;
+  constexpr int TB = 4;
+  const int64_t nv = n * P / W, mask = P / W - 1;
+  for (int64_t v0 = 0; v0 < nv; v0 += TB) {
+    const int64_t tb = std::min<int64_t>(TB, nv - v0);
+    Vec<T> acc[RG][TB] = {};
+    if (tb == TB && mask == 0) {
+      for (int64_t u = 0; u < uc; ++u) {
+        const T* x = base + uni[u] * rowlen + v0 * W;
+        Vec<T> xv[TB];
+#pragma GCC unroll 4
+        for (int t = 0; t < TB; ++t) xv[t] = vload(x + t * W);
+#pragma GCC unroll 4
+        for (int r = 0; r < RG; ++r) {
+          const Vec<T> cr = vload(c + r * cs + u * P);
+#pragma GCC unroll 4
+          for (int t = 0; t < TB; ++t) acc[r][t] += cr * xv[t];
+        }
+      }
+    } else {
+      for (int64_t u = 0; u < uc; ++u) {
+        const T* x = base + uni[u] * rowlen + v0 * W;
+        for (int64_t t = 0; t < tb; ++t) {
+          const Vec<T> xv = vload(x + t * W);
+          for (int r = 0; r < RG; ++r) acc[r][t] += vload(c + r * cs + u * P + ((v0 + t) & mask) * W) * xv;
+        }
+      }
+    }
+    for (int r = 0; r < RG; ++r) {
+      if (ys[r] == nullptr) continue;
+      for (int64_t t = 0; t < tb; ++t) {
+        T* y = ys[r] + (v0 + t) * W;
+        vstore(y, add ? vload(y) + acc[r][t] : acc[r][t]);
+      }
+    }
+  }
+}
+
+// rows[u][f] += sum_r c[r][u][f % P] xs[r][f] for every union row u (the backward pass's dk, dv): each row
+// read and written once per group.
+template <typename T, int L>
+inline void group_scatter(const T* __restrict c, int64_t cs, T* base, const int32_t* uni, int64_t rowlen, int64_t uc,
+                          int64_t n, int64_t P, const T* const* xs, int rc) {
+  if constexpr (L > 0) n = L;
+  constexpr int64_t W = LW<T>;
+  const int64_t nv = n * P / W, mask = P / W - 1;
+  for (int64_t u = 0; u < uc; ++u) {
+    T* y = base + uni[u] * rowlen;
+    for (int64_t t = 0; t < nv; ++t) {
+      Vec<T> acc = vload(y + t * W);
+      const int64_t cb = (t & mask) * W;
+      for (int r = 0; r < rc; ++r) acc += vload(c + r * cs + u * P + cb) * vload(xs[r] + t * W);
+      vstore(y + t * W, acc);
+    }
+  }
+}
+
+template <typename T, int D, int DV>
+void forward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
+                     const int64_t* order, T scale, int64_t lanes, const int32_t* uni, const int32_t* ucount,
+                     const int32_t* slot, int64_t U, torch::Tensor& out, torch::Tensor& lse, torch::Tensor& colw,
+                     torch::Tensor& colh, T* probs) {
+  const int64_t N = q.size(0), d = q.size(1), P = q.size(2), dv = v.size(1), K = E.K, G = (N + RG - 1) / RG;
+  constexpr int64_t W = LW<T>;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>(), *wp = colw.data_ptr<T>(), *hp = colh.data_ptr<T>();
+  const T inf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, G, GRAIN / RG, [&](int64_t g0, int64_t g1) {
+    std::vector<T> su(RG * U * P), au(RG * U * P), s(K * P), a(K * P), mx(P), z(P), ws(P), sa(P);
+    std::vector<int64_t> es(K);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int rc = static_cast<int>(std::min<int64_t>(RG, N - g * RG));
+      const int64_t uc = ucount[g];
+      const int32_t* ug = uni + g * U;
+      int64_t ns[RG];
+      const T* qs[RG];
+      T* ys[RG];
+      for (int r = 0; r < RG; ++r) {
+        const int64_t i = g * RG + std::min(r, rc - 1);  // a short last group repeats its last reader (unused)
+        ns[r] = order ? order[i] : i;
+        qs[r] = qp + ns[r] * d * P;
+        ys[r] = r < rc ? op + ns[r] * dv * P : nullptr;
+      }
+      for (int64_t u = 0; u < uc; ++u) group_dots<T, D>(qs, kp + ug[u] * d * P, su.data() + u * P, U * P, d, P);
+      std::fill(au.begin(), au.begin() + RG * U * P, T(0));
+      for (int r = 0; r < rc; ++r) {
+        const int64_t n = ns[r];
+        const int64_t m = valid_edges(E, n, es.data());
+        const int32_t* sl = slot + n * K;
+        const T* sr = su.data() + r * U * P;
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t e = es[j];
+          const T be = E.b(n, e);
+          for (int64_t h = 0; h < P; h += W) vstore(s.data() + j * P + h, vload(sr + sl[e] * P + h) * scale + be);
+        }
+        for (int64_t h = 0; h < P; h += W) {
+          Vec<T> y = Vec<T>{} - inf;
+          for (int64_t j = 0; j < m; ++j) {
+            const Vec<T> sj = vload(s.data() + j * P + h);
+            y = sj > y ? sj : y;
+          }
+          vstore(mx.data() + h, y);
+          for (int64_t j = 0; j < m; ++j) vstore(a.data() + j * P + h, vload(s.data() + j * P + h) - y);
+        }
+        exp_inplace(a.data(), m * P);
+        for (int64_t h = 0; h < P; h += W) {
+          Vec<T> acc = {};
+          for (int64_t j = 0; j < m; ++j) acc += vload(a.data() + j * P + h);
+          vstore(z.data() + h, acc);
+        }
+        T* ln = lp + n * P;
+        for (int64_t h = 0; h < P; ++h) {
+          ln[h] = z[h] > 0 ? mx[h] + std::log(z[h]) : inf;
+          z[h] = z[h] > 0 ? T(1) / z[h] : T(0);
+        }
+        T* ar = au.data() + r * U * P;
+        for (int64_t h = 0; h < P; h += W) {
+          const Vec<T> rz = vload(z.data() + h);
+          Vec<T> acc_w = {}, acc_s = {};
+          for (int64_t j = 0; j < m; ++j) {
+            const Vec<T> x = vload(a.data() + j * P + h) * rz;
+            vstore(a.data() + j * P + h, x);
+            T* dst = ar + sl[es[j]] * P + h;
+            vstore(dst, vload(dst) + x);
+            acc_w += x * E.W[n * K + es[j]];
+            acc_s += x * vload(s.data() + j * P + h);
+          }
+          vstore(ws.data() + h, acc_w);
+          vstore(sa.data() + h, acc_s);
+        }
+        if (probs) {
+          std::fill(probs + n * lanes * K, probs + (n + 1) * lanes * K, T(0));
+          for (int64_t j = 0; j < m; ++j)
+            for (int64_t h = 0; h < lanes; ++h) probs[(n * lanes + h) * K + es[j]] = a[j * P + h];
+        }
+        T w = 0, ent = 0;
+        for (int64_t h = 0; h < lanes; ++h) {
+          w += ws[h];
+          if (z[h] > 0) ent += ln[h] - sa[h];
+        }
+        wp[n] = w;
+        hp[n] = ent;
+      }
+      group_rows<T, DV>(au.data(), U * P, vp, ug, dv * P, uc, dv, P, ys, false);
+    }
+  });
+}
+
 template <typename T, int D, int DV>
 void backward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
                    const int64_t* order, T scale, int64_t lanes, const torch::Tensor& lse, const torch::Tensor& g, T gw,
@@ -454,6 +642,108 @@ void backward_one_pass(const torch::Tensor& q, const torch::Tensor& k, const tor
   }
 }
 
+// The one-pass backward on reader groups: per group, the scores and <g, v> against the union (each key and
+// value row loaded once), the softmax gradient per reader in edge space, then dq = sum_u dS k_u for all readers
+// at once and one read-modify-write of every union row's dk, dv (instead of one per edge).
+template <typename T, int D, int DV>
+void backward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
+                      const int64_t* order, T scale, int64_t lanes, const torch::Tensor& lse, const torch::Tensor& g,
+                      T gw, const int64_t* blocks, const int64_t* phase_ptr, int64_t phases, int64_t block,
+                      const int32_t* uni, const int32_t* ucount, const int32_t* slot, int64_t U, torch::Tensor& dq,
+                      torch::Tensor& dk, torch::Tensor& dvv, torch::Tensor& dbias, torch::Tensor& dW, bool need_q,
+                      bool need_k, bool need_v, bool need_bias, bool need_w) {
+  const int64_t N = q.size(0), d = q.size(1), P = q.size(2), dv = v.size(1), K = E.K, G = (N + RG - 1) / RG;
+  constexpr int64_t W = LW<T>;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *lp = lse.data_ptr<T>(),
+          *gp = g.data_ptr<T>();
+  T* dqp = need_q ? dq.data_ptr<T>() : nullptr;
+  T* dkp = need_k ? dk.data_ptr<T>() : nullptr;
+  T* dvp = need_v ? dvv.data_ptr<T>() : nullptr;
+  T* dbp = need_bias ? dbias.data_ptr<T>() : nullptr;
+  T* dwp = need_w ? dW.data_ptr<T>() : nullptr;
+  const int64_t per_block = block / RG;
+  for (int64_t ph = 0; ph < phases; ++ph) {
+    at::parallel_for(phase_ptr[ph], phase_ptr[ph + 1], 1, [&](int64_t j0, int64_t j1) {
+      std::vector<T> su(RG * U * P), gu(RG * U * P), au(RG * U * P), cu(RG * U * P), a(K * P), da(K * P), c(P), Dn(P);
+      std::vector<int64_t> es(K);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t gi = blocks[j] * per_block; gi < std::min(G, (blocks[j] + 1) * per_block); ++gi) {
+          const int rc = static_cast<int>(std::min<int64_t>(RG, N - gi * RG));
+          const int64_t uc = ucount[gi];
+          const int32_t* ug = uni + gi * U;
+          int64_t ns[RG];
+          const T *qs[RG], *gs[RG];
+          T* dqs[RG];
+          for (int r = 0; r < RG; ++r) {
+            const int64_t i = gi * RG + std::min(r, rc - 1);
+            ns[r] = order ? order[i] : i;
+            qs[r] = qp + ns[r] * d * P;
+            gs[r] = gp + ns[r] * dv * P;
+            dqs[r] = (dqp && r < rc) ? dqp + ns[r] * d * P : nullptr;
+          }
+          for (int64_t u = 0; u < uc; ++u) {
+            group_dots<T, D>(qs, kp + ug[u] * d * P, su.data() + u * P, U * P, d, P);
+            group_dots<T, DV>(gs, vp + ug[u] * dv * P, gu.data() + u * P, U * P, dv, P);
+          }
+          std::fill(au.begin(), au.begin() + RG * U * P, T(0));
+          std::fill(cu.begin(), cu.begin() + RG * U * P, T(0));
+          for (int r = 0; r < rc; ++r) {
+            const int64_t n = ns[r];
+            const int64_t m = valid_edges(E, n, es.data());
+            const int32_t* sl = slot + n * K;
+            const T *sr = su.data() + r * U * P, *gr = gu.data() + r * U * P, *ln = lp + n * P;
+            for (int64_t jj = 0; jj < m; ++jj) {  // A = exp(s - lse), dA = <g, v> + gw W
+              const int64_t e = es[jj];
+              const T be = E.b(n, e), gwe = gw * E.W[n * K + e];
+              for (int64_t h = 0; h < P; h += W) {
+                vstore(a.data() + jj * P + h, vload(sr + sl[e] * P + h) * scale + be - vload(ln + h));
+                vstore(da.data() + jj * P + h, vload(gr + sl[e] * P + h) + gwe);
+              }
+            }
+            exp_inplace(a.data(), m * P);
+            for (int64_t h = 0; h < P; h += W) {
+              Vec<T> acc = {};
+              for (int64_t jj = 0; jj < m; ++jj) acc += vload(a.data() + jj * P + h) * vload(da.data() + jj * P + h);
+              vstore(Dn.data() + h, acc);
+            }
+            T *ar = au.data() + r * U * P, *cr = cu.data() + r * U * P;
+            for (int64_t jj = 0; jj < m; ++jj) {  // dS = A (dA - D)
+              const int64_t e = es[jj];
+              const T *ae = a.data() + jj * P, *dae = da.data() + jj * P;
+              T sb = 0, sw = 0;
+#pragma omp simd
+              for (int64_t h = 0; h < P; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);
+              for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
+                sb += c[h];
+                sw += ae[h];
+              }
+              if (dbp) dbp[n * K + e] = sb;
+              if (dwp) dwp[n * K + e] = gw * sw;
+              T *au_ = ar + sl[e] * P, *cu_ = cr + sl[e] * P;
+#pragma omp simd
+              for (int64_t h = 0; h < P; ++h) {
+                au_[h] += ae[h];
+                cu_[h] += c[h] * scale;
+              }
+            }
+            if (E.valid != nullptr && (dbp || dwp)) {
+              const bool* ok = E.valid + n * K;
+              for (int64_t e = 0; e < K; ++e)
+                if (!ok[e]) {
+                  if (dbp) dbp[n * K + e] = 0;
+                  if (dwp) dwp[n * K + e] = 0;
+                }
+            }
+          }
+          if (dqp) group_rows<T, D>(cu.data(), U * P, kp, ug, d * P, uc, d, P, dqs, false);
+          if (dkp) group_scatter<T, D>(cu.data(), U * P, dkp, ug, d * P, uc, d, P, qs, rc);
+          if (dvp) group_scatter<T, DV>(au.data(), U * P, dvp, ug, dv * P, uc, dv, P, gs, rc);
+        }
+      }
+    });
+  }
+}
+
 template <typename T>
 Edges<T> edges(const torch::Tensor& index, const torch::Tensor& valid, const torch::Tensor& bias, const torch::Tensor& W) {
   return Edges<T>{index.data_ptr<int64_t>(), valid.numel() ? valid.data_ptr<bool>() : nullptr,
@@ -505,11 +795,70 @@ void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& 
     }                                                                                  \
   }()
 
+// Reader groups of RG consecutive columns of `order`: (uni (G, U) int32: the sorted distinct sources of each
+// group's valid edges, padded with 0; ucount (G,) int32: how many; slot (N, K) int32: each valid edge's position in
+// its group's union, 0 on invalid edges).
+std::vector<torch::Tensor> sparse_reader_groups(torch::Tensor index, torch::Tensor valid, torch::Tensor order) {
+  TORCH_CHECK(index.dim() == 2 && index.scalar_type() == torch::kInt64 && index.is_contiguous(),
+              "index must be contiguous (N, K) int64");
+  const int64_t N = index.size(0), K = index.size(1), G = (N + RG - 1) / RG;
+  TORCH_CHECK(N < (int64_t(1) << 31), "reader groups need fewer than 2^31 columns");
+  TORCH_CHECK(valid.numel() == 0 || (valid.sizes() == index.sizes() && valid.scalar_type() == torch::kBool &&
+                                     valid.is_contiguous()), "valid must be empty or contiguous (N, K) bool");
+  TORCH_CHECK(order.numel() == 0 || (order.numel() == N && order.scalar_type() == torch::kInt64 && order.is_contiguous()),
+              "order must be empty or an (N,) int64 permutation");
+  const int64_t *ip = index.data_ptr<int64_t>(), *op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
+  const bool* vp = valid.numel() ? valid.data_ptr<bool>() : nullptr;
+  std::vector<std::vector<int32_t>> lists(G);
+  at::parallel_for(0, G, 256, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      auto& l = lists[g];
+      for (int64_t i = g * RG; i < std::min(N, (g + 1) * RG); ++i) {
+        const int64_t n = op ? op[i] : i;
+        for (int64_t e = 0; e < K; ++e)
+          if (vp == nullptr || vp[n * K + e]) l.push_back(static_cast<int32_t>(ip[n * K + e]));
+      }
+      std::sort(l.begin(), l.end());
+      l.erase(std::unique(l.begin(), l.end()), l.end());
+    }
+  });
+  int64_t U = 1;
+  for (const auto& l : lists) U = std::max<int64_t>(U, static_cast<int64_t>(l.size()));
+  auto opts = index.options().dtype(torch::kInt32);
+  auto uni = torch::zeros({G, U}, opts), ucount = torch::empty({G}, opts), slot = torch::zeros({N, K}, opts);
+  int32_t *up = uni.data_ptr<int32_t>(), *cp = ucount.data_ptr<int32_t>(), *sp = slot.data_ptr<int32_t>();
+  at::parallel_for(0, G, 256, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const auto& l = lists[g];
+      std::copy(l.begin(), l.end(), up + g * U);
+      cp[g] = static_cast<int32_t>(l.size());
+      for (int64_t i = g * RG; i < std::min(N, (g + 1) * RG); ++i) {
+        const int64_t n = op ? op[i] : i;
+        for (int64_t e = 0; e < K; ++e)
+          if (vp == nullptr || vp[n * K + e])
+            sp[n * K + e] = static_cast<int32_t>(std::lower_bound(l.begin(), l.end(), static_cast<int32_t>(ip[n * K + e])) - l.begin());
+      }
+    }
+  });
+  return {uni, ucount, slot};
+}
+
+void check_groups(const torch::Tensor& uni, const torch::Tensor& ucount, const torch::Tensor& slot, const torch::Tensor& index) {
+  const int64_t N = index.size(0), G = (N + RG - 1) / RG;
+  TORCH_CHECK(uni.dim() == 2 && uni.size(0) == G && uni.scalar_type() == torch::kInt32 && uni.is_contiguous() &&
+                  ucount.numel() == G && ucount.scalar_type() == torch::kInt32 && ucount.is_contiguous() &&
+                  slot.sizes() == index.sizes() && slot.scalar_type() == torch::kInt32 && slot.is_contiguous(),
+              "uni, ucount, slot must come from sparse_reader_groups for this index");
+}
+
 // returns (out (N, dv, P), lse (N, P), wiring per column (N,), entropy per column (N,), probs (N, BH, K) or empty)
 std::vector<torch::Tensor> sparse_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor index,
                                    torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
-                                   double scale, int64_t lanes, bool record) {
+                                   double scale, int64_t lanes, bool record, torch::Tensor uni, torch::Tensor ucount,
+                                   torch::Tensor slot) {
   check(q, k, v, index, valid, bias, W, order, lanes);
+  const bool grouped = uni.numel() > 0;
+  if (grouped) check_groups(uni, ucount, slot, index);
   const int64_t N = q.size(0), K = index.size(1);
   auto out = torch::empty({N, v.size(1), q.size(2)}, q.options());
   auto lse = torch::empty({N, q.size(2)}, q.options());
@@ -520,6 +869,13 @@ std::vector<torch::Tensor> sparse_forward(torch::Tensor q, torch::Tensor k, torc
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_sparse_forward", [&] {
     auto E = edges<scalar_t>(index, valid, bias, W);
     scalar_t* pp = record ? probs.data_ptr<scalar_t>() : nullptr;
+    if (grouped) {
+      DISPATCH_DIMS(q.size(1), v.size(1),
+                    forward_grouped<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes,
+                                                       uni.data_ptr<int32_t>(), ucount.data_ptr<int32_t>(),
+                                                       slot.data_ptr<int32_t>(), uni.size(1), out, lse, colw, colh, pp));
+      return;
+    }
     DISPATCH_DIMS(q.size(1), v.size(1), forward_impl<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes,
                                                                          out, lse, colw, colh, pp));
   });
@@ -569,11 +925,16 @@ std::vector<torch::Tensor> sparse_backward(torch::Tensor q, torch::Tensor k, tor
                                     torch::Tensor valid, torch::Tensor bias, torch::Tensor W, torch::Tensor order,
                                     double scale, int64_t lanes, torch::Tensor lse, torch::Tensor g, double gw,
                                     torch::Tensor rev, torch::Tensor qry, torch::Tensor blocks, torch::Tensor phase_ptr,
-                                    int64_t block, bool need_q, bool need_k, bool need_v, bool need_bias, bool need_w) {
+                                    int64_t block, torch::Tensor uni, torch::Tensor ucount, torch::Tensor slot,
+                                    bool need_q, bool need_k, bool need_v, bool need_bias, bool need_w) {
   check(q, k, v, index, valid, bias, W, order, lanes);
   TORCH_CHECK(g.sizes() == v.sizes() && g.is_contiguous() && g.scalar_type() == q.scalar_type(), "g must be like v");
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) && lse.is_contiguous(), "lse must be (N, BH)");
-  const bool one_pass = phase_ptr.numel() > 0;
+  const bool one_pass = phase_ptr.numel() > 0, grouped = one_pass && uni.numel() > 0;
+  if (grouped) {
+    check_groups(uni, ucount, slot, index);
+    TORCH_CHECK(block % RG == 0, "the one-pass blocks must hold whole reader groups");
+  }
   TORCH_CHECK(!one_pass || (phase_ptr.scalar_type() == torch::kInt64 && blocks.scalar_type() == torch::kInt64 &&
                             blocks.is_contiguous() && phase_ptr.is_contiguous() && block >= 1 &&
                             blocks.numel() == (q.size(0) + block - 1) / block &&
@@ -591,6 +952,16 @@ std::vector<torch::Tensor> sparse_backward(torch::Tensor q, torch::Tensor k, tor
   const int64_t* op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_sparse_backward", [&] {
     auto E = edges<scalar_t>(index, valid, bias, W);
+    if (grouped) {
+      DISPATCH_DIMS(q.size(1), v.size(1),
+                    backward_grouped<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes, lse, g,
+                                                        static_cast<scalar_t>(gw), blocks.data_ptr<int64_t>(),
+                                                        phase_ptr.data_ptr<int64_t>(), phase_ptr.numel() - 1, block,
+                                                        uni.data_ptr<int32_t>(), ucount.data_ptr<int32_t>(),
+                                                        slot.data_ptr<int32_t>(), uni.size(1), dq, dk, dvv, dbias, dW,
+                                                        need_q, need_k, need_v, need_bias, need_w));
+      return;
+    }
     if (one_pass) {
       DISPATCH_DIMS(q.size(1), v.size(1),
                     backward_one_pass<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes, lse, g,
