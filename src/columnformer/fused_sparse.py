@@ -19,7 +19,11 @@ after another, the blocks of a colour in parallel. Where that needs too many col
 edges) it takes two passes instead: the reading columns (dq, bias, wiring weight), then the source
 columns through the inverted edge table (dk, dv, recomputing the scores). Either way every output row is
 written by one thread in a fixed order: no atomics, and the result does not depend on the thread count
-(the one-pass sums follow the visiting order, so another order changes them by rounding). Columns are visited in
+(the one-pass sums follow the visiting order, so another order changes them by rounding). Where neighbouring
+columns read mostly the same sources (local connectivity), forward and the one-pass backward take **reader
+groups**: 4 consecutive columns of the visiting order (a 2 x 2 square on a grid) against the union of their
+sources (:func:`reader_groups`), so every key and value row is loaded, and every dk, dv row read and written,
+once per group instead of once per edge. Columns are visited in
 the tile order of :func:`columnformer.block_sparse.tile_order`, so the rows a thread reads stay in
 cache. Scores, softmax and reductions run in float32 (float64 for float64 inputs).
 
