@@ -125,7 +125,7 @@ MUTATIONS = [
      ["tests/test_fused_sparse.py", "-k", "one_pass or auto_takes"]),
     ("reader groups: duplicate edges of one reader overwrite instead of adding", "src/columnformer/csrc/fused_sparse.cpp",
      "            vstore(dst, vload(dst) + x);", "            vstore(dst, x);",
-     ["tests/test_fused_sparse.py", "-k", "groups"]),
+     ["tests/test_fused_sparse.py", "-k", "groups and duplicate"]),
     ("reader groups: dk, dv scattered from the first reader of each group only", "src/columnformer/csrc/fused_sparse.cpp",
      "      for (int r = 0; r < rc; ++r) acc += vload(c + r * cs + u * P + cb) * vload(xs[r] + t * W);",
      "      for (int r = 0; r < 1; ++r) acc += vload(c + r * cs + u * P + cb) * vload(xs[r] + t * W);",

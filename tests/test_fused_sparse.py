@@ -266,3 +266,15 @@ def test_auto_takes_reader_groups_on_local_edges_only(monkeypatch):
     assert fused_sparse._groups_for(local.index.long().contiguous(), local.mask, order) is not None
     scattered = torch.randperm(1024 * 25, generator=torch.Generator().manual_seed(0)).view(1024, 25) % 1024
     assert fused_sparse._groups_for(scattered.contiguous(), None, order) is None  # ~no shared sources
+
+
+def test_duplicate_edges_add_up_as_in_the_gather_kernel():
+    """An edge table may name one source twice in a row (e.g. written by hand): each copy is its own edge of the
+    softmax, in every kernel variant (the reader groups merge them into one union row and must add, not overwrite)."""
+    conn = Connectivity.local(grid(8, 8), 9)
+    index = conn.index.clone()
+    index[:, 1] = index[:, 0]
+    index[::3, 2] = index[::3, 0]
+    conn = Connectivity.from_index(conn.geometry, index, conn.mask)
+    n, k = index.shape
+    check_against_gather(conn, _run(conn), _inputs(n, k))
