@@ -359,6 +359,19 @@ inline void group_scatter(const T* __restrict c, int64_t cs, T* base, const int3
   if constexpr (L > 0) n = L;
   constexpr int64_t W = LW<T>;
   const int64_t nv = n * P / W, mask = P / W - 1;
+  if (rc == RG && mask == 0) {  // a full group, one lane block: four coefficient vectors per row, short FMA chains
+    static_assert(RG == 4, "the unrolled sum below is written for 4 readers");
+    for (int64_t u = 0; u < uc; ++u) {
+      T* y = base + uni[u] * rowlen;
+      const Vec<T> c0 = vload(c + u * P), c1 = vload(c + cs + u * P), c2 = vload(c + 2 * cs + u * P),
+                   c3 = vload(c + 3 * cs + u * P);
+#pragma GCC unroll 8
+      for (int64_t t = 0; t < nv; ++t)
+        vstore(y + t * W, vload(y + t * W) + ((c0 * vload(xs[0] + t * W) + c1 * vload(xs[1] + t * W)) +
+                                              (c2 * vload(xs[2] + t * W) + c3 * vload(xs[3] + t * W))));
+    }
+    return;
+  }
   for (int64_t u = 0; u < uc; ++u) {
     T* y = base + uni[u] * rowlen;
     for (int64_t t = 0; t < nv; ++t) {
