@@ -17,7 +17,8 @@ transparent huge pages).
 Every (kernel, N) runs in a fresh subprocess with the same thread count; its peak memory is the child's
 RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
 subtracting an import-only child. The step time is that of the last of ``--repeats`` steps (the first
-allocates optimizer state). In the same run the parent measures this machine's fp32 GEMM rate (2048^3
+allocates optimizer state); the JSON also keeps every step's time (``step_times_s``), since on a shared VM one step
+can differ from its neighbours by 30 %. In the same run the parent measures this machine's fp32 GEMM rate (2048^3
 matmul) and memory bandwidth (a STREAM-style triad on 1 GiB); :func:`roofline` turns the analytic useful
 FLOPs and minimum bytes of a step into a lower bound on its time and names the limiter. Slopes are
 least-squares fits of log(time), log(memory - baseline) against log(N) for N >= 4,096. Dense runs whose
@@ -124,6 +125,7 @@ def child(a) -> dict:
         res["loss"] = float(loss)
     res["step_s"] = times[-1]
     res["first_step_s"] = times[0]
+    res["step_times_s"] = times
     if dev.type == "cuda":
         res["peak_device_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
     return res
