@@ -244,7 +244,7 @@ def test_reader_groups_hold_the_union_of_their_readers_sources(name, backward_pa
     conn = GEOMETRIES[name]()
     index, mask = conn.index.long().contiguous(), conn.mask
     order = visit_order(conn.geometry.coords)
-    uni, count, slot = fused_sparse.reader_groups(index, mask, order)
+    uni, count, slot, _ = fused_sparse.reader_groups(index, mask, order)
     R = fused_sparse.READERS_PER_GROUP
     n = index.shape[0]
     assert len(count) == -(-n // R)

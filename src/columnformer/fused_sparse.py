@@ -62,7 +62,7 @@ GROUP_UNION_FRACTION = 0.6
 GROUPS = "auto"  # "auto" | "on" | "off" (tests and benchmarks force one)
 _COLOUR_CACHE: list = []
 _GROUP_CACHE: list = []
-_COLOUR_CACHE_SIZE = 8
+_CACHE_SIZE = 8
 available = native.available
 load_error = native.load_error
 
@@ -103,54 +103,63 @@ def build_fused_plan(coords, index: torch.Tensor | None = None, mask: torch.Tens
     return FusedPlan(visit_order(coords))
 
 
+def _cached(cache: list, index: torch.Tensor, mask: torch.Tensor | None, order: torch.Tensor, build):
+    """``build()`` once per (index, mask, order) tensor object and version (as
+    :func:`columnformer.sparse_attention.reverse_edges`): a sheet's edge buffers are analysed once, and again only
+    after ``rewire_sheet`` writes into them."""
+    versions = (index._version, None if mask is None else mask._version, order._version)
+    for entry in cache:
+        if entry[0] is index and entry[1] is mask and entry[2] is order and entry[3] == versions:
+            return entry[4]
+    value = build()
+    cache.append((index, mask, order, versions, value))
+    del cache[:-_CACHE_SIZE]
+    return value
+
+
+def _valid(mask: torch.Tensor | None) -> torch.Tensor:
+    return mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
+
+
 def backward_phases(index: torch.Tensor, mask: torch.Tensor | None, order: torch.Tensor):
     """The one-pass backward's schedule for these edges and this visiting order: ``(blocks, phase_ptr, block)``
     (the block ids sorted by colour, the offsets of each colour in them, the block size), or None when it
-    needs more than 64 colours. Cached per (index, mask, order) tensor object and version, as
-    :func:`columnformer.sparse_attention.reverse_edges`."""
-    versions = (index._version, None if mask is None else mask._version, order._version)
-    for entry in _COLOUR_CACHE:
-        if entry[0] is index and entry[1] is mask and entry[2] is order and entry[3] == versions:
-            return entry[4]
-    N = index.shape[0]
-    block = max(MIN_BLOCK, 1 << max(0, (N // BLOCKS_PER_SHEET - 1).bit_length()))
-    valid = mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
-    colours = _require().sparse_block_colours(index, valid, order, block)
-    schedule = None
-    if colours.numel():
+    needs more than 64 colours. Cached (:func:`_cached`)."""
+
+    def build():
+        N = index.shape[0]
+        block = max(MIN_BLOCK, 1 << max(0, (N // BLOCKS_PER_SHEET - 1).bit_length()))
+        colours = _require().sparse_block_colours(index, _valid(mask), order, block)
+        if not colours.numel():
+            return None
         blocks = torch.argsort(colours, stable=True)  # (nblocks,) by colour, visiting order within one
         phase_ptr = torch.cat([colours.new_zeros(1), torch.cumsum(torch.bincount(colours), 0)])
-        schedule = (blocks, phase_ptr, block)
-    _COLOUR_CACHE.append((index, mask, order, versions, schedule))
-    del _COLOUR_CACHE[:-_COLOUR_CACHE_SIZE]
-    return schedule
+        return blocks, phase_ptr, block
+
+    return _cached(_COLOUR_CACHE, index, mask, order, build)
 
 
 def reader_groups(index: torch.Tensor, mask: torch.Tensor | None, order: torch.Tensor):
     """``(uni, ucount, slot)``: the sources' union of every group of ``READERS_PER_GROUP`` consecutive columns of
-    ``order`` ((G, U) int32 padded, (G,) int32 sizes) and each edge's position in it ((N, K) int32). Cached as
-    :func:`backward_phases`."""
-    versions = (index._version, None if mask is None else mask._version, order._version)
-    for entry in _GROUP_CACHE:
-        if entry[0] is index and entry[1] is mask and entry[2] is order and entry[3] == versions:
-            return entry[4]
-    valid = mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
-    groups = tuple(_require().sparse_reader_groups(index, valid, order))
-    _GROUP_CACHE.append((index, mask, order, versions, groups))
-    del _GROUP_CACHE[:-_COLOUR_CACHE_SIZE]
-    return groups
+    ``order`` ((G, U) int32 padded, (G,) int32 sizes) and each edge's position in it ((N, K) int32), and the
+    fraction of edges the unions hold. Cached (:func:`_cached`)."""
+
+    def build():
+        uni, ucount, slot = _require().sparse_reader_groups(index, _valid(mask), order)
+        edges = index.numel() if mask is None else int(mask.sum())
+        return uni, ucount, slot, int(ucount.sum()) / max(edges, 1)
+
+    return _cached(_GROUP_CACHE, index, mask, order, build)
 
 
 def _groups_for(index, mask, order):
     """The reader groups when the grouped kernels are taken (``GROUPS`` and the union's size), else None."""
     if GROUPS == "off":
         return None
-    groups = reader_groups(index, mask, order)
-    if GROUPS == "auto":
-        edges = index.numel() if mask is None else int(mask.sum())
-        if int(groups[1].sum()) > GROUP_UNION_FRACTION * edges:
-            return None
-    return groups
+    uni, ucount, slot, fraction = reader_groups(index, mask, order)
+    if GROUPS == "auto" and fraction > GROUP_UNION_FRACTION:
+        return None
+    return uni, ucount, slot
 
 
 def _one_pass_schedule(index, mask, order):
@@ -205,7 +214,7 @@ class _FusedSparseAttention(torch.autograd.Function):
             qc, kc, vc = _lanes(q, cdt), _lanes(k, cdt), _lanes(v, cdt)
             b = bias.to(cdt).contiguous() if bias is not None else qc.new_empty(0)
             w = wiring_weight.to(cdt).contiguous()
-            valid = mask.contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)
+            valid = _valid(mask)
             groups = _groups_for(index, None if valid.numel() == 0 else valid, order)
             none = torch.empty(0, dtype=torch.int32)
             uni, ucount, slot = groups if groups is not None else (none, none, none)
