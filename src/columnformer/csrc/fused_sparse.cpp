@@ -198,6 +198,34 @@ inline int64_t valid_edges(const Edges<T>& E, int64_t n, int64_t* __restrict es)
   return m;
 }
 
+// The softmax over the m edges' scores s (m, P), per lane block with the reductions over edges in registers:
+// a = exp(s - max) (unnormalised), ln = the log-sum-exp and z = 1 / sum; without valid edges (m = 0 or all -inf)
+// ln = inf and z = 0, so A = 0 (also in backward).
+template <typename T>
+inline void edge_softmax(const T* s, T* a, T* mx, T* z, T* ln, int64_t m, int64_t P) {
+  constexpr int64_t W = LW<T>;
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t h = 0; h < P; h += W) {
+    Vec<T> y = Vec<T>{} - inf;
+    for (int64_t j = 0; j < m; ++j) {
+      const Vec<T> sj = vload(s + j * P + h);
+      y = sj > y ? sj : y;
+    }
+    vstore(mx + h, y);
+    for (int64_t j = 0; j < m; ++j) vstore(a + j * P + h, vload(s + j * P + h) - y);
+  }
+  exp_inplace(a, m * P);
+  for (int64_t h = 0; h < P; h += W) {
+    Vec<T> acc = {};
+    for (int64_t j = 0; j < m; ++j) acc += vload(a + j * P + h);
+    vstore(z + h, acc);
+  }
+  for (int64_t h = 0; h < P; ++h) {
+    ln[h] = z[h] > 0 ? mx[h] + std::log(z[h]) : inf;
+    z[h] = z[h] > 0 ? T(1) / z[h] : T(0);
+  }
+}
+
 template <typename T, int D, int DV>
 void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
                   const int64_t* order, T scale, int64_t lanes, torch::Tensor& out, torch::Tensor& lse,
@@ -206,7 +234,6 @@ void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   constexpr int64_t W = LW<T>;
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>(), *wp = colw.data_ptr<T>(), *hp = colh.data_ptr<T>();
-  const T inf = std::numeric_limits<T>::infinity();
   at::parallel_for(0, N, GRAIN, [&](int64_t i0, int64_t i1) {
     std::vector<T> s(K * P), a(K * P), mx(P), z(P), ws(P), sa(P);
     std::vector<const T*> vr(K);
@@ -223,27 +250,8 @@ void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::T
         for (int64_t h = 0; h < P; h += W) vstore(sj + h, vload(sj + h) * scale + be);
         vr[j] = vp + src * dv * P;
       }
-      // per lane block, reductions over the edges in registers: max, then exp(s - max) and its sum
-      for (int64_t h = 0; h < P; h += W) {
-        Vec<T> y = Vec<T>{} - inf;  // stays -inf without valid edges (then z = 0: A = 0, lse = inf)
-        for (int64_t j = 0; j < m; ++j) {
-          const Vec<T> sj = vload(s.data() + j * P + h);
-          y = sj > y ? sj : y;
-        }
-        vstore(mx.data() + h, y);
-        for (int64_t j = 0; j < m; ++j) vstore(a.data() + j * P + h, vload(s.data() + j * P + h) - y);
-      }
-      exp_inplace(a.data(), m * P);
-      for (int64_t h = 0; h < P; h += W) {
-        Vec<T> acc = {};
-        for (int64_t j = 0; j < m; ++j) acc += vload(a.data() + j * P + h);
-        vstore(z.data() + h, acc);
-      }
       T* ln = lp + n * P;
-      for (int64_t h = 0; h < P; ++h) {  // no valid edge: A = 0 (also in backward)
-        ln[h] = z[h] > 0 ? mx[h] + std::log(z[h]) : inf;
-        z[h] = z[h] > 0 ? T(1) / z[h] : T(0);
-      }
+      edge_softmax(s.data(), a.data(), mx.data(), z.data(), ln, m, P);
       for (int64_t h = 0; h < P; h += W) {  // A; sum A W (wiring), sum A s (for the entropy)
         const Vec<T> rz = vload(z.data() + h);
         Vec<T> acc_w = {}, acc_s = {};
@@ -392,7 +400,6 @@ void forward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch
   constexpr int64_t W = LW<T>;
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>(), *wp = colw.data_ptr<T>(), *hp = colh.data_ptr<T>();
-  const T inf = std::numeric_limits<T>::infinity();
   at::parallel_for(0, G, GRAIN / RG, [&](int64_t g0, int64_t g1) {
     std::vector<T> su(RG * U * P), au(RG * U * P), s(K * P), a(K * P), mx(P), z(P), ws(P), sa(P);
     std::vector<int64_t> es(K);
@@ -421,26 +428,8 @@ void forward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch
           const T be = E.b(n, e);
           for (int64_t h = 0; h < P; h += W) vstore(s.data() + j * P + h, vload(sr + sl[e] * P + h) * scale + be);
         }
-        for (int64_t h = 0; h < P; h += W) {
-          Vec<T> y = Vec<T>{} - inf;
-          for (int64_t j = 0; j < m; ++j) {
-            const Vec<T> sj = vload(s.data() + j * P + h);
-            y = sj > y ? sj : y;
-          }
-          vstore(mx.data() + h, y);
-          for (int64_t j = 0; j < m; ++j) vstore(a.data() + j * P + h, vload(s.data() + j * P + h) - y);
-        }
-        exp_inplace(a.data(), m * P);
-        for (int64_t h = 0; h < P; h += W) {
-          Vec<T> acc = {};
-          for (int64_t j = 0; j < m; ++j) acc += vload(a.data() + j * P + h);
-          vstore(z.data() + h, acc);
-        }
         T* ln = lp + n * P;
-        for (int64_t h = 0; h < P; ++h) {
-          ln[h] = z[h] > 0 ? mx[h] + std::log(z[h]) : inf;
-          z[h] = z[h] > 0 ? T(1) / z[h] : T(0);
-        }
+        edge_softmax(s.data(), a.data(), mx.data(), z.data(), ln, m, P);
         T* ar = au.data() + r * U * P;
         for (int64_t h = 0; h < P; h += W) {
           const Vec<T> rz = vload(z.data() + h);
