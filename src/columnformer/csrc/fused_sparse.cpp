@@ -226,6 +226,39 @@ inline void edge_softmax(const T* s, T* a, T* mx, T* z, T* ln, int64_t m, int64_
   }
 }
 
+// After edge_softmax: A = a * z in place over the m valid edges (slots es), the column's wiring sum_{e, lanes} A W
+// and entropy -sum A log A = lse - sum A s into wp[n], hp[n] (padding lanes not counted), A into probs when recorded.
+template <typename T>
+inline void edge_stats(const Edges<T>& E, int64_t n, const int64_t* es, int64_t m, const T* s, T* a, const T* z,
+                       const T* ln, T* ws, T* sa, int64_t P, int64_t lanes, T* probs, T* wp, T* hp) {
+  constexpr int64_t W = LW<T>;
+  const int64_t K = E.K;
+  for (int64_t h = 0; h < P; h += W) {
+    const Vec<T> rz = vload(z + h);
+    Vec<T> acc_w = {}, acc_s = {};
+    for (int64_t j = 0; j < m; ++j) {
+      const Vec<T> x = vload(a + j * P + h) * rz;
+      vstore(a + j * P + h, x);
+      acc_w += x * E.W[n * K + es[j]];
+      acc_s += x * vload(s + j * P + h);
+    }
+    vstore(ws + h, acc_w);
+    vstore(sa + h, acc_s);
+  }
+  if (probs) {
+    std::fill(probs + n * lanes * K, probs + (n + 1) * lanes * K, T(0));
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t h = 0; h < lanes; ++h) probs[(n * lanes + h) * K + es[j]] = a[j * P + h];
+  }
+  T w = 0, ent = 0;
+  for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
+    w += ws[h];
+    if (z[h] > 0) ent += ln[h] - sa[h];
+  }
+  wp[n] = w;
+  hp[n] = ent;
+}
+
 template <typename T, int D, int DV>
 void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
                   const int64_t* order, T scale, int64_t lanes, torch::Tensor& out, torch::Tensor& lse,
@@ -252,31 +285,8 @@ void forward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::T
       }
       T* ln = lp + n * P;
       edge_softmax(s.data(), a.data(), mx.data(), z.data(), ln, m, P);
-      for (int64_t h = 0; h < P; h += W) {  // A; sum A W (wiring), sum A s (for the entropy)
-        const Vec<T> rz = vload(z.data() + h);
-        Vec<T> acc_w = {}, acc_s = {};
-        for (int64_t j = 0; j < m; ++j) {
-          const Vec<T> x = vload(a.data() + j * P + h) * rz;
-          vstore(a.data() + j * P + h, x);
-          acc_w += x * E.W[n * K + es[j]];
-          acc_s += x * vload(s.data() + j * P + h);
-        }
-        vstore(ws.data() + h, acc_w);
-        vstore(sa.data() + h, acc_s);
-      }
-      if (probs) {
-        std::fill(probs + n * lanes * K, probs + (n + 1) * lanes * K, T(0));
-        for (int64_t j = 0; j < m; ++j)
-          for (int64_t h = 0; h < lanes; ++h) probs[(n * lanes + h) * K + es[j]] = a[j * P + h];
-      }
+      edge_stats(E, n, es.data(), m, s.data(), a.data(), z.data(), ln, ws.data(), sa.data(), P, lanes, probs, wp, hp);
       weighted_rows<T, DV>(a.data(), vr.data(), m, dv, P, op + n * dv * P);
-      T w = 0, ent = 0;
-      for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
-        w += ws[h];
-        if (z[h] > 0) ent += ln[h] - sa[h];  // -sum A log A = lse - sum A s
-      }
-      wp[n] = w;
-      hp[n] = ent;
     }
   });
 }
@@ -430,33 +440,12 @@ void forward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch
         }
         T* ln = lp + n * P;
         edge_softmax(s.data(), a.data(), mx.data(), z.data(), ln, m, P);
+        edge_stats(E, n, es.data(), m, s.data(), a.data(), z.data(), ln, ws.data(), sa.data(), P, lanes, probs, wp, hp);
         T* ar = au.data() + r * U * P;
-        for (int64_t h = 0; h < P; h += W) {
-          const Vec<T> rz = vload(z.data() + h);
-          Vec<T> acc_w = {}, acc_s = {};
-          for (int64_t j = 0; j < m; ++j) {
-            const Vec<T> x = vload(a.data() + j * P + h) * rz;
-            vstore(a.data() + j * P + h, x);
-            T* dst = ar + sl[es[j]] * P + h;
-            vstore(dst, vload(dst) + x);
-            acc_w += x * E.W[n * K + es[j]];
-            acc_s += x * vload(s.data() + j * P + h);
-          }
-          vstore(ws.data() + h, acc_w);
-          vstore(sa.data() + h, acc_s);
+        for (int64_t j = 0; j < m; ++j) {  // A into the union's rows (duplicate edges add)
+          T* dst = ar + sl[es[j]] * P;
+          for (int64_t h = 0; h < P; h += W) vstore(dst + h, vload(dst + h) + vload(a.data() + j * P + h));
         }
-        if (probs) {
-          std::fill(probs + n * lanes * K, probs + (n + 1) * lanes * K, T(0));
-          for (int64_t j = 0; j < m; ++j)
-            for (int64_t h = 0; h < lanes; ++h) probs[(n * lanes + h) * K + es[j]] = a[j * P + h];
-        }
-        T w = 0, ent = 0;
-        for (int64_t h = 0; h < lanes; ++h) {
-          w += ws[h];
-          if (z[h] > 0) ent += ln[h] - sa[h];
-        }
-        wp[n] = w;
-        hp[n] = ent;
       }
       group_rows<T, DV>(au.data(), U * P, vp, ug, dv * P, uc, dv, P, ys, false);
     }
