@@ -452,6 +452,58 @@ void forward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch
   });
 }
 
+// The backward of one reading column n: its scores recomputed, A = exp(s - lse), dA = <g, v> + gw W, D = sum A dA
+// (into Dn), dS = A (dA - D); dq[n] = scale sum dS k and its edges' bias and wiring-weight gradients written; where
+// dk, dv are given (the one-pass backward, which owns the sources' rows) also dk[src] += scale dS q[n] and
+// dv[src] += A g[n].
+template <typename T, int D, int DV>
+inline void reader_backward(const Edges<T>& E, const T* qp, const T* kp, const T* vp, const T* lp, const T* gp,
+                            int64_t n, int64_t d, int64_t dv, int64_t BH, int64_t lanes, T scale, T gw, T* s, T* a,
+                            T* da, T* c, T* Dn, T* dqp, T* dkp, T* dvp, T* dbp, T* dwp) {
+  const int64_t K = E.K;
+  const int64_t* src = E.index + n * K;
+  scores<T, D>(E, qp, kp, n, BH, d, scale, s);
+  shifted_exp(s, lp + n * BH, a, K, BH);
+  const T *gn = gp + n * dv * BH, *qn = qp + n * d * BH;
+  std::fill(Dn, Dn + BH, T(0));
+  for (int64_t e = 0; e < K; ++e) {  // dA, D = sum_e A dA
+    if (!E.ok(n, e)) continue;
+    T* dae = da + e * BH;
+    const T* ae = a + e * BH;
+    lane_dot<T, DV>(gn, vp + src[e] * dv * BH, dae, dv, BH);
+    const T gwe = gw * E.W[n * K + e];
+#pragma omp simd
+    for (int64_t h = 0; h < BH; ++h) {
+      dae[h] += gwe;
+      Dn[h] += ae[h] * dae[h];
+    }
+    if (dvp) lane_axpy<T, DV>(ae, gn, dvp + src[e] * dv * BH, dv, BH);
+  }
+  T* dqn = dqp ? dqp + n * d * BH : nullptr;
+  if (dqn) std::fill(dqn, dqn + d * BH, T(0));
+  for (int64_t e = 0; e < K; ++e) {  // dS = A (dA - D)
+    if (!E.ok(n, e)) {
+      if (dbp) dbp[n * K + e] = 0;
+      if (dwp) dwp[n * K + e] = 0;
+      continue;
+    }
+    const T *ae = a + e * BH, *dae = da + e * BH;
+    T sb = 0, sw = 0;
+#pragma omp simd
+    for (int64_t h = 0; h < BH; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);
+    for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
+      sb += c[h];
+      sw += ae[h];
+    }
+#pragma omp simd
+    for (int64_t h = 0; h < BH; ++h) c[h] *= scale;
+    if (dqn) lane_axpy<T, D>(c, kp + src[e] * d * BH, dqn, d, BH);
+    if (dkp) lane_axpy<T, D>(c, qn, dkp + src[e] * d * BH, d, BH);
+    if (dbp) dbp[n * K + e] = sb;
+    if (dwp) dwp[n * K + e] = gw * sw;
+  }
+}
+
 template <typename T, int D, int DV>
 void backward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
                    const int64_t* order, T scale, int64_t lanes, const torch::Tensor& lse, const torch::Tensor& g, T gw,
@@ -471,46 +523,8 @@ void backward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::
     std::vector<T> s(K * BH), a(K * BH), da(K * BH), c(BH);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = order ? order[i] : i;
-      scores<T, D>(E, qp, kp, n, BH, d, scale, s.data());
-      const T* ln = lp + n * BH;
-      shifted_exp(s.data(), ln, a.data(), K, BH);
-      const T* gn = gp + n * dv * BH;
-      T* Dn = Dp + n * BH;
-      std::fill(Dn, Dn + BH, T(0));
-      for (int64_t e = 0; e < K; ++e) {
-        if (!E.ok(n, e)) continue;
-        T* dae = da.data() + e * BH;
-        lane_dot<T, DV>(gn, vp + E.index[n * K + e] * dv * BH, dae, dv, BH);
-        const T gwe = gw * E.W[n * K + e];
-        const T* ae = a.data() + e * BH;
-#pragma omp simd
-        for (int64_t h = 0; h < BH; ++h) {
-          dae[h] += gwe;
-          Dn[h] += ae[h] * dae[h];
-        }
-      }
-      T* dqn = dqp ? dqp + n * d * BH : nullptr;
-      if (dqn) std::fill(dqn, dqn + d * BH, T(0));
-      for (int64_t e = 0; e < K; ++e) {
-        if (!E.ok(n, e)) {
-          if (dbp) dbp[n * K + e] = 0;
-          if (dwp) dwp[n * K + e] = 0;
-          continue;
-        }
-        const T *ae = a.data() + e * BH, *dae = da.data() + e * BH;
-        T sb = 0, sw = 0;
-#pragma omp simd
-        for (int64_t h = 0; h < BH; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);  // dS
-        for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
-          sb += c[h];
-          sw += ae[h];
-        }
-#pragma omp simd
-        for (int64_t h = 0; h < BH; ++h) c[h] *= scale;
-        if (dqn) lane_axpy<T, D>(c.data(), kp + E.index[n * K + e] * d * BH, dqn, d, BH);
-        if (dbp) dbp[n * K + e] = sb;
-        if (dwp) dwp[n * K + e] = gw * sw;
-      }
+      reader_backward<T, D, DV>(E, qp, kp, vp, lp, gp, n, d, dv, BH, lanes, scale, gw, s.data(), a.data(), da.data(),
+                                c.data(), Dp + n * BH, dqp, nullptr, nullptr, dbp, dwp);
     }
   });
   if (!need_k && !need_v) return;
@@ -586,47 +600,8 @@ void backward_one_pass(const torch::Tensor& q, const torch::Tensor& k, const tor
         const int64_t i1 = std::min(N, (blocks[j] + 1) * block);
         for (int64_t i = blocks[j] * block; i < i1; ++i) {
           const int64_t n = order ? order[i] : i;
-          const int64_t* src = E.index + n * K;
-          scores<T, D>(E, qp, kp, n, BH, d, scale, s.data());
-          shifted_exp(s.data(), lp + n * BH, a.data(), K, BH);
-          const T *gn = gp + n * dv * BH, *qn = qp + n * d * BH;
-          std::fill(Dn.begin(), Dn.end(), T(0));
-          for (int64_t e = 0; e < K; ++e) {  // dA, D = sum_e A dA; dv[src] += A g[n]
-            if (!E.ok(n, e)) continue;
-            T* dae = da.data() + e * BH;
-            const T* ae = a.data() + e * BH;
-            lane_dot<T, DV>(gn, vp + src[e] * dv * BH, dae, dv, BH);
-            const T gwe = gw * E.W[n * K + e];
-#pragma omp simd
-            for (int64_t h = 0; h < BH; ++h) {
-              dae[h] += gwe;
-              Dn[h] += ae[h] * dae[h];
-            }
-            if (dvp) lane_axpy<T, DV>(ae, gn, dvp + src[e] * dv * BH, dv, BH);
-          }
-          T* dqn = dqp ? dqp + n * d * BH : nullptr;
-          if (dqn) std::fill(dqn, dqn + d * BH, T(0));
-          for (int64_t e = 0; e < K; ++e) {  // dS = A (dA - D): dq[n], dk[src], the bias and wiring-weight gradients
-            if (!E.ok(n, e)) {
-              if (dbp) dbp[n * K + e] = 0;
-              if (dwp) dwp[n * K + e] = 0;
-              continue;
-            }
-            const T *ae = a.data() + e * BH, *dae = da.data() + e * BH;
-            T sb = 0, sw = 0;
-#pragma omp simd
-            for (int64_t h = 0; h < BH; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);
-            for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
-              sb += c[h];
-              sw += ae[h];
-            }
-#pragma omp simd
-            for (int64_t h = 0; h < BH; ++h) c[h] *= scale;
-            if (dqn) lane_axpy<T, D>(c.data(), kp + src[e] * d * BH, dqn, d, BH);
-            if (dkp) lane_axpy<T, D>(c.data(), qn, dkp + src[e] * d * BH, d, BH);
-            if (dbp) dbp[n * K + e] = sb;
-            if (dwp) dwp[n * K + e] = gw * sw;
-          }
+          reader_backward<T, D, DV>(E, qp, kp, vp, lp, gp, n, d, dv, BH, lanes, scale, gw, s.data(), a.data(),
+                                    da.data(), c.data(), Dn.data(), dqp, dkp, dvp, dbp, dwp);
         }
       }
     });
