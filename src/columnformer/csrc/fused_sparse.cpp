@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -71,6 +72,15 @@ struct Edges {
   int64_t K;
   inline bool ok(int64_t n, int64_t e) const { return valid == nullptr || valid[n * K + e]; }
   inline T b(int64_t n, int64_t e) const { return bias == nullptr ? T(0) : bias[n * K + e]; }
+};
+
+// The backward pass's outputs as pointers: null where that gradient is not needed (its tensor is empty).
+template <typename T>
+struct Grads {
+  T *dq, *dk, *dv, *dbias, *dW;
+  static T* ptr(torch::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
+  Grads(torch::Tensor& q, torch::Tensor& k, torch::Tensor& v, torch::Tensor& b, torch::Tensor& w)
+      : dq(ptr(q)), dk(ptr(k)), dv(ptr(v)), dbias(ptr(b)), dW(ptr(w)) {}
 };
 
 // Rows are (L, P) with the lanes (batch x head) innermost, padded with zeros to P = LW * nb lanes: nb blocks
@@ -452,6 +462,20 @@ void forward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch
   });
 }
 
+// dS = A (dA - D) of one edge over its P lanes into c; returns (sum dS, sum A) over the first `lanes` lanes
+// (the bias and wiring-weight gradients; padding lanes are not counted).
+template <typename T>
+inline std::pair<T, T> edge_ds(const T* ae, const T* dae, const T* Dn, T* c, int64_t P, int64_t lanes) {
+  T sb = 0, sw = 0;
+#pragma omp simd
+  for (int64_t h = 0; h < P; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);
+  for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
+    sb += c[h];
+    sw += ae[h];
+  }
+  return {sb, sw};
+}
+
 // The backward of one reading column n: its scores recomputed, A = exp(s - lse), dA = <g, v> + gw W, D = sum A dA
 // (into Dn), dS = A (dA - D); dq[n] = scale sum dS k and its edges' bias and wiring-weight gradients written; where
 // dk, dv are given (the one-pass backward, which owns the sources' rows) also dk[src] += scale dS q[n] and
@@ -487,14 +511,8 @@ inline void reader_backward(const Edges<T>& E, const T* qp, const T* kp, const T
       if (dwp) dwp[n * K + e] = 0;
       continue;
     }
-    const T *ae = a + e * BH, *dae = da + e * BH;
-    T sb = 0, sw = 0;
-#pragma omp simd
-    for (int64_t h = 0; h < BH; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);
-    for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
-      sb += c[h];
-      sw += ae[h];
-    }
+    const T* ae = a + e * BH;
+    const auto [sb, sw] = edge_ds(ae, da + e * BH, Dn, c, BH, lanes);
 #pragma omp simd
     for (int64_t h = 0; h < BH; ++h) c[h] *= scale;
     if (dqn) lane_axpy<T, D>(c, kp + src[e] * d * BH, dqn, d, BH);
@@ -507,17 +525,13 @@ inline void reader_backward(const Edges<T>& E, const T* qp, const T* kp, const T
 template <typename T, int D, int DV>
 void backward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
                    const int64_t* order, T scale, int64_t lanes, const torch::Tensor& lse, const torch::Tensor& g, T gw,
-                   const torch::Tensor& rev, const torch::Tensor& qry, torch::Tensor& dq, torch::Tensor& dk,
-                   torch::Tensor& dvv, torch::Tensor& dbias, torch::Tensor& dW, bool need_q, bool need_k, bool need_v,
-                   bool need_bias, bool need_w) {
+                   const torch::Tensor& rev, const torch::Tensor& qry, const Grads<T>& out) {
   const int64_t N = q.size(0), d = q.size(1), BH = q.size(2), dv = v.size(1), K = E.K;
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *lp = lse.data_ptr<T>(),
           *gp = g.data_ptr<T>();
   auto D_ = torch::empty({N, BH}, q.options());
   T* Dp = D_.data_ptr<T>();
-  T* dqp = need_q ? dq.data_ptr<T>() : nullptr;
-  T* dbp = need_bias ? dbias.data_ptr<T>() : nullptr;
-  T* dwp = need_w ? dW.data_ptr<T>() : nullptr;
+  T *dqp = out.dq, *dkp = out.dk, *dvp = out.dv, *dbp = out.dbias, *dwp = out.dW;
   // pass 1: reading columns
   at::parallel_for(0, N, GRAIN, [&](int64_t i0, int64_t i1) {
     std::vector<T> s(K * BH), a(K * BH), da(K * BH), c(BH);
@@ -527,12 +541,10 @@ void backward_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::
                                 c.data(), Dp + n * BH, dqp, nullptr, nullptr, dbp, dwp);
     }
   });
-  if (!need_k && !need_v) return;
+  if (!dkp && !dvp) return;
   // pass 2: source columns, each gathering the edges that leave it (padding of rev comes last)
   const int64_t R = rev.size(1), NK = N * K;
   const int64_t *rp = rev.data_ptr<int64_t>(), *qr = qry.data_ptr<int64_t>();
-  T* dkp = need_k ? dk.data_ptr<T>() : nullptr;
-  T* dvp = need_v ? dvv.data_ptr<T>() : nullptr;
   at::parallel_for(0, N, GRAIN, [&](int64_t i0, int64_t i1) {
     std::vector<T> a(R * BH), dae(BH), c(BH);
     for (int64_t i = i0; i < i1; ++i) {
@@ -583,16 +595,11 @@ template <typename T, int D, int DV>
 void backward_one_pass(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
                        const int64_t* order, T scale, int64_t lanes, const torch::Tensor& lse, const torch::Tensor& g,
                        T gw, const int64_t* blocks, const int64_t* phase_ptr, int64_t phases, int64_t block,
-                       torch::Tensor& dq, torch::Tensor& dk, torch::Tensor& dvv, torch::Tensor& dbias, torch::Tensor& dW,
-                       bool need_q, bool need_k, bool need_v, bool need_bias, bool need_w) {
+                       const Grads<T>& out) {
   const int64_t N = q.size(0), d = q.size(1), BH = q.size(2), dv = v.size(1), K = E.K;
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *lp = lse.data_ptr<T>(),
           *gp = g.data_ptr<T>();
-  T* dqp = need_q ? dq.data_ptr<T>() : nullptr;
-  T* dkp = need_k ? dk.data_ptr<T>() : nullptr;
-  T* dvp = need_v ? dvv.data_ptr<T>() : nullptr;
-  T* dbp = need_bias ? dbias.data_ptr<T>() : nullptr;
-  T* dwp = need_w ? dW.data_ptr<T>() : nullptr;
+  T *dqp = out.dq, *dkp = out.dk, *dvp = out.dv, *dbp = out.dbias, *dwp = out.dW;
   for (int64_t ph = 0; ph < phases; ++ph) {
     at::parallel_for(phase_ptr[ph], phase_ptr[ph + 1], 1, [&](int64_t j0, int64_t j1) {
       std::vector<T> s(K * BH), a(K * BH), da(K * BH), c(BH), Dn(BH);
@@ -615,18 +622,13 @@ template <typename T, int D, int DV>
 void backward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Edges<T>& E,
                       const int64_t* order, T scale, int64_t lanes, const torch::Tensor& lse, const torch::Tensor& g,
                       T gw, const int64_t* blocks, const int64_t* phase_ptr, int64_t phases, int64_t block,
-                      const int32_t* uni, const int32_t* ucount, const int32_t* slot, int64_t U, torch::Tensor& dq,
-                      torch::Tensor& dk, torch::Tensor& dvv, torch::Tensor& dbias, torch::Tensor& dW, bool need_q,
-                      bool need_k, bool need_v, bool need_bias, bool need_w) {
+                      const int32_t* uni, const int32_t* ucount, const int32_t* slot, int64_t U,
+                      const Grads<T>& out) {
   const int64_t N = q.size(0), d = q.size(1), P = q.size(2), dv = v.size(1), K = E.K, G = (N + RG - 1) / RG;
   constexpr int64_t W = LW<T>;
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *lp = lse.data_ptr<T>(),
           *gp = g.data_ptr<T>();
-  T* dqp = need_q ? dq.data_ptr<T>() : nullptr;
-  T* dkp = need_k ? dk.data_ptr<T>() : nullptr;
-  T* dvp = need_v ? dvv.data_ptr<T>() : nullptr;
-  T* dbp = need_bias ? dbias.data_ptr<T>() : nullptr;
-  T* dwp = need_w ? dW.data_ptr<T>() : nullptr;
+  T *dqp = out.dq, *dkp = out.dk, *dvp = out.dv, *dbp = out.dbias, *dwp = out.dW;
   const int64_t per_block = block / RG;
   for (int64_t ph = 0; ph < phases; ++ph) {
     at::parallel_for(phase_ptr[ph], phase_ptr[ph + 1], 1, [&](int64_t j0, int64_t j1) {
@@ -675,14 +677,8 @@ void backward_grouped(const torch::Tensor& q, const torch::Tensor& k, const torc
             T *ar = au.data() + r * U * P, *cr = cu.data() + r * U * P;
             for (int64_t jj = 0; jj < m; ++jj) {  // dS = A (dA - D)
               const int64_t e = es[jj];
-              const T *ae = a.data() + jj * P, *dae = da.data() + jj * P;
-              T sb = 0, sw = 0;
-#pragma omp simd
-              for (int64_t h = 0; h < P; ++h) c[h] = ae[h] * (dae[h] - Dn[h]);
-              for (int64_t h = 0; h < lanes; ++h) {  // padding lanes are not counted
-                sb += c[h];
-                sw += ae[h];
-              }
+              const T* ae = a.data() + jj * P;
+              const auto [sb, sw] = edge_ds(ae, da.data() + jj * P, Dn.data(), c.data(), P, lanes);
               if (dbp) dbp[n * K + e] = sb;
               if (dwp) dwp[n * K + e] = gw * sw;
               T *au_ = ar + sl[e] * P, *cu_ = cr + sl[e] * P;
@@ -918,28 +914,27 @@ std::vector<torch::Tensor> sparse_backward(torch::Tensor q, torch::Tensor k, tor
   const int64_t* op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_sparse_backward", [&] {
     auto E = edges<scalar_t>(index, valid, bias, W);
+    const Grads<scalar_t> out(dq, dk, dvv, dbias, dW);
     if (grouped) {
       DISPATCH_DIMS(q.size(1), v.size(1),
                     backward_grouped<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes, lse, g,
                                                         static_cast<scalar_t>(gw), blocks.data_ptr<int64_t>(),
                                                         phase_ptr.data_ptr<int64_t>(), phase_ptr.numel() - 1, block,
                                                         uni.data_ptr<int32_t>(), ucount.data_ptr<int32_t>(),
-                                                        slot.data_ptr<int32_t>(), uni.size(1), dq, dk, dvv, dbias, dW,
-                                                        need_q, need_k, need_v, need_bias, need_w));
+                                                        slot.data_ptr<int32_t>(), uni.size(1), out));
       return;
     }
     if (one_pass) {
       DISPATCH_DIMS(q.size(1), v.size(1),
                     backward_one_pass<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes, lse, g,
                                                          static_cast<scalar_t>(gw), blocks.data_ptr<int64_t>(),
-                                                         phase_ptr.data_ptr<int64_t>(), phase_ptr.numel() - 1, block, dq,
-                                                         dk, dvv, dbias, dW, need_q, need_k, need_v, need_bias, need_w));
+                                                         phase_ptr.data_ptr<int64_t>(), phase_ptr.numel() - 1, block,
+                                                         out));
       return;
     }
     DISPATCH_DIMS(q.size(1), v.size(1),
                   backward_impl<scalar_t, D_, DV_>(q, k, v, E, op, static_cast<scalar_t>(scale), lanes, lse, g,
-                                                   static_cast<scalar_t>(gw), rev, qry, dq, dk, dvv, dbias, dW, need_q,
-                                                   need_k, need_v, need_bias, need_w));
+                                                   static_cast<scalar_t>(gw), rev, qry, out));
   });
   return {dq, dk, dvv, dbias, dW};
 }
