@@ -712,6 +712,16 @@ Edges<T> edges(const torch::Tensor& index, const torch::Tensor& valid, const tor
                   bias.numel() ? bias.data_ptr<T>() : nullptr, W.data_ptr<T>(), index.size(1)};
 }
 
+// The edge table every entry point reads: index (N, K) int64, valid empty or (N, K) bool, order empty or (N,).
+void check_edge_table(const torch::Tensor& index, const torch::Tensor& valid, const torch::Tensor& order) {
+  TORCH_CHECK(index.dim() == 2 && index.scalar_type() == torch::kInt64 && index.is_contiguous(),
+              "index must be contiguous (N, K) int64");
+  TORCH_CHECK(valid.numel() == 0 || (valid.sizes() == index.sizes() && valid.scalar_type() == torch::kBool && valid.is_contiguous()),
+              "valid must be empty or contiguous (N, K) bool");
+  TORCH_CHECK(order.numel() == 0 || (order.numel() == index.size(0) && order.scalar_type() == torch::kInt64 && order.is_contiguous()),
+              "order must be empty or an (N,) int64 permutation");
+}
+
 void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& index,
            const torch::Tensor& valid, const torch::Tensor& bias, const torch::Tensor& W, const torch::Tensor& order,
            int64_t lanes) {
@@ -725,15 +735,11 @@ void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& 
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && W.scalar_type() == q.scalar_type(),
               "q, k, v and W must share one dtype");
-  TORCH_CHECK(index.dim() == 2 && index.size(0) == q.size(0) && index.scalar_type() == torch::kInt64 && index.is_contiguous(),
-              "index must be contiguous (N, K) int64");
+  check_edge_table(index, valid, order);
+  TORCH_CHECK(index.size(0) == q.size(0), "index must have one row per column of q");
   TORCH_CHECK(W.sizes() == index.sizes() && W.is_contiguous(), "W must be contiguous (N, K)");
-  TORCH_CHECK(valid.numel() == 0 || (valid.sizes() == index.sizes() && valid.scalar_type() == torch::kBool && valid.is_contiguous()),
-              "valid must be empty or contiguous (N, K) bool");
   TORCH_CHECK(bias.numel() == 0 || (bias.sizes() == index.sizes() && bias.scalar_type() == q.scalar_type() && bias.is_contiguous()),
               "bias must be empty or contiguous (N, K) in q's dtype");
-  TORCH_CHECK(order.numel() == 0 || (order.numel() == q.size(0) && order.scalar_type() == torch::kInt64 && order.is_contiguous()),
-              "order must be empty or an (N,) int64 permutation");
 }
 
 }  // namespace
@@ -761,14 +767,9 @@ void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& 
 // group's valid edges, padded with 0; ucount (G,) int32: how many; slot (N, K) int32: each valid edge's position in
 // its group's union, 0 on invalid edges).
 std::vector<torch::Tensor> sparse_reader_groups(torch::Tensor index, torch::Tensor valid, torch::Tensor order) {
-  TORCH_CHECK(index.dim() == 2 && index.scalar_type() == torch::kInt64 && index.is_contiguous(),
-              "index must be contiguous (N, K) int64");
+  check_edge_table(index, valid, order);
   const int64_t N = index.size(0), K = index.size(1), G = (N + RG - 1) / RG;
   TORCH_CHECK(N < (int64_t(1) << 31), "reader groups need fewer than 2^31 columns");
-  TORCH_CHECK(valid.numel() == 0 || (valid.sizes() == index.sizes() && valid.scalar_type() == torch::kBool &&
-                                     valid.is_contiguous()), "valid must be empty or contiguous (N, K) bool");
-  TORCH_CHECK(order.numel() == 0 || (order.numel() == N && order.scalar_type() == torch::kInt64 && order.is_contiguous()),
-              "order must be empty or an (N,) int64 permutation");
   const int64_t *ip = index.data_ptr<int64_t>(), *op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
   const bool* vp = valid.numel() ? valid.data_ptr<bool>() : nullptr;
   std::vector<std::vector<int32_t>> lists(G);
@@ -849,13 +850,9 @@ std::vector<torch::Tensor> sparse_forward(torch::Tensor q, torch::Tensor k, torc
 // colour none of its sources has been read under. Returns (nblocks,) int64 colours, or an empty tensor when more
 // than 64 colours would be needed (e.g. many long-range edges): then the backward pass takes two passes.
 torch::Tensor sparse_block_colours(torch::Tensor index, torch::Tensor valid, torch::Tensor order, int64_t block) {
-  TORCH_CHECK(index.dim() == 2 && index.scalar_type() == torch::kInt64 && index.is_contiguous() && block >= 1,
-              "index must be contiguous (N, K) int64 and block >= 1");
+  check_edge_table(index, valid, order);
+  TORCH_CHECK(block >= 1, "block must be >= 1");
   const int64_t N = index.size(0), K = index.size(1), nblocks = (N + block - 1) / block;
-  TORCH_CHECK(valid.numel() == 0 || (valid.sizes() == index.sizes() && valid.scalar_type() == torch::kBool &&
-                                     valid.is_contiguous()), "valid must be empty or contiguous (N, K) bool");
-  TORCH_CHECK(order.numel() == 0 || (order.numel() == N && order.scalar_type() == torch::kInt64 && order.is_contiguous()),
-              "order must be empty or an (N,) int64 permutation");
   const int64_t *ip = index.data_ptr<int64_t>(), *op = order.numel() ? order.data_ptr<int64_t>() : nullptr;
   const bool* vp = valid.numel() ? valid.data_ptr<bool>() : nullptr;
   std::vector<uint64_t> used(N, 0);  // colours under which each source has been read
