@@ -26,6 +26,7 @@ def _cmd_train(args) -> int:
     dist = _maybe_distributed(cfg)
     summary = train(cfg, overwrite=args.overwrite, dist=dist)
     _print_summary(summary, dist)
+    _leave(dist)
     return 0
 
 
@@ -38,6 +39,7 @@ def _cmd_resume(args) -> int:
     dist = _maybe_distributed(cfg)
     summary = resume(args.run_dir, dist=dist, extend=args.extend)
     _print_summary(summary, dist)
+    _leave(dist)
     return 0
 
 
@@ -94,6 +96,13 @@ def _print_summary(summary: dict, dist) -> None:
         scores = [k for k in summary if k.startswith("best_val_") or k in ("test_acc", "test_loss")]
         keys = (*head, *scores, "wall_time_s", "train_samples_per_s", "baseline")
         print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+
+
+def _leave(dist) -> None:
+    """After a finished torchrun run: every rank waits for the others, then destroys the process group while the
+    interpreter is whole (left to exit, gloo's threads could outlive the objects they hold and abort the process)."""
+    if dist is not None:
+        dist.shutdown()
 
 
 def _maybe_distributed(cfg):
