@@ -188,31 +188,36 @@ torch::Tensor linear_backward(torch::Tensor x, torch::Tensor w, torch::Tensor g,
       dwp.push_back(d.data_ptr<scalar_t>());
       width.push_back(d.size(2));
     }
-    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-      std::vector<scalar_t> gt(O * Bp, scalar_t(0)), dxt(I * Bp);
-      for (int64_t n = n0; n < n1; ++n) {
-        const scalar_t *wn = wp + n * I * O, *gn = gp + n * B * O, *xn = xp + n * B * I;
-        if (dxp) {  // dx^T (I, Bp) = w (I, O) @ g^T (O, Bp): g transposed in cache (B*O moves, not I*O)
-          transpose(gn, B, O, O, gt.data(), Bp);
-          small_gemm<scalar_t>(I, O, Bp, wn, O, 1, gt.data(), Bp, dxt.data(), Bp, false, nullptr);
+    if (dxp)  // pass 1: dx^T (I, Bp) = w (I, O) @ g^T (O, Bp), g transposed in cache (B*O moves, not I*O)
+      at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+        std::vector<scalar_t> gt(O * Bp, scalar_t(0)), dxt(I * Bp);
+        for (int64_t n = n0; n < n1; ++n) {
+          transpose(gp + n * B * O, B, O, O, gt.data(), Bp);
+          small_gemm<scalar_t>(I, O, Bp, wp + n * I * O, O, 1, gt.data(), Bp, dxt.data(), Bp, false, nullptr);
           transpose(dxt.data(), I, B, Bp, dxp + n * B * I, I);
         }
-        int64_t off = 0;
-        for (size_t p = 0; p < dwp.size(); ++p) {  // dw_p (I, O_p) (+)= x^T (I, B) @ g[:, off:off+O_p]
-          small_gemm<scalar_t>(I, B, width[p], xn, 1, I, gn + off, O, dwp[p] + n * I * width[p], width[p], accumulate,
-                               nullptr);
-          off += width[p];
-        }
-        if (dbp) {
-          scalar_t* dbn = dbp + n * O;
-          for (int64_t o = 0; o < O; ++o) {
-            scalar_t s = accumulate ? dbn[o] : scalar_t(0);
-            for (int64_t b = 0; b < B; ++b) s += gn[b * O + o];
-            dbn[o] = s;
+      });
+    // pass 2: the weight and bias gradients
+    if (!dwp.empty() || dbp)
+      at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          const scalar_t *gn = gp + n * B * O, *xn = xp + n * B * I;
+          int64_t off = 0;
+          for (size_t p = 0; p < dwp.size(); ++p) {  // dw_p (I, O_p) (+)= x^T (I, B) @ g[:, off:off+O_p]
+            small_gemm<scalar_t>(I, B, width[p], xn, 1, I, gn + off, O, dwp[p] + n * I * width[p], width[p], accumulate,
+                                 nullptr);
+            off += width[p];
+          }
+          if (dbp) {  // db (+)= sum_b g[b, :], row after row (vectorised along O; each value's sum in b order)
+            scalar_t* dbn = dbp + n * O;
+            if (!accumulate) std::fill(dbn, dbn + O, scalar_t(0));
+            for (int64_t b = 0; b < B; ++b) {
+              const scalar_t* gb = gn + b * O;
+              _Pragma("omp simd") for (int64_t o = 0; o < O; ++o) dbn[o] += gb[o];
+            }
           }
         }
-      }
-    });
+      });
   });
   return dx;
 }
