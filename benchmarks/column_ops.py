@@ -8,21 +8,22 @@ gradient plus the weight gradient accumulated as inside an unrolled sheet) and a
 backward, each timed ``--repeats`` times with the C++ kernels (``layers.native_kernels(True)``) and with torch's ops
 (``native_kernels(False)``) alternately; minimum and median of each. Part 2: the benchmark sheet of
 ``benchmarks/scale.py`` (grid, K = 64 local, fused attention kernel, 4 recurrent steps, batch 8) trains ``--steps``
-steps alternating the two settings in the same process and model (the first four are warm-up); medians. Both
+steps per setting, alternating in the same process and model (after 3 warm-up steps); medians. Both
 settings compute the same math (tests/test_column_ops.py); only the per-column layers differ.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 import statistics
 import time
 
 import torch
 
-from columnformer import Columnformer, SheetConfig, grid, native
-from columnformer.connectivity import Connectivity
+from bench_sheet import alternate_steps, median_table
+
+from columnformer import native
 from columnformer.layers import UntiedLayerNorm, UntiedLinear, native_kernels, untied_session
 from columnformer.runtime import keep_host_memory
 
@@ -73,37 +74,21 @@ def ops(n: int, repeats: int) -> None:
 
 
 def steps(n: int, count: int) -> None:
-    torch.manual_seed(0)
-    h = 2 ** int(math.floor(math.log2(n) / 2))
-    geo = grid(h, n // h)
-    conn = Connectivity.local(geo, 64)
-    cfg = SheetConfig(width=32, steps=4, recurrent=True, heads=1, qk_dim=16, mlp_ratio=1.0, untied_attn=True,
-                      untied_mlp=True, untied_norm=True, sparse_kernel="fused")
-    model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    tokens = torch.randn(8, n, 32)
-    times = {True: [], False: []}
-    for i in range(count):
-        setting = i % 2 == 0
-        with native_kernels(setting):
-            t0 = time.perf_counter()
-            out, trace = model(tokens)
-            (out.square().mean() + 0.01 * trace.wiring_cost).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-        if i >= 4:
-            times[setting].append(dt)
-    c, t = statistics.median(times[True]), statistics.median(times[False])
-    print(f"\ntraining step, N = {n:,} (benchmark sheet, fused attention): C++ layers {c:.2f} s, torch layers {t:.2f} s "
-          f"(medians of {len(times[True])} / {len(times[False])} alternating steps): {t / c:.2f}x")
+    with contextlib.ExitStack() as stack:
+        def use(enabled: bool) -> None:
+            stack.close()
+            stack.enter_context(native_kernels(enabled))
+
+        times = alternate_steps(n, {"C++ layers": lambda: use(True), "torch layers": lambda: use(False)}, count)
+    median_table(times, "torch layers", f"training steps of the benchmark sheet, N = {n:,} (fused attention), "
+                 f"medians of {count} alternating steps")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=65536, help="columns")
     p.add_argument("--repeats", type=int, default=7, help="timings of each op and setting")
-    p.add_argument("--steps", type=int, default=14, help="training steps, alternating (first 4 are warm-up)")
+    p.add_argument("--steps", type=int, default=7, help="training steps per setting, alternating (after 3 warm-up steps)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     if not native.available():

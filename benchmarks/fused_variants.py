@@ -18,16 +18,15 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import time
 
 import torch
 
+from bench_sheet import alternate_steps, median_table, sheet
+
 import columnformer.fused_sparse as fused_sparse
-from columnformer import Columnformer, SheetConfig, grid
-from columnformer.connectivity import Connectivity
 from columnformer.fused_sparse import fused_sparse_attention, visit_order
 from columnformer.runtime import keep_host_memory
 
@@ -38,15 +37,9 @@ def _set(name: str) -> None:
     fused_sparse.BACKWARD, fused_sparse.GROUPS = SETTINGS[name]
 
 
-def _sheet(n: int):
-    h = 2 ** int(math.floor(math.log2(n) / 2))
-    geo = grid(h, n // h)
-    return geo, Connectivity.local(geo, 64)
-
-
 def attention(n: int, repeats: int) -> None:
     torch.manual_seed(0)
-    geo, conn = _sheet(n)
+    geo, conn = sheet(n)
     order = visit_order(geo.coords)
     q, k = torch.randn(n, 8, 1, 16), torch.randn(n, 8, 1, 16)
     v, g = torch.randn(n, 8, 1, 32), torch.randn(n, 8, 1, 32)
@@ -74,36 +67,8 @@ def attention(n: int, repeats: int) -> None:
 
 
 def steps(n: int, count: int) -> None:
-    torch.manual_seed(0)
-    geo, conn = _sheet(n)
-    cfg = SheetConfig(width=32, steps=4, recurrent=True, heads=1, qk_dim=16, mlp_ratio=1.0, untied_attn=True,
-                      untied_mlp=True, untied_norm=True, sparse_kernel="fused")
-    model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    tokens = torch.randn(8, n, 32)
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        out, trace = model(tokens)
-        (out.square().mean() + 0.01 * trace.wiring_cost).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    for _ in range(3):
-        step()
-    times: dict[str, list[float]] = {s: [] for s in SETTINGS}
-    for _ in range(count):
-        for name in SETTINGS:
-            _set(name)
-            times[name].append(step())
-    print(f"\n## training steps of the benchmark sheet, N = {n:,}, medians of {count} alternating steps")
-    print("| setting | step (s) | all steps (s) | vs two_pass |")
-    print("|---|---:|---|---:|")
-    ref = statistics.median(times["two_pass"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med:.2f} | {' '.join(f'{t:.2f}' for t in ts)} | {ref / med:.2f}x |")
+    times = alternate_steps(n, {name: (lambda name=name: _set(name)) for name in SETTINGS}, count)
+    median_table(times, "two_pass", f"training steps of the benchmark sheet, N = {n:,}, medians of {count} alternating steps")
 
 
 def main() -> None:

@@ -56,20 +56,28 @@ def load():
     if _EXT is not None or _ERROR is not None:
         return _EXT
     try:
-        from torch.utils import cpp_extension
-
-        text = "".join((CSRC / f).read_text() for f in SOURCES + HEADERS)
-        tag = hashlib.sha256((text + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
-        name = f"columnformer_native_{tag}"
-        _announce_build(cpp_extension, name)
-        _EXT = cpp_extension.load(
-            name=name, sources=[str(CSRC / f) for f in SOURCES], extra_include_paths=[str(CSRC)],
-            extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=bool(os.environ.get("COLUMNFORMER_VERBOSE_BUILD")),
-        )
+        _EXT = build(CSRC)
     except Exception as e:  # no compiler, no ninja, a failed build: say why, the caller falls back or refuses
         _ERROR = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     return _EXT
+
+
+def build(csrc: Path, prefix: str = "columnformer_native"):
+    """Build (or find already built) the extension from the sources in folder ``csrc`` (``SOURCES`` and
+    ``HEADERS``), named ``{prefix}_{hash}``; raises if the build fails. :func:`load` builds the installed
+    sources; ``benchmarks/kernel_ab.py`` builds another revision's next to them."""
+    from torch.utils import cpp_extension
+
+    csrc = Path(csrc)
+    text = "".join((csrc / f).read_text() for f in SOURCES + HEADERS)
+    tag = hashlib.sha256((text + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+    name = f"{prefix}_{tag}"
+    _announce_build(cpp_extension, name)
+    return cpp_extension.load(
+        name=name, sources=[str(csrc / f) for f in SOURCES], extra_include_paths=[str(csrc)],
+        extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        verbose=bool(os.environ.get("COLUMNFORMER_VERBOSE_BUILD")),
+    )
 
 
 def available() -> bool:
