@@ -17,8 +17,9 @@ transparent huge pages).
 Every (kernel, N) runs in a fresh subprocess with the same thread count; its peak memory is the child's
 RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
 subtracting an import-only child. The step time is that of the last of ``--repeats`` steps (the first
-allocates optimizer state); the JSON also keeps every step's time (``step_times_s``), since on a shared VM one step
-can differ from its neighbours by 30 %. In the same run the parent measures this machine's fp32 GEMM rate (2048^3
+allocates optimizer state); since on a shared VM one step can differ from its neighbours by 30 %, the table also gives
+the median of the steps after the first two (``step_median_s``; the first two fault memory in) and the JSON keeps
+every step's time (``step_times_s``). In the same run the parent measures this machine's fp32 GEMM rate (2048^3
 matmul) and memory bandwidth (a STREAM-style triad on 1 GiB); :func:`roofline` turns the analytic useful
 FLOPs and minimum bytes of a step into a lower bound on its time and names the limiter. Slopes are
 least-squares fits of log(time), log(memory - baseline) against log(N) for N >= 4,096. Dense runs whose
@@ -37,12 +38,14 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 GIB = 1 << 30
+WARMUP = 2  # steps left out of the median: the first allocates optimizer state, the first two fault memory in
 
 
 def grid_shape(n: int) -> tuple[int, int]:
@@ -124,6 +127,7 @@ def child(a) -> dict:
         times.append(time.perf_counter() - t0)
         res["loss"] = float(loss)
     res["step_s"] = times[-1]
+    res["step_median_s"] = statistics.median(times[min(WARMUP, len(times) - 1):])
     res["first_step_s"] = times[0]
     res["step_times_s"] = times
     if dev.type == "cuda":
@@ -297,8 +301,9 @@ def main(argv=None) -> None:
     print(f"# baseline RSS (python + torch + columnformer imported): {base:.2f} GiB", flush=True)
     if a.device.startswith("cuda"):
         base = 0.0  # memory columns are the device's max_memory_allocated, nothing to subtract
-    print("| N | kernel | step (s) | peak RSS (GiB) | KiB / column | analytic GFLOP | min GB | roofline bound (s) "
-          "| step / bound | limiter | note |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|", flush=True)
+    print("| N | kernel | step (s) | median step (s) | peak RSS (GiB) | KiB / column | analytic GFLOP | min GB | roofline "
+          "bound (s) | step / bound | median / bound | limiter | note |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|", flush=True)
     for n in sorted(a.ns):
         for kind in a.kinds:
             if n > max_n.get(kind, n):
@@ -307,13 +312,13 @@ def main(argv=None) -> None:
                 pred = predict_dense_bytes(n, a) / GIB
                 if pred > a.dense_limit_gib:
                     results.append({"kind": kind, "n": n, "refused": True, "predicted_gib": pred})
-                    print(f"| {n:,} | dense | — | — | — | | | | | | refused: predicted {pred:.0f} GiB > "
+                    print(f"| {n:,} | dense | — | — | — | — | | | | | | | refused: predicted {pred:.0f} GiB > "
                           f"{a.dense_limit_gib:.0f} GiB (N² maps) |", flush=True)
                     continue
             r = run_child(kind, n, a)
             results.append(r)
             if "error" in r:
-                print(f"| {n:,} | {kind} | — | — | — | | | | | | failed: {r['error']} |", flush=True)
+                print(f"| {n:,} | {kind} | — | — | — | — | | | | | | | failed: {r['error']} |", flush=True)
                 continue
             if "peak_device_gib" in r:  # GPU: the device's high-water mark replaces the host RSS
                 r["peak_rss_gib"] = r["peak_device_gib"]
@@ -323,19 +328,22 @@ def main(argv=None) -> None:
             note = ""
             if plan and "tile" in plan:
                 note = f"tile {plan['tile']}, {plan.get('key_slots', plan.get('max_key_tiles'))} key slots/tiles"
-            print(f"| {n:,} | {kind} | {r['step_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['kib_per_column']:.1f} | "
-                  f"{rl['gflop']:.1f} | {rl['gbytes']:.2f} | {rl['bound_s']:.2f} | {r['step_s'] / rl['bound_s']:.1f} | "
-                  f"{rl['limiter']} | {note} |", flush=True)
+            print(f"| {n:,} | {kind} | {r['step_s']:.2f} | {r['step_median_s']:.2f} | {r['peak_rss_gib']:.2f} | "
+                  f"{r['kib_per_column']:.1f} | {rl['gflop']:.1f} | {rl['gbytes']:.2f} | {rl['bound_s']:.2f} | "
+                  f"{r['step_s'] / rl['bound_s']:.1f} | {r['step_median_s'] / rl['bound_s']:.1f} | {rl['limiter']} | "
+                  f"{note} |", flush=True)
     print()
     for kind in a.kinds:
         rows = [r for r in results if r.get("kind") == kind and "step_s" in r and r["n"] >= 4096]
         if len(rows) >= 2:
             ns = [r["n"] for r in rows]
             st = fit_slope(ns, [r["step_s"] for r in rows])
+            stm = fit_slope(ns, [r["step_median_s"] for r in rows])
             smb = fit_slope(ns, [max(r["peak_rss_gib"] - base, 1e-3) for r in rows])
             big = max(rows, key=lambda r: r["n"])
             per_col = (big["peak_rss_gib"] - base) * GIB / big["n"]
-            print(f"{kind}: log-log slope over N >= 4096: time {st:.3f}, peak RSS minus baseline {smb:.3f}; "
+            print(f"{kind}: log-log slope over N >= 4096: time {st:.3f} (last step) / {stm:.3f} (median step), peak "
+                  f"RSS minus baseline {smb:.3f}; "
                   f"{per_col / 1024:.1f} KiB per column at N={big['n']:,} -> 10^6 columns ≈ {per_col * 1e6 / GIB:.1f} GiB")
     by = {(r["kind"], r["n"]): r for r in results if "step_s" in r}
     for n in sorted(a.ns):
@@ -346,8 +354,9 @@ def main(argv=None) -> None:
                 if (ref, n) in by and (kind, n) in by:
                     g, b = by[(ref, n)], by[(kind, n)]
                     print(f"N={n:,}: {kind} {g['step_s'] / b['step_s']:.2f}x faster than {ref} "
-                          f"({b['step_s']:.2f} s vs {g['step_s']:.2f} s), peak memory {b['peak_rss_gib']:.2f} vs "
-                          f"{g['peak_rss_gib']:.2f} GiB")
+                          f"({b['step_s']:.2f} s vs {g['step_s']:.2f} s; median steps {b['step_median_s']:.2f} vs "
+                          f"{g['step_median_s']:.2f} s: {g['step_median_s'] / b['step_median_s']:.2f}x), peak memory "
+                          f"{b['peak_rss_gib']:.2f} vs {g['peak_rss_gib']:.2f} GiB")
         if ("dense", n) in by and ("block", n) in by:
             d, b = by[("dense", n)], by[("block", n)]
             print(f"N={n:,}: block kernel {d['step_s'] / b['step_s']:.1f}x faster than dense attention, "
