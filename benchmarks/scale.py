@@ -10,7 +10,8 @@ every column; one training step = forward, backward (loss = mean square output +
 AdamW step (torch's fused AdamW, as the trainer), fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``fused``
 ``sparse_kernel=fused`` (the C++ kernel, built once by the parent before any child runs), ``dense`` all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing;
 ``--kinds ... block+ckpt+bf16m`` also stores AdamW's moments in bf16 (``columnformer.optim.AdamW``);
-``+keep`` keeps freed host memory in the child for reuse (``train.keep_host_memory``); ``+thp`` starts the
+``+keep`` keeps freed host memory in the child for reuse (``train.keep_host_memory``); ``+cache`` reuses freed large
+tensors whole (``train.cache_host_memory``, ``runtime.cache_host_memory``); ``+thp`` starts the
 child with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``runtime.with_huge_pages``: malloc's large blocks on
 transparent huge pages).
 
@@ -18,8 +19,9 @@ Every (kernel, N) runs in a fresh subprocess with the same thread count; its pea
 RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
 subtracting an import-only child. The step time is that of the last of ``--repeats`` steps (the first
 allocates optimizer state); since on a shared VM one step can differ from its neighbours by 30 %, the table also gives
-the median of the steps after the first two (``step_median_s``; the first two fault memory in) and the JSON keeps
-every step's time (``step_times_s``). In the same run the parent measures this machine's fp32 GEMM rate (2048^3
+the median of the second half of the steps (``step_median_s``: the first steps fault memory in — with ``+thp`` at
+65,536 columns still slower for ~4 steps, as huge pages are assembled) and the JSON keeps every step's time
+(``step_times_s``). In the same run the parent measures this machine's fp32 GEMM rate (2048^3
 matmul) and memory bandwidth (a STREAM-style triad on 1 GiB); :func:`roofline` turns the analytic useful
 FLOPs and minimum bytes of a step into a lower bound on its time and names the limiter. Slopes are
 least-squares fits of log(time), log(memory - baseline) against log(N) for N >= 4,096. Dense runs whose
@@ -45,7 +47,6 @@ import tempfile
 import time
 
 GIB = 1 << 30
-WARMUP = 2  # steps left out of the median: the first allocates optimizer state, the first two fault memory in
 
 
 def grid_shape(n: int) -> tuple[int, int]:
@@ -79,6 +80,10 @@ def child(a) -> dict:
         from columnformer.runtime import keep_host_memory
 
         res["host_memory_kept"] = keep_host_memory()
+    if "cache" in a.kind.split("+"):  # before any large allocation
+        from columnformer.runtime import cache_host_memory
+
+        res["host_memory_cached"] = cache_host_memory()
     if a.kind == "baseline":
         import columnformer.sparse_attention  # noqa: F401  (import cost only)
         return res
@@ -127,7 +132,7 @@ def child(a) -> dict:
         times.append(time.perf_counter() - t0)
         res["loss"] = float(loss)
     res["step_s"] = times[-1]
-    res["step_median_s"] = statistics.median(times[min(WARMUP, len(times) - 1):])
+    res["step_median_s"] = statistics.median(times[len(times) // 2:])
     res["first_step_s"] = times[0]
     res["step_times_s"] = times
     if dev.type == "cuda":
@@ -168,12 +173,15 @@ def run_child(kind: str, n: int, a) -> dict:
     return res
 
 
+OPTIONS = {"ckpt", "bf16m", "keep", "cache", "thp"}
+
+
 def kind_name(kind: str) -> str:
     """Validate ``kernel[+option...]`` for --kinds."""
     kernel, *options = kind.split("+")
-    if kernel not in ("gather", "block", "flex", "fused", "dense") or not set(options) <= {"ckpt", "bf16m", "keep", "thp"}:
+    if kernel not in ("gather", "block", "flex", "fused", "dense") or not set(options) <= OPTIONS:
         raise argparse.ArgumentTypeError(f"{kind!r}: a kernel (gather, block, flex, fused, dense) and options among "
-                                         "ckpt, bf16m, keep, thp joined by '+'")
+                                         "ckpt, bf16m, keep, cache, thp joined by '+'")
     return kind
 
 

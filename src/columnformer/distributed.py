@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from contextlib import contextmanager
 from typing import Any
@@ -164,7 +165,10 @@ class Distributed:
         set_optimizer_state_dict(model, optimizer, state, options=self._options())
 
     def shutdown(self) -> None:
+        """Leave together: free what still holds communication state (a finished trainer's sharded modules sit in
+        reference cycles), wait for every rank, then destroy the process groups while the interpreter is whole."""
         if dist.is_initialized():
+            gc.collect()
             try:
                 dist.barrier()
             finally:

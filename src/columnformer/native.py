@@ -1,6 +1,7 @@
 """The C++ kernels for the CPU, built on first use: fused sparse attention (``csrc/fused_sparse.cpp``, used by
-:mod:`columnformer.fused_sparse`) and the per-column layers (``csrc/column_ops.cpp``, used by
-:mod:`columnformer.layers`). One extension module from every source in ``csrc/`` (``bindings.cpp`` names its
+:mod:`columnformer.fused_sparse`), the per-column layers (``csrc/column_ops.cpp``, used by
+:mod:`columnformer.layers`) and a caching allocator for large host tensors (``csrc/host_cache.cpp``, used by
+:func:`columnformer.runtime.cache_host_memory`). One extension module from every source in ``csrc/`` (``bindings.cpp`` names its
 functions).
 
 It is compiled with torch's JIT extension loader (needs a C++ compiler and ``ninja``, a dependency) into
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("fused_sparse.cpp", "column_ops.cpp", "bindings.cpp")
+SOURCES = ("fused_sparse.cpp", "column_ops.cpp", "host_cache.cpp", "bindings.cpp")
 HEADERS = ("vec.h",)
 _EXT = None
 _ERROR: str | None = None

@@ -47,6 +47,35 @@ def keep_host_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
+def cache_host_memory(min_bytes: int = 1 << 20, max_cached_bytes: int | None = None) -> bool:
+    """Reuse freed large host tensors: a caching allocator for CPU blocks of >= ``min_bytes`` (``csrc/host_cache.cpp``,
+    built with the C++ kernels), installed process-wide. Returns whether it took effect (False where the C++ kernels
+    cannot be built).
+
+    Like :func:`keep_host_memory` it spares a training loop the page faults of re-mapping its large tensors every
+    step, but it keeps each freed block whole for the next request of its size (rounded up to 2 MiB) instead of
+    serving everything from one fragmenting heap, and on a request no cached block fits it first frees cached
+    blocks, so the peak stays that of the tensors alive plus at most one block. Changes no result.
+    """
+    from . import native
+
+    ext = native.load()
+    cap = -1 if max_cached_bytes is None else int(max_cached_bytes)
+    return bool(ext is not None and ext.host_cache_enable(int(min_bytes), cap))
+
+
+def host_cache_stats() -> dict[str, int] | None:
+    """Counters of :func:`cache_host_memory`'s allocator (None where the C++ kernels cannot be built): requests
+    served from the cache (hits) or by a new block (misses), cached blocks freed to make room (released), and the
+    bytes now cached and alive in its blocks."""
+    from . import native
+
+    ext = native.load()
+    if ext is None:
+        return None
+    return dict(zip(("hits", "misses", "released", "cached_bytes", "live_bytes"), ext.host_cache_stats()))
+
+
 # glibc (>= 2.35) tunable: malloc advises the kernel to back its mmap-ed blocks with transparent huge pages
 # (MADV_HUGEPAGE), so a large tensor faults in 2 MiB at a time instead of 4 KiB. Read at process start only:
 # export it before Python starts (scripts/main.sh does). Older glibc ignores unknown tunables.

@@ -43,7 +43,7 @@ from .factory import count_parameters
 from .optim import AdamW
 from .regularizers import PENALTIES, SPARSITY_METRICS, SheetRegularizer, SparsityStats
 from .run import MetricsLog, provenance, remove_run, run_lock, write_config, write_json
-from .runtime import autocast_context, keep_host_memory, resolve_device, seed_everything
+from .runtime import autocast_context, cache_host_memory, keep_host_memory, resolve_device, seed_everything
 from .tasks import build_task, evaluate
 
 
@@ -121,6 +121,10 @@ class Trainer:
         self.host_memory_kept = keep_host_memory() if tc.keep_host_memory else False
         if tc.keep_host_memory and not self.host_memory_kept and self.is_main:
             print("note: train.keep_host_memory needs glibc malloc (Linux); ignored here", file=sys.stderr)
+        self.host_memory_cached = cache_host_memory() if tc.cache_host_memory else False
+        if tc.cache_host_memory and not self.host_memory_cached and self.is_main:
+            print("note: train.cache_host_memory needs the C++ kernels, which could not be built; ignored here",
+                  file=sys.stderr)
         seed_everything(tc.seed)
         self.task = build_task(cfg.task, cfg.model)
         self.model = self.task.build_model()  # before the data: a geometry/input mismatch fails before a slow load
