@@ -47,21 +47,21 @@ def keep_host_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
-def cache_host_memory(min_bytes: int = 1 << 20, max_cached_bytes: int | None = None) -> bool:
+def cache_host_memory(min_bytes: int = 1 << 20) -> bool:
     """Reuse freed large host tensors: a caching allocator for CPU blocks of >= ``min_bytes`` (``csrc/host_cache.cpp``,
     built with the C++ kernels), installed process-wide. Returns whether it took effect (False where the C++ kernels
     cannot be built).
 
     Like :func:`keep_host_memory` it spares a training loop the page faults of re-mapping its large tensors every
-    step, but it keeps each freed block whole for the next request of its size (rounded up to 2 MiB) instead of
-    serving everything from one fragmenting heap, and on a request no cached block fits it first frees cached
-    blocks, so the peak stays that of the tensors alive plus at most one block. Changes no result.
+    step, but it keeps each freed block whole for the next request of its size (rounded up to 2 MiB; a cached block
+    up to 1.25 times the size also serves) instead of serving everything from one fragmenting heap; before mapping a
+    new block it gives back cached ones until the tensors alive plus the cache stay within the most ever alive at
+    once, so the process holds no more than it would without it. Changes no result.
     """
     from . import native
 
     ext = native.load()
-    cap = -1 if max_cached_bytes is None else int(max_cached_bytes)
-    return bool(ext is not None and ext.host_cache_enable(int(min_bytes), cap))
+    return bool(ext is not None and ext.host_cache_enable(int(min_bytes)))
 
 
 def host_cache_stats() -> dict[str, int] | None:

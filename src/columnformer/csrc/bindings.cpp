@@ -24,7 +24,7 @@ std::vector<torch::Tensor> norm_backward(torch::Tensor g, torch::Tensor x, torch
                                          torch::Tensor w, bool need_x, bool need_w, bool need_b);
 torch::Tensor to_lanes(torch::Tensor x, int64_t P);
 torch::Tensor from_lanes(torch::Tensor y, int64_t R);
-bool host_cache_enable(int64_t min_bytes, int64_t max_cached);
+bool host_cache_enable(int64_t min_bytes);
 void host_cache_disable();
 std::vector<int64_t> host_cache_stats();
 

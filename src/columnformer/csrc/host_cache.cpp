@@ -31,7 +31,6 @@ constexpr uint8_t PRIORITY = 1;             // above the default CPU allocator's
 struct HostCache final : public c10::Allocator {
   c10::Allocator* base = nullptr;  // the allocator it replaced: small blocks
   size_t min_bytes = size_t(1) << 20;
-  size_t max_cached = SIZE_MAX;  // bytes the cache may hold
   bool enabled = false;
   std::mutex mu;
   std::unordered_map<void*, size_t> live;     // block -> its rounded size
@@ -113,27 +112,19 @@ void HostCache::release(void* p) {
   }
   c.free_blocks.emplace(size, p);
   c.cached += size;
-  while (c.cached > c.max_cached && !c.free_blocks.empty()) {  // over the cap: give back the largest blocks
-    auto last = std::prev(c.free_blocks.end());
-    std::free(last->second);
-    c.cached -= last->first;
-    c.free_blocks.erase(last);
-    ++c.released;
-  }
 }
 
 }  // namespace
 
 // Install the cache for CPU tensors of >= min_bytes (again: change min_bytes); returns whether it is the CPU
 // allocator now (False if another allocator was installed with a higher priority).
-bool host_cache_enable(int64_t min_bytes, int64_t max_cached) {
+bool host_cache_enable(int64_t min_bytes) {
   TORCH_CHECK(min_bytes >= 0, "min_bytes must be >= 0");
   HostCache& c = cache();
   {
     std::lock_guard<std::mutex> guard(c.mu);
     if (c.base == nullptr) c.base = c10::GetCPUAllocator();
     c.min_bytes = static_cast<size_t>(min_bytes);
-    c.max_cached = max_cached < 0 ? SIZE_MAX : static_cast<size_t>(max_cached);
     c.enabled = true;
   }
   if (c10::GetCPUAllocator() != &c) c10::SetCPUAllocator(&c, PRIORITY);
