@@ -28,18 +28,23 @@ def sheet(n: int):
     return geo, Connectivity.local(geo, 64)
 
 
-def alternate_steps(n: int, settings: dict[str, Callable[[], object]], count: int, warmup: int = 3,
-                    checkpoint: bool = False, after_warmup: Callable[[], object] | None = None) -> dict[str, list[float]]:
-    """Train one benchmark sheet for ``warmup`` steps (in the first setting), then ``count`` rounds of one step per
-    setting (each entered by calling its function just before its step); returns every timed step per setting
-    (seconds). ``after_warmup`` is called once between the two."""
+def sheet_model(n: int, checkpoint: bool = False) -> tuple[Columnformer, torch.Tensor]:
+    """The benchmark sheet's model (seed 0) and its batch of 8 random tokens (8, N, 32)."""
     torch.manual_seed(0)
     geo, conn = sheet(n)
     cfg = SheetConfig(width=32, steps=4, recurrent=True, heads=1, qk_dim=16, mlp_ratio=1.0, untied_attn=True,
                       untied_mlp=True, untied_norm=True, sparse_kernel="fused", checkpoint=checkpoint)
     model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
+    return model, torch.randn(8, n, 32)
+
+
+def alternate_steps(n: int, settings: dict[str, Callable[[], object]], count: int, warmup: int = 3,
+                    checkpoint: bool = False, after_warmup: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """Train one benchmark sheet for ``warmup`` steps (in the first setting), then ``count`` rounds of one step per
+    setting (each entered by calling its function just before its step); returns every timed step per setting
+    (seconds). ``after_warmup`` is called once between the two."""
+    model, tokens = sheet_model(n, checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    tokens = torch.randn(8, n, 32)
 
     def step() -> float:
         t0 = time.perf_counter()

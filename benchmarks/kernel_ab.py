@@ -26,26 +26,32 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_sheet import alternate_steps, median_table, sheet
+from bench_sheet import alternate_steps, median_table, sheet_model
 
-from columnformer import Columnformer, SheetConfig, native
+from columnformer import native
 from columnformer.runtime import keep_host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 TIMED = ("sparse_forward", "sparse_backward", "linear_forward", "linear_backward", "norm_forward", "norm_backward")
 
 
-def sources(rev: str, into: Path) -> Path:
-    """A folder with the kernel sources of git revision ``rev`` (``tree``: the installed sources themselves)."""
+def sources(rev: str, into: Path) -> tuple[Path, tuple[str, ...]]:
+    """A folder with the kernel sources of git revision ``rev`` (``tree``: the installed sources themselves) and the
+    sources it has (an older revision may lack some of today's, e.g. ``host_cache.cpp``)."""
     if rev == "tree":
-        return native.CSRC
+        return native.CSRC, native.SOURCES
     into.mkdir(parents=True)
+    present = []
     for f in native.SOURCES + native.HEADERS:
         path = (native.CSRC / f).resolve().relative_to(REPO)
-        text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path.as_posix()}"], check=True,
-                              capture_output=True, text=True).stdout
-        (into / f).write_text(text)
-    return into
+        out = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path.as_posix()}"], capture_output=True, text=True)
+        if out.returncode != 0:
+            if f in native.HEADERS or f == "bindings.cpp":
+                raise SystemExit(f"revision {rev!r} has no {path}: {out.stderr.strip()}")
+            continue
+        (into / f).write_text(out.stdout)
+        present.append(f)
+    return into, tuple(f for f in native.SOURCES if f in present)
 
 
 class Timed:
@@ -70,12 +76,7 @@ class Timed:
 
 def same_math(n: int, builds: dict) -> None:
     """One forward + backward per build from the same weights and input: the largest differences."""
-    torch.manual_seed(0)
-    geo, conn = sheet(n)
-    cfg = SheetConfig(width=32, steps=4, recurrent=True, heads=1, qk_dim=16, mlp_ratio=1.0, untied_attn=True,
-                      untied_mlp=True, untied_norm=True, sparse_kernel="fused")
-    model = Columnformer(cfg, geo, conn, input_area="all", output_area="all")
-    tokens = torch.randn(8, n, 32)
+    model, tokens = sheet_model(n)
     results = {}
     for name, ext in builds.items():
         native._EXT = ext
@@ -107,12 +108,11 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, rev in enumerate((a.base, a.new)):
             label = f"{'base' if i == 0 else 'new'} ({rev})"
-            ext = native.build(sources(rev, Path(tmp) / f"rev{i}"), prefix=f"columnformer_ab{i}")
+            folder, files = sources(rev, Path(tmp) / f"rev{i}")
+            ext = native.build(folder, prefix=f"columnformer_ab{i}", sources=files)
             logs[label] = defaultdict(list)
             builds[label] = Timed(ext, logs[label])
         same_math(min(a.n, 4096), builds)
-        for log in logs.values():
-            log.clear()
 
         def use(label: str):
             return lambda: setattr(native, "_EXT", builds[label])

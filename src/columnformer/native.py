@@ -63,19 +63,19 @@ def load():
     return _EXT
 
 
-def build(csrc: Path, prefix: str = "columnformer_native"):
-    """Build (or find already built) the extension from the sources in folder ``csrc`` (``SOURCES`` and
-    ``HEADERS``), named ``{prefix}_{hash}``; raises if the build fails. :func:`load` builds the installed
-    sources; ``benchmarks/kernel_ab.py`` builds another revision's next to them."""
+def build(csrc: Path, prefix: str = "columnformer_native", sources: tuple[str, ...] = SOURCES):
+    """Build (or find already built) the extension from ``sources`` (and ``HEADERS``) in folder ``csrc``, named
+    ``{prefix}_{hash}``; raises if the build fails. :func:`load` builds the installed sources;
+    ``benchmarks/kernel_ab.py`` builds another revision's (whose list of sources may be shorter) next to them."""
     from torch.utils import cpp_extension
 
     csrc = Path(csrc)
-    text = "".join((csrc / f).read_text() for f in SOURCES + HEADERS)
+    text = "".join((csrc / f).read_text() for f in sources + HEADERS)
     tag = hashlib.sha256((text + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
     name = f"{prefix}_{tag}"
     _announce_build(cpp_extension, name)
     return cpp_extension.load(
-        name=name, sources=[str(csrc / f) for f in SOURCES], extra_include_paths=[str(csrc)],
+        name=name, sources=[str(csrc / f) for f in sources], extra_include_paths=[str(csrc)],
         extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
         verbose=bool(os.environ.get("COLUMNFORMER_VERBOSE_BUILD")),
     )
