@@ -42,20 +42,26 @@ def test_a_freed_block_serves_the_next_request_of_its_size():
     assert r["small_live"] == 4 * MIB  # only b is the cache's
 
 
-def test_a_new_block_first_gives_back_cached_ones_so_the_footprint_stays_at_the_most_ever_alive():
+def test_a_new_block_takes_the_pages_of_cached_blocks_so_the_footprint_stays_at_the_most_ever_alive():
     r = _run("""
         import json, torch
         from columnformer.runtime import cache_host_memory, host_cache_stats
         assert cache_host_memory()
         a = torch.empty(16 << 20 >> 2); b = torch.empty(16 << 20 >> 2)   # 32 MiB alive at most
+        a.fill_(1.0); b.fill_(2.0)
         del a, b                                                         # both cached
-        c = torch.empty(24 << 20 >> 2)    # no cached block is >= 24 MiB
+        c = torch.empty(24 << 20 >> 2)    # no cached block is >= 24 MiB: built from 16 + 8 MiB of theirs
         s = host_cache_stats()
-        print(json.dumps(s))
+        c.fill_(3.0)                      # every page of the new block is writable memory
+        d = torch.empty(8 << 20 >> 2)     # the rest of the second cached block serves this
+        d.fill_(4.0)
+        print(json.dumps({"c": c.sum().item(), "d": d.sum().item(), "after": host_cache_stats(), **s}))
     """)
-    # 24 MiB new: 0 alive + 32 cached + 24 > 32 most ever alive -> both 16 MiB blocks given back
-    assert r["misses"] == 3 and r["hits"] == 0 and r["released"] == 2
-    assert r["cached_bytes"] == 0 and r["live_bytes"] == 24 * MIB
+    assert r["misses"] == 3 and r["hits"] == 0
+    assert r["moved_bytes"] == 24 * MIB and r["fresh_bytes"] == 32 * MIB  # only a and b were new memory
+    assert r["cached_bytes"] == 8 * MIB and r["live_bytes"] == 24 * MIB  # 32 MiB held, as at the peak
+    assert r["c"] == 3.0 * (24 << 20 >> 2) and r["d"] == 4.0 * (8 << 20 >> 2)
+    assert r["after"]["hits"] == 1 and r["after"]["cached_bytes"] == 0 and r["after"]["live_bytes"] == 32 * MIB
 
 
 def test_a_larger_cached_block_serves_a_request_up_to_a_quarter_smaller():
@@ -66,16 +72,17 @@ def test_a_larger_cached_block_serves_a_request_up_to_a_quarter_smaller():
         a = torch.empty(20 << 20 >> 2); pa = a.data_ptr(); del a
         b = torch.empty(16 << 20 >> 2)    # 20 <= 1.25 * 16: served by a's block
         hit = b.data_ptr() == pa; del b
-        c = torch.empty(12 << 20 >> 2)    # 20 > 1.25 * 12: a new block (and the 20 MiB one given back)
-        print(json.dumps({"hit": hit, **host_cache_stats()}))
+        c = torch.empty(12 << 20 >> 2)    # 20 > 1.25 * 12: a new block, its pages taken from the 20 MiB one
+        print(json.dumps({"hit": hit, "moved": c.data_ptr() != pa, **host_cache_stats()}))
     """)
-    assert r["hit"] and r["hits"] == 1 and r["misses"] == 2 and r["released"] == 1 and r["live_bytes"] == 12 * MIB
+    assert r["hit"] and r["moved"] and r["hits"] == 1 and r["misses"] == 2
+    assert r["moved_bytes"] == 12 * MIB and r["fresh_bytes"] == 20 * MIB
+    assert r["live_bytes"] == 12 * MIB and r["cached_bytes"] == 8 * MIB
 
 
 def test_training_steps_give_the_same_numbers_and_stop_missing_after_the_first_step():
     """A recurrent sparse sheet trained 3 steps with the cache equals the same run without it; in the third step
-    nearly every large request is served from the cache (a few blocks are given back each step to hold the footprint
-    at the most ever alive, and are mapped again later)."""
+    most large requests are served by a cached block and the rest by pages moved from cached ones: no new memory."""
     code = """
         import json, sys, torch
         from columnformer import Columnformer, SheetConfig, grid
@@ -107,7 +114,9 @@ def test_training_steps_give_the_same_numbers_and_stop_missing_after_the_first_s
     assert got["losses"] == ref["losses"] and got["wsum"] == ref["wsum"] and got["wabs"] == ref["wabs"]
     second, third = got["counts"][1], got["counts"][2]
     hits, misses = third["hits"] - second["hits"], third["misses"] - second["misses"]
-    assert hits > 50 and misses <= 0.1 * (hits + misses), (hits, misses)
+    assert hits > 50 and misses <= 0.3 * (hits + misses), (hits, misses)
+    assert third["fresh_bytes"] == second["fresh_bytes"], "the third step mapped new memory"
+    assert third["moved_bytes"] > second["moved_bytes"] or misses == 0
 
 
 def test_disable_frees_the_cache_and_new_blocks_bypass_it():

@@ -47,33 +47,41 @@ def keep_host_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
-def cache_host_memory(min_bytes: int = 1 << 20) -> bool:
+def cache_host_memory(min_bytes: int = 1 << 20, huge_pages: bool | None = None) -> bool:
     """Reuse freed large host tensors: a caching allocator for CPU blocks of >= ``min_bytes`` (``csrc/host_cache.cpp``,
     built with the C++ kernels), installed process-wide. Returns whether it took effect (False where the C++ kernels
-    cannot be built).
+    cannot be built). ``huge_pages``: advise its blocks to transparent huge pages; None: when this process was
+    started with :data:`HUGE_PAGES_TUNABLE` (the setting that does the same for glibc's own large blocks).
 
     Like :func:`keep_host_memory` it spares a training loop the page faults of re-mapping its large tensors every
     step, but it keeps each freed block whole for the next request of its size (rounded up to 2 MiB; a cached block
-    up to 1.25 times the size also serves) instead of serving everything from one fragmenting heap; before mapping a
-    new block it gives back cached ones until the tensors alive plus the cache stay within the most ever alive at
-    once, so the process holds no more than it would without it. Changes no result.
+    up to 1.25 times the size also serves) instead of serving everything from one fragmenting heap. The tensors alive
+    plus the cache stay within the most ever alive at once, so the process holds no more than it would without it:
+    where that leaves no room for a new block, a cached block is reshaped to the request instead (a larger one shrunk,
+    its tail's pages given back; else the largest one grown, only the added pages faulting in). Changes no result.
     """
+    import os
+
     from . import native
 
     ext = native.load()
-    return bool(ext is not None and ext.host_cache_enable(int(min_bytes)))
+    if huge_pages is None:
+        huge_pages = HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return bool(ext is not None and ext.host_cache_enable(int(min_bytes), bool(huge_pages)))
 
 
 def host_cache_stats() -> dict[str, int] | None:
     """Counters of :func:`cache_host_memory`'s allocator (None where the C++ kernels cannot be built): requests
-    served from the cache (hits) or by a new block (misses), cached blocks freed to make room (released), and the
-    bytes now cached and alive in its blocks."""
+    served by a cached block (hits) or by a new block (misses), the bytes of new blocks moved from cached blocks
+    (moved_bytes) and mapped afresh (fresh_bytes: faulted in when first written), and the bytes now cached and alive
+    in its blocks."""
     from . import native
 
     ext = native.load()
     if ext is None:
         return None
-    return dict(zip(("hits", "misses", "released", "cached_bytes", "live_bytes"), ext.host_cache_stats()))
+    keys = ("hits", "misses", "moved_bytes", "fresh_bytes", "cached_bytes", "live_bytes")
+    return dict(zip(keys, ext.host_cache_stats()))
 
 
 # glibc (>= 2.35) tunable: malloc advises the kernel to back its mmap-ed blocks with transparent huge pages

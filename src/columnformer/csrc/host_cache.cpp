@@ -6,15 +6,28 @@
 // `train.keep_host_memory` (runtime.keep_host_memory) avoids that by serving everything from one heap, but that heap
 // fragments (+50 % peak memory). This allocator keeps each freed block of >= min_bytes whole, in free lists by size
 // (rounded up to 2 MiB), and serves a request with the smallest cached block of at least its size and at most 1.25
-// times it. A request that no cached block fits gets a new block, but first the cache gives back blocks (largest
-// first) until the tensors alive plus the cache plus the new block stay within the most that was ever alive at once:
-// the process holds no more than it would without the cache (up to the rounding), and since a training loop
-// repeats its sizes step after step, nearly every request after the first step is served from the cache.
+// times it (a hit).
 //
+// A request that no cached block fits gets a new block, built from the pages of cached blocks: they are moved into
+// it with mremap (page-table entries change owner; nothing is copied, faulted or zeroed), taken from the ends of the
+// largest cached blocks first, which shrink or vanish. Only what the cache cannot cover is new memory. So the tensors
+// alive plus the cache never exceed the most that was ever alive at once (the process holds no more than it would
+// without the cache, up to the rounding), and once a training loop has run one step, whose sizes it repeats, no
+// request faults memory in again, whatever the order of its sizes.
+//
+// Blocks are 2 MiB aligned, so a moved piece keeps its transparent huge pages; with `huge_pages` new blocks are
+// advised to them (MADV_HUGEPAGE; what glibc does for its own blocks under GLIBC_TUNABLES=glibc.malloc.hugetlb=1).
 // Installed with c10::SetCPUAllocator; smaller requests go to the allocator it replaced. Blocks allocated before
 // it was installed keep their own deleter. It is never destroyed (tensors may be freed during interpreter exit).
+// Linux only (mremap); elsewhere host_cache_enable returns false.
 #include <torch/extension.h>
 #include <c10/core/CPUAllocator.h>
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -31,49 +44,73 @@ constexpr uint8_t PRIORITY = 1;             // above the default CPU allocator's
 struct HostCache final : public c10::Allocator {
   c10::Allocator* base = nullptr;  // the allocator it replaced: small blocks
   size_t min_bytes = size_t(1) << 20;
-  bool enabled = false;
+  bool enabled = false, huge_pages = false;
   std::mutex mu;
   std::unordered_map<void*, size_t> live;     // block -> its rounded size
   std::multimap<size_t, void*> free_blocks;   // rounded size -> cached block
   size_t cached = 0, live_bytes = 0, max_live = 0;
-  int64_t hits = 0, misses = 0, released = 0;
+  int64_t hits = 0, misses = 0, moved_bytes = 0, fresh_bytes = 0;
 
   static void release(void* p);
+
+  // a new anonymous mapping of `size` bytes, 2 MiB aligned; null if none
+  void* map(size_t size) {
+    void* raw = mmap(nullptr, size + ROUND, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return nullptr;
+    const uintptr_t r = reinterpret_cast<uintptr_t>(raw), a = (r + ROUND - 1) / ROUND * ROUND;
+    if (a > r) munmap(raw, a - r);  // trim to the alignment
+    munmap(reinterpret_cast<void*>(a + size), r + ROUND - a);
+    void* p = reinterpret_cast<void*>(a);
+    if (huge_pages) madvise(p, size, MADV_HUGEPAGE);
+    return p;
+  }
+
+  // fill block p (size bytes, new) with the pages of cached blocks, largest first; caller holds mu
+  void fill_from_cache(char* p, size_t size) {
+    size_t done = 0;
+    while (done < size && !free_blocks.empty()) {
+      auto last = std::prev(free_blocks.end());
+      const size_t d = last->first, m = std::min(d, size - done);
+      char* donor = static_cast<char*>(last->second);
+      free_blocks.erase(last);
+      cached -= d;
+      // move the donor's last m bytes over p's part [done, done + m) (which mremap unmaps first)
+      if (mremap(donor + d - m, m, m, MREMAP_MAYMOVE | MREMAP_FIXED, p + done) == MAP_FAILED) {
+        munmap(donor, d);  // could not move (e.g. the map count limit): give the donor back, keep p's new pages
+        continue;
+      }
+      done += m;
+      moved_bytes += static_cast<int64_t>(m);
+      if (d > m) {  // the donor's rest stays cached
+        free_blocks.emplace(d - m, donor);
+        cached += d - m;
+      }
+    }
+    fresh_bytes += static_cast<int64_t>(size - done);
+  }
 
   c10::DataPtr allocate(size_t n) override {
     if (n < min_bytes || !enabled) return base->allocate(n);
     size_t size = (n + ROUND - 1) / ROUND * ROUND;
     void* p = nullptr;
-    {
-      std::lock_guard<std::mutex> guard(mu);
-      // the cached block that fits best: the exact size, else the smallest one up to 1.25 times the size
-      auto it = free_blocks.lower_bound(size);
-      if (it != free_blocks.end() && it->first <= size + size / 4) {
-        p = it->second;
-        size = it->first;
-        free_blocks.erase(it);
-        cached -= size;
-        ++hits;
-      } else {  // a new block: first give back cached ones (largest first) so that live + cached stays within the
-                // most ever alive at once (what the process would hold without the cache)
-        ++misses;
-        while (live_bytes + cached + size > max_live && !free_blocks.empty()) {
-          auto last = std::prev(free_blocks.end());
-          std::free(last->second);
-          cached -= last->first;
-          free_blocks.erase(last);
-          ++released;
-        }
-      }
+    std::lock_guard<std::mutex> guard(mu);
+    // the cached block that fits best: the exact size, else the smallest one up to 1.25 times the size
+    auto it = free_blocks.lower_bound(size);
+    if (it != free_blocks.end() && it->first <= size + size / 4) {
+      p = it->second;
+      size = it->first;
+      free_blocks.erase(it);
+      cached -= size;
+      ++hits;
+    } else {
+      ++misses;
+      p = map(size);
+      TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "host_cache: could not allocate ", size, " bytes");
+      fill_from_cache(static_cast<char*>(p), size);
     }
-    if (p == nullptr && posix_memalign(&p, 64, size) != 0) p = nullptr;
-    TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "host_cache: could not allocate ", size, " bytes");
-    {
-      std::lock_guard<std::mutex> guard(mu);
-      live.emplace(p, size);
-      live_bytes += size;
-      max_live = std::max(max_live, live_bytes);
-    }
+    live.emplace(p, size);
+    live_bytes += size;
+    max_live = std::max(max_live, live_bytes);
     return {p, p, &HostCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -84,7 +121,7 @@ struct HostCache final : public c10::Allocator {
   }
 
   void drop_cached() {  // caller holds mu
-    for (auto& kv : free_blocks) std::free(kv.second);
+    for (auto& kv : free_blocks) munmap(kv.second, kv.first);
     free_blocks.clear();
     cached = 0;
   }
@@ -99,15 +136,16 @@ void HostCache::release(void* p) {
   HostCache& c = cache();
   std::lock_guard<std::mutex> guard(c.mu);
   auto it = c.live.find(p);
-  if (it == c.live.end()) {  // cannot happen: only blocks of this allocator carry this deleter
-    std::free(p);
+  if (it == c.live.end()) {  // a small block of the replaced allocator freed through raw_deleter (raw_allocate)
+    c10::DeleterFnPtr base_free = c.base == nullptr ? nullptr : c.base->raw_deleter();
+    if (base_free != nullptr) base_free(p); else std::free(p);
     return;
   }
   const size_t size = it->second;
   c.live.erase(it);
   c.live_bytes -= size;
   if (!c.enabled) {
-    std::free(p);
+    munmap(p, size);
     return;
   }
   c.free_blocks.emplace(size, p);
@@ -116,15 +154,17 @@ void HostCache::release(void* p) {
 
 }  // namespace
 
-// Install the cache for CPU tensors of >= min_bytes (again: change min_bytes); returns whether it is the CPU
-// allocator now (False if another allocator was installed with a higher priority).
-bool host_cache_enable(int64_t min_bytes) {
+// Install the cache for CPU tensors of >= min_bytes (again: change the settings); huge_pages: advise new blocks to
+// transparent huge pages. Returns whether it is the CPU allocator now (False if another allocator was installed
+// with a higher priority).
+bool host_cache_enable(int64_t min_bytes, bool huge_pages) {
   TORCH_CHECK(min_bytes >= 0, "min_bytes must be >= 0");
   HostCache& c = cache();
   {
     std::lock_guard<std::mutex> guard(c.mu);
     if (c.base == nullptr) c.base = c10::GetCPUAllocator();
     c.min_bytes = static_cast<size_t>(min_bytes);
+    c.huge_pages = huge_pages;
     c.enabled = true;
   }
   if (c10::GetCPUAllocator() != &c) c10::SetCPUAllocator(&c, PRIORITY);
@@ -140,9 +180,18 @@ void host_cache_disable() {
   c.drop_cached();
 }
 
-// {hits, misses, released, cached bytes, live bytes} of the large-block cache
+// {hits, misses, bytes moved from cached blocks, new bytes, cached bytes, live bytes} of the large-block cache
 std::vector<int64_t> host_cache_stats() {
   HostCache& c = cache();
   std::lock_guard<std::mutex> guard(c.mu);
-  return {c.hits, c.misses, c.released, static_cast<int64_t>(c.cached), static_cast<int64_t>(c.live_bytes)};
+  return {c.hits, c.misses, c.moved_bytes, c.fresh_bytes, static_cast<int64_t>(c.cached),
+          static_cast<int64_t>(c.live_bytes)};
 }
+
+#else  // not Linux: no cache
+
+bool host_cache_enable(int64_t, bool) { return false; }
+void host_cache_disable() {}
+std::vector<int64_t> host_cache_stats() { return {0, 0, 0, 0, 0, 0}; }
+
+#endif
