@@ -97,3 +97,41 @@ def test_low_precision_and_disabled_kernels_run_torch(calls):
     with native_kernels(False):
         norm(torch.randn(3, 2, 8)).sum().backward()
     assert calls == {}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_the_kernels_gelu_input_is_torchs_exact_gelu_and_its_derivative(dtype, tol):
+    """With identity weights the layer's output is GELU(x) itself and its input gradient GELU'(x): checked over
+    [-12, 12], where the float erf approximation and the exp polynomial have to hold."""
+    ext = native.load()
+    x = torch.linspace(-12, 12, 4 * 8 * 64, dtype=dtype).view(4, 8, 64)
+    eye = torch.eye(64, dtype=dtype).expand(4, 64, 64).contiguous()
+    y = ext.linear_forward(x, eye, x.new_empty(0), True)
+    torch.testing.assert_close(y, torch.nn.functional.gelu(x), rtol=tol, atol=tol)
+    g = torch.randn_like(x)
+    dx = ext.linear_backward(x, eye, g, [], x.new_empty(0), True, False, True)
+    torch.testing.assert_close(dx, torch.ops.aten.gelu_backward(g, x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_an_untied_mlp_reading_gelu_inside_the_kernel_matches_torch(calls, dtype, tol, recompute):
+    """Mlp(untied) used 3 times in a session: the second layer applies GELU to its input inside the C++ kernel
+    (forward, input gradient, recomputed for the weight gradient); values and every gradient as torch's layers."""
+    from columnformer.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(5, 12, 20, True, recompute=recompute).to(dtype)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(std=0.2)  # pre-activations of spread ~1.4: GELU far from linear
+
+    def run(x):
+        with untied_session():
+            h = x
+            for _ in range(3):
+                h = h + mlp(h)
+        return [h]
+
+    _same(run, list(mlp.parameters()), 2 * torch.randn(5, 7, 12, dtype=dtype), tol)
+    assert calls["linear_forward"] == (9 if recompute else 6) and calls["linear_backward"] == 6

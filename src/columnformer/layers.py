@@ -91,9 +91,11 @@ class _Stash:
         if self.bias:
             sums[-1].add_(g.sum(1))
 
-    def add_native(self, ext, task: int, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, need_dx: bool):
+    def add_native(self, ext, task: int, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, need_dx: bool,
+                   gelu_input: bool = False):
         """:meth:`add` and the input gradient ``g @ w^T`` in one pass of the C++ kernel (float32/float64 on CPU);
-        returns the input gradient (None unless ``need_dx``)."""
+        returns the input gradient (None unless ``need_dx``). ``gelu_input``: x is the pre-activation h of a layer
+        that read GELU(h) (see :class:`_UntiedUse`)."""
         N, _, I = x.shape
         sums = self.sums.get(task)
         first = sums is None
@@ -102,7 +104,7 @@ class _Stash:
             self.sums[task] = sums
         db = sums[-1] if self.bias else x.new_empty(0)
         dws = sums[:-1] if self.bias else sums
-        dx = ext.linear_backward(x, w, g, dws, db, need_dx, not first)
+        dx = ext.linear_backward(x, w, g, dws, db, need_dx, not first, gelu_input)
         return dx if need_dx else None
 
 
@@ -218,13 +220,17 @@ class _Tap(torch.autograd.Function):
 
 
 class _UntiedUse(torch.autograd.Function):
-    """``y = x @ W + b`` per column; backward returns dX now and stashes (x, dY) for the tap."""
+    """``y = x @ W + b`` per column; backward returns dX now and stashes (x, dY) for the tap.
+
+    ``gelu_input``: the layer reads GELU(x) (the MLP's second layer fed its first layer's pre-activation x):
+    ``y = GELU(x) @ W + b``, saving only x; GELU(x) is recomputed where the weight gradient needs it (inside the C++
+    kernels: per column in cache), so the MLP stores one (N, B, hidden) tensor per use instead of two."""
 
     @staticmethod
-    def forward(ctx, x, w, b, stash):
+    def forward(ctx, x, w, b, stash, gelu_input=False):
         x = x.to(w.dtype)
-        y = _linear(x, w, b)
-        ctx.stash = stash
+        y = _linear(x, w, b, gelu_input)
+        ctx.stash, ctx.gelu_input = stash, gelu_input
         ctx.save_for_backward(x, w)
         return y
 
@@ -232,21 +238,27 @@ class _UntiedUse(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        return _use_backward(x, w, g, ctx.stash, need_w, ctx.needs_input_grad[0]), None, None, None
+        dx = _use_backward(x, w, g, ctx.stash, need_w, ctx.needs_input_grad[0], ctx.gelu_input)
+        return dx, None, None, None, None
 
 
-def _use_backward(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, stash: _Stash, need_w: bool, need_dx: bool):
+def _use_backward(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, stash: _Stash, need_w: bool, need_dx: bool,
+                  gelu_input: bool = False):
     """One use's backward: hand (x, g) to the stash (its weight gradient) and return ``g @ w^T`` (None unless
-    ``need_dx``); one C++ pass where the kernels apply."""
+    ``need_dx``); one C++ pass where the kernels apply. ``gelu_input``: the use read GELU(x) (see
+    :class:`_UntiedUse`); the stash then gets (GELU(x), g) and the input gradient is ``(g @ w^T) * GELU'(x)``."""
     ext = _native_for(x, w, g)
     if ext is not None and w.is_contiguous():  # dx and the stashed weight gradient in one C++ pass
         x, g = x.contiguous(), g.contiguous()
         if need_w:
-            return stash.add_native(ext, torch._C._current_graph_task_id(), x, w, g, need_dx)
-        return ext.linear_backward(x, w, g, [], x.new_empty(0), True, False) if need_dx else None
+            return stash.add_native(ext, torch._C._current_graph_task_id(), x, w, g, need_dx, gelu_input)
+        return ext.linear_backward(x, w, g, [], x.new_empty(0), True, False, gelu_input) if need_dx else None
     if need_w:
-        stash.add(torch._C._current_graph_task_id(), x, g)
-    return torch.bmm(g, w.transpose(1, 2)) if need_dx else None
+        stash.add(torch._C._current_graph_task_id(), F.gelu(x) if gelu_input else x, g)
+    if not need_dx:
+        return None
+    dx = torch.bmm(g, w.transpose(1, 2))
+    return torch.ops.aten.gelu_backward(dx, x) if gelu_input else dx
 
 
 class _RecomputedMlp(torch.autograd.Function):
@@ -256,7 +268,7 @@ class _RecomputedMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, stash1, stash2):
         x = x.to(w1.dtype)
-        y = _linear(F.gelu(_linear(x, w1, b1)), w2, b2)
+        y = _linear(_linear(x, w1, b1), w2, b2, gelu_input=True)
         ctx.stashes = (stash1, stash2)
         ctx.save_for_backward(x, w1, b1, w2)
         return y
@@ -266,23 +278,22 @@ class _RecomputedMlp(torch.autograd.Function):
         x, w1, b1, w2 = ctx.saved_tensors
         stash1, stash2 = ctx.stashes
         h = _linear(x, w1, b1)  # (N, B, hidden), recomputed
-        a = F.gelu(h)
-        da = _use_backward(a, w2, g, stash2, ctx.needs_input_grad[3] or ctx.needs_input_grad[4], True)
-        del a
-        dh = torch.ops.aten.gelu_backward(da, h)
-        del da, h
+        dh = _use_backward(h, w2, g, stash2, ctx.needs_input_grad[3] or ctx.needs_input_grad[4], True, gelu_input=True)
+        del h
         need_w1 = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         return _use_backward(x, w1, dh, stash1, need_w1, ctx.needs_input_grad[0]), None, None, None, None, None, None
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``x @ w + b`` per column: x (N, B, in), w (N, in, out), b (N, out) or None -> (N, B, out); the C++ kernel
-    where it applies (:func:`native_kernels`), else torch's batched GEMM. Autograd does not see through the C++
-    kernel: call it inside an autograd Function's forward/backward (as ``_UntiedUse``) or where no gradient is
-    needed, never on a differentiable path directly."""
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu_input: bool = False) -> torch.Tensor:
+    """``x @ w + b`` per column (``GELU(x) @ w + b`` with ``gelu_input``): x (N, B, in), w (N, in, out), b (N, out)
+    or None -> (N, B, out); the C++ kernel where it applies (:func:`native_kernels`), else torch's batched GEMM.
+    Autograd does not see through the C++ kernel: call it inside an autograd Function's forward/backward (as
+    ``_UntiedUse``) or where no gradient is needed, never on a differentiable path directly."""
     ext = _native_for(x, w, b)
     if ext is not None and w.is_contiguous() and (b is None or b.is_contiguous()):
-        return ext.linear_forward(x.contiguous(), w, b if b is not None else x.new_empty(0))
+        return ext.linear_forward(x.contiguous(), w, b if b is not None else x.new_empty(0), gelu_input)
+    if gelu_input:
+        x = F.gelu(x)
     return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
 
 
@@ -512,6 +523,9 @@ def layer_norm(n: int, dim: int, untied) -> nn.Module:
 class Mlp(nn.Module):
     """Column computation: Linear -> GELU -> Linear, per column or shared. (N, B, C) -> (N, B, C).
 
+    With untied layers inside an untied session where the C++ kernels apply, the second layer reads GELU of the
+    first layer's output inside its kernel (forward and backward): one (N, B, hidden) tensor kept per use, not two.
+
     ``recompute`` (set by a sheet with ``checkpoint=true``): with untied layers inside an untied session, store only
     the input and recompute the hidden activations in backward (two (N, B, hidden) tensors less per use, one more
     fc1 forward). Same values and gradients either way.
@@ -532,4 +546,10 @@ class Mlp(nn.Module):
             w1, b1, stash1 = _tap([self.fc1], session, True)
             w2, b2, stash2 = _tap([self.fc2], session, True)
             return _RecomputedMlp.apply(x, w1, b1, w2, b2, stash1, stash2)
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)  # (N, B, hidden)
+        if session is not None and isinstance(self.fc2, UntiedLinear) and torch.is_grad_enabled():
+            self.fc2._check(h)
+            w2, b2, stash2 = _tap([self.fc2], session, self.fc2.bias is not None)
+            if _native_for(h, w2, b2) is not None:  # fc2(GELU(h)) in one C++ pass per column, only h kept
+                return _UntiedUse.apply(h, w2, b2, stash2, True)
+        return self.fc2(F.gelu(h))

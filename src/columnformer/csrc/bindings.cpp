@@ -16,9 +16,9 @@ std::vector<torch::Tensor> sparse_backward(torch::Tensor q, torch::Tensor k, tor
                                            torch::Tensor ucount, torch::Tensor slot, bool need_q, bool need_k,
                                            bool need_v, bool need_bias, bool need_w);
 torch::Tensor sparse_block_colours(torch::Tensor index, torch::Tensor valid, torch::Tensor order, int64_t block);
-torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b);
+torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, bool gelu_input);
 torch::Tensor linear_backward(torch::Tensor x, torch::Tensor w, torch::Tensor g, std::vector<torch::Tensor> dws,
-                              torch::Tensor db, bool need_dx, bool accumulate);
+                              torch::Tensor db, bool need_dx, bool accumulate, bool gelu_input);
 std::vector<torch::Tensor> norm_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, double eps);
 std::vector<torch::Tensor> norm_backward(torch::Tensor g, torch::Tensor x, torch::Tensor mean, torch::Tensor rstd,
                                          torch::Tensor w, bool need_x, bool need_w, bool need_b);
@@ -33,8 +33,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_backward", &sparse_backward, "fused sparse attention, backward (fused_sparse.cpp)");
   m.def("sparse_block_colours", &sparse_block_colours, "blocks of the visiting order coloured for the one-pass backward (fused_sparse.cpp)");
   m.def("sparse_reader_groups", &sparse_reader_groups, "groups of neighbouring readers and their sources' union (fused_sparse.cpp)");
-  m.def("linear_forward", &linear_forward, "untied linear per column, forward (column_ops.cpp)");
-  m.def("linear_backward", &linear_backward, "untied linear per column, backward (column_ops.cpp)");
+  m.def("linear_forward", &linear_forward, "untied linear per column, forward (column_ops.cpp)", pybind11::arg("x"),
+        pybind11::arg("w"), pybind11::arg("b"), pybind11::arg("gelu_input") = false);
+  m.def("linear_backward", &linear_backward, "untied linear per column, backward (column_ops.cpp)", pybind11::arg("x"),
+        pybind11::arg("w"), pybind11::arg("g"), pybind11::arg("dws"), pybind11::arg("db"), pybind11::arg("need_dx"),
+        pybind11::arg("accumulate"), pybind11::arg("gelu_input") = false);
   m.def("norm_forward", &norm_forward, "layer norm with a per-column affine, forward (column_ops.cpp)");
   m.def("to_lanes", &to_lanes, "(N, R, d) -> (N, d, P): the fused attention kernel's layout (column_ops.cpp)");
   m.def("from_lanes", &from_lanes, "(N, d, P) -> (N, R, d) (column_ops.cpp)");

@@ -7,6 +7,8 @@
 //
 //   linear_forward:   y[n] = x[n] @ w[n] + b[n]                       x (N, B, I), w (N, I, O), b (N, O)
 //   linear_backward:  dx[n] = g[n] @ w[n]^T;  dw_p[n] (+)= x[n]^T g[n][:, part p];  db[n] (+)= sum_b g[n]
+//   with gelu_input, x is a pre-activation h and the layer reads GELU(h) (the MLP's second layer): y = GELU(h) @ w
+//   + b, dh = (g @ w^T) * GELU'(h), dw (+)= GELU(h)^T g -- GELU(h) is computed per column in cache, never stored
 //   norm_forward:     y = (x - mean) * rstd * w[n] + b[n] over the C channels of every row; saves mean, rstd
 //   norm_backward:    gx, gw[n] = sum_b g xhat, gb[n] = sum_b g from x, mean, rstd (xhat recomputed)
 //
@@ -127,6 +129,31 @@ void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, in
   transpose_scalar(src, r8, rows, 0, cols, lds, dst, ldd);
 }
 
+// a = GELU(x) = x Phi(x) (the exact, erf form, as torch's default) over n values and, with D, da = GELU'(x) =
+// Phi(x) + x phi(x). float: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) with exp_poly, one exp for both,
+// vectorised; double: std::erf and std::exp.
+template <bool D>
+inline void gelu_rows(const float* __restrict x, float* __restrict a, float* __restrict da, int64_t n) {
+  _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i], z = std::fabs(v) * 0.70710678118654752f;
+    const float t = 1.0f / (1.0f + 0.3275911f * z);
+    const float e = exp_poly(-z * z);  // exp(-x^2 / 2)
+    const float p = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+    const float erf_abs = 1.0f - p * e;
+    const float cdf = 0.5f + 0.5f * (v < 0.0f ? -erf_abs : erf_abs);
+    a[i] = v * cdf;
+    if constexpr (D) da[i] = cdf + v * e * 0.39894228040143268f;
+  }
+}
+template <bool D>
+inline void gelu_rows(const double* __restrict x, double* __restrict a, double* __restrict da, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x[i], cdf = 0.5 * (1.0 + std::erf(v * 0.70710678118654752440));
+    a[i] = v * cdf;
+    if constexpr (D) da[i] = cdf + v * std::exp(-0.5 * v * v) * 0.39894228040143267794;
+  }
+}
+
 void check_linear(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "column ops run on CPU tensors");
   TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && w.size(0) == x.size(0) && w.size(1) == x.size(2),
@@ -137,8 +164,8 @@ void check_linear(const torch::Tensor& x, const torch::Tensor& w) {
 
 }  // namespace
 
-// y (N, B, O) = x (N, B, I) @ w (N, I, O) + b (N, O) (b may be empty)
-torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b) {
+// y (N, B, O) = x (N, B, I) @ w (N, I, O) + b (N, O) (b may be empty); gelu_input: GELU(x) @ w + b
+torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, bool gelu_input) {
   check_linear(x, w);
   const int64_t N = x.size(0), B = x.size(1), I = x.size(2), O = w.size(2);
   TORCH_CHECK(b.numel() == 0 || (b.sizes() == torch::IntArrayRef({N, O}) && b.is_contiguous() &&
@@ -149,9 +176,15 @@ torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b) 
     const scalar_t* bp = b.numel() ? b.data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        small_gemm<scalar_t>(B, I, O, xp + n * B * I, I, 1, wp + n * I * O, O, yp + n * B * O, O, false,
-                             bp ? bp + n * O : nullptr);
+      std::vector<scalar_t> act(gelu_input ? B * I : 0);
+      for (int64_t n = n0; n < n1; ++n) {
+        const scalar_t* xn = xp + n * B * I;
+        if (gelu_input) {
+          gelu_rows<false>(xn, act.data(), nullptr, B * I);
+          xn = act.data();
+        }
+        small_gemm<scalar_t>(B, I, O, xn, I, 1, wp + n * I * O, O, yp + n * B * O, O, false, bp ? bp + n * O : nullptr);
+      }
     });
   });
   return y;
@@ -159,9 +192,10 @@ torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b) 
 
 // Returns dx (N, B, I) = g @ w^T (empty unless need_dx). dws: the weight gradients of the parts of O
 // (e.g. query and key concatenated), part p (N, I, O_p) += (or = unless accumulate) x^T g[:, :, part p];
-// db (N, O) likewise with sum_b g (empty: not wanted). g (N, B, O) contiguous.
+// db (N, O) likewise with sum_b g (empty: not wanted). g (N, B, O) contiguous. gelu_input: x is the pre-activation
+// h of a layer that read GELU(h); dx is then dh = (g @ w^T) * GELU'(h) and the weight gradient GELU(h)^T g.
 torch::Tensor linear_backward(torch::Tensor x, torch::Tensor w, torch::Tensor g, std::vector<torch::Tensor> dws,
-                              torch::Tensor db, bool need_dx, bool accumulate) {
+                              torch::Tensor db, bool need_dx, bool accumulate, bool gelu_input) {
   check_linear(x, w);
   const int64_t N = x.size(0), B = x.size(1), I = x.size(2), O = w.size(2);
   TORCH_CHECK(g.sizes() == torch::IntArrayRef({N, B, O}) && g.is_contiguous() && g.scalar_type() == x.scalar_type(),
@@ -190,18 +224,29 @@ torch::Tensor linear_backward(torch::Tensor x, torch::Tensor w, torch::Tensor g,
     }
     if (dxp)  // pass 1: dx^T (I, Bp) = w (I, O) @ g^T (O, Bp), g transposed in cache (B*O moves, not I*O)
       at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-        std::vector<scalar_t> gt(O * Bp, scalar_t(0)), dxt(I * Bp);
+        std::vector<scalar_t> gt(O * Bp, scalar_t(0)), dxt(I * Bp), act(gelu_input ? 2 * B * I : 0);
         for (int64_t n = n0; n < n1; ++n) {
           transpose(gp + n * B * O, B, O, O, gt.data(), Bp);
           small_gemm<scalar_t>(I, O, Bp, wp + n * I * O, O, 1, gt.data(), Bp, dxt.data(), Bp, false, nullptr);
-          transpose(dxt.data(), I, B, Bp, dxp + n * B * I, I);
+          scalar_t* dxn = dxp + n * B * I;
+          transpose(dxt.data(), I, B, Bp, dxn, I);
+          if (gelu_input) {  // dh = da * GELU'(h)
+            scalar_t *a = act.data(), *da = a + B * I;
+            gelu_rows<true>(xp + n * B * I, a, da, B * I);
+            _Pragma("omp simd") for (int64_t i = 0; i < B * I; ++i) dxn[i] *= da[i];
+          }
         }
       });
     // pass 2: the weight and bias gradients
     if (!dwp.empty() || dbp)
       at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+        std::vector<scalar_t> act(gelu_input ? B * I : 0);
         for (int64_t n = n0; n < n1; ++n) {
           const scalar_t *gn = gp + n * B * O, *xn = xp + n * B * I;
+          if (gelu_input) {  // the layer's input GELU(h), recomputed
+            gelu_rows<false>(xn, act.data(), nullptr, B * I);
+            xn = act.data();
+          }
           int64_t off = 0;
           for (size_t p = 0; p < dwp.size(); ++p) {  // dw_p (I, O_p) (+)= x^T (I, B) @ g[:, off:off+O_p]
             small_gemm<scalar_t>(I, B, width[p], xn, 1, I, gn + off, O, dwp[p] + n * I * width[p], width[p], accumulate,

@@ -34,26 +34,7 @@ namespace {
 
 using namespace columnformer_native;
 
-// exp over an array, vectorised: float uses a Cephes-style polynomial (|rel. error| < 2e-7, 0 below
-// -87.3, where expf is subnormal); double calls std::exp.
-inline float exp_poly(float x) {
-  const float xc = std::min(std::max(x, -87.3f), 88.3f);
-  const float fx = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  float p2;
-  std::memcpy(&p2, &bits, sizeof p2);
-  return x < -87.3f ? 0.0f : y * p2;
-}
-
+// exp over an array, vectorised (exp_poly: vec.h); double calls std::exp.
 inline void exp_inplace(float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] = exp_poly(x[i]);
