@@ -119,6 +119,45 @@ def test_training_steps_give_the_same_numbers_and_stop_missing_after_the_first_s
     assert third["moved_bytes"] > second["moved_bytes"] or misses == 0
 
 
+def test_past_its_limit_on_memory_mappings_it_stops_moving_pages_and_maps_fresh_blocks():
+    """Moving pages splits memory mappings, of which a process may hold only vm.max_map_count: above the limit
+    (counted every 16 misses) misses are served by fresh blocks, cached ones given back whole, and the process's
+    mapping count stops growing; by default the limit is half of vm.max_map_count."""
+    code = """
+        import json, torch
+        from columnformer import Columnformer, SheetConfig, grid
+        from columnformer.connectivity import Connectivity
+        from columnformer.runtime import cache_host_memory, host_cache_stats
+        maps = lambda: sum(1 for _ in open("/proc/self/maps"))
+        torch.manual_seed(0)
+        geo = grid(32, 32)
+        cfg = SheetConfig(width=32, steps=3, recurrent=True, qk_dim=16, mlp_ratio=1.0, untied_attn=True,
+                          untied_mlp=True, untied_norm=True, sparse_kernel="fused")
+        model = Columnformer(cfg, geo, Connectivity.local(geo, 16), input_area="all", output_area="all")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x = torch.randn(8, geo.n, 32)
+        out, trace = model(x)  # one step without the cache: the kernels and the thread pool take their mappings
+        out.square().mean().backward(); opt.zero_grad(set_to_none=True)
+        LIMIT
+        counts, fresh = [], []
+        for _ in range(4):
+            out, trace = model(x)
+            (out.square().mean() + 0.01 * trace.wiring_cost).backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            counts.append(maps()); fresh.append(host_cache_stats()["fresh_bytes"])
+        print(json.dumps({"limit": limit, "counts": counts, "fresh": fresh, **host_cache_stats()}))
+    """
+    low = _run(code.replace("LIMIT", "limit = maps() + 8; assert cache_host_memory(min_bytes=64 << 10, max_mappings=limit)"))
+    assert low["max_mappings"] == low["limit"] and low["mappings"] > low["limit"]
+    # past the limit misses are served by fresh blocks (one mapping each; the cache needs more blocks than the limit
+    # left room for, so the count stays above it, but it stops growing)
+    assert low["fresh"][3] > low["fresh"][2], "past the limit, misses should be served by fresh blocks"
+    assert low["counts"][3] <= low["counts"][1] + 4, low["counts"]
+    default = _run(code.replace("LIMIT", "assert cache_host_memory(min_bytes=64 << 10); limit = 0"))
+    with open("/proc/sys/vm/max_map_count") as f:
+        assert default["max_mappings"] == int(f.read()) // 2
+    assert default["fresh"][3] == default["fresh"][2]  # far below it: pages moved, nothing new
+
+
 def test_disable_frees_the_cache_and_new_blocks_bypass_it():
     r = _run("""
         import json, torch

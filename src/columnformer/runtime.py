@@ -47,18 +47,22 @@ def keep_host_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
 
 
-def cache_host_memory(min_bytes: int = 1 << 20, huge_pages: bool | None = None) -> bool:
+def cache_host_memory(min_bytes: int = 1 << 20, huge_pages: bool | None = None, max_mappings: int = 0) -> bool:
     """Reuse freed large host tensors: a caching allocator for CPU blocks of >= ``min_bytes`` (``csrc/host_cache.cpp``,
-    built with the C++ kernels), installed process-wide. Returns whether it took effect (False where the C++ kernels
-    cannot be built). ``huge_pages``: advise its blocks to transparent huge pages; None: when this process was
-    started with :data:`HUGE_PAGES_TUNABLE` (the setting that does the same for glibc's own large blocks).
+    built with the C++ kernels), installed process-wide (Linux). Returns whether it took effect (False where the C++
+    kernels cannot be built, or off Linux). ``huge_pages``: advise its blocks to transparent huge pages; None: when
+    this process was started with :data:`HUGE_PAGES_TUNABLE` (the setting that does the same for glibc's own large
+    blocks). ``max_mappings``: above this many memory mappings in the process (counted every 16 misses; moving pages
+    between blocks splits mappings) it gives back every cached block and stops moving pages, mapping fresh blocks,
+    until the count is below half of it; 0: half of ``/proc/sys/vm/max_map_count``.
 
     Like :func:`keep_host_memory` it spares a training loop the page faults of re-mapping its large tensors every
     step, but it keeps each freed block whole for the next request of its size (rounded up to 2 MiB; a cached block
-    up to 1.25 times the size also serves) instead of serving everything from one fragmenting heap. The tensors alive
-    plus the cache stay within the most ever alive at once, so the process holds no more than it would without it:
-    where that leaves no room for a new block, a cached block is reshaped to the request instead (a larger one shrunk,
-    its tail's pages given back; else the largest one grown, only the added pages faulting in). Changes no result.
+    up to 1.25 times the size also serves) instead of serving everything from one fragmenting heap. A request that no
+    cached block fits gets a new block built from cached blocks' pages, moved with ``mremap`` (nothing copied or
+    faulted), so the tensors alive plus the cache never exceed the most ever alive at once: the process holds no more
+    than it would without the cache, and after a training loop's first step nothing is faulted in again. Changes no
+    result.
     """
     import os
 
@@ -67,20 +71,20 @@ def cache_host_memory(min_bytes: int = 1 << 20, huge_pages: bool | None = None) 
     ext = native.load()
     if huge_pages is None:
         huge_pages = HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
-    return bool(ext is not None and ext.host_cache_enable(int(min_bytes), bool(huge_pages)))
+    return bool(ext is not None and ext.host_cache_enable(int(min_bytes), bool(huge_pages), int(max_mappings)))
 
 
 def host_cache_stats() -> dict[str, int] | None:
     """Counters of :func:`cache_host_memory`'s allocator (None where the C++ kernels cannot be built): requests
     served by a cached block (hits) or by a new block (misses), the bytes of new blocks moved from cached blocks
-    (moved_bytes) and mapped afresh (fresh_bytes: faulted in when first written), and the bytes now cached and alive
-    in its blocks."""
+    (moved_bytes) and mapped afresh (fresh_bytes: faulted in when first written), the bytes now cached and alive in
+    its blocks, and the process's memory mappings at the last count (mappings) and their limit (max_mappings)."""
     from . import native
 
     ext = native.load()
     if ext is None:
         return None
-    keys = ("hits", "misses", "moved_bytes", "fresh_bytes", "cached_bytes", "live_bytes")
+    keys = ("hits", "misses", "moved_bytes", "fresh_bytes", "cached_bytes", "live_bytes", "mappings", "max_mappings")
     return dict(zip(keys, ext.host_cache_stats()))
 
 

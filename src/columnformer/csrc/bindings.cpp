@@ -24,7 +24,7 @@ std::vector<torch::Tensor> norm_backward(torch::Tensor g, torch::Tensor x, torch
                                          torch::Tensor w, bool need_x, bool need_w, bool need_b);
 torch::Tensor to_lanes(torch::Tensor x, int64_t P);
 torch::Tensor from_lanes(torch::Tensor y, int64_t R);
-bool host_cache_enable(int64_t min_bytes, bool huge_pages);
+bool host_cache_enable(int64_t min_bytes, bool huge_pages, int64_t max_pieces);
 void host_cache_disable();
 std::vector<int64_t> host_cache_stats();
 
@@ -43,6 +43,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("from_lanes", &from_lanes, "(N, d, P) -> (N, R, d) (column_ops.cpp)");
   m.def("host_cache_enable", &host_cache_enable, "cache large CPU blocks for reuse (host_cache.cpp)");
   m.def("host_cache_disable", &host_cache_disable, "stop caching, free the cached blocks (host_cache.cpp)");
-  m.def("host_cache_stats", &host_cache_stats, "hits, misses, moved, fresh, cached and live bytes (host_cache.cpp)");
+  m.def("host_cache_stats", &host_cache_stats, "hits, misses, moved, fresh, cached and live bytes, memory mappings and their limit (host_cache.cpp)");
   m.def("norm_backward", &norm_backward, "layer norm with a per-column affine, backward (column_ops.cpp)");
 }

@@ -9,11 +9,18 @@
 // times it (a hit).
 //
 // A request that no cached block fits gets a new block, built from the pages of cached blocks: they are moved into
-// it with mremap (page-table entries change owner; nothing is copied, faulted or zeroed), taken from the ends of the
-// largest cached blocks first, which shrink or vanish. Only what the cache cannot cover is new memory. So the tensors
+// it with mremap (page-table entries change owner; nothing is copied, faulted or zeroed), whole cached blocks first
+// and then the end of one larger block, which shrinks. Only what the cache cannot cover is new memory. So the tensors
 // alive plus the cache never exceed the most that was ever alive at once (the process holds no more than it would
 // without the cache, up to the rounding), and once a training loop has run one step, whose sizes it repeats, no
 // request faults memory in again, whatever the order of its sizes.
+//
+// Every moved piece is a memory mapping of its own unless the kernel can merge it with its neighbour, and a piece cut
+// from a larger block splits one of its mappings; a process may hold only vm.max_map_count mappings (65,530 by
+// default). So every 16 misses the cache counts the process's mappings (/proc/self/maps) and, above a limit (half
+// of vm.max_map_count unless set), gives back every cached block (all their mappings with them) and serves misses
+// the old way until the count is below half the limit: fresh blocks, cached ones given back whole as the footprint
+// rule needs.
 //
 // Blocks are 2 MiB aligned, so a moved piece keeps its transparent huge pages; with `huge_pages` new blocks are
 // advised to them (MADV_HUGEPAGE; what glibc does for its own blocks under GLIBC_TUNABLES=glibc.malloc.hugetlb=1).
@@ -30,6 +37,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <iterator>
 #include <map>
@@ -50,6 +58,19 @@ struct HostCache final : public c10::Allocator {
   std::multimap<size_t, void*> free_blocks;   // rounded size -> cached block
   size_t cached = 0, live_bytes = 0, max_live = 0;
   int64_t hits = 0, misses = 0, moved_bytes = 0, fresh_bytes = 0;
+  int64_t max_mappings = 32765, mappings = 0;  // the limit on the process's memory mappings, the last count
+  bool compact = false;                        // serving misses without moving pages (too many mappings)
+
+  static int64_t count_mappings() {  // lines of /proc/self/maps (-1 if unreadable)
+    FILE* f = std::fopen("/proc/self/maps", "r");
+    if (f == nullptr) return -1;
+    int64_t lines = 0;
+    char buf[1 << 16];
+    for (size_t got; (got = std::fread(buf, 1, sizeof buf, f)) > 0;)
+      lines += std::count(buf, buf + got, '\n');
+    std::fclose(f);
+    return lines;
+  }
 
   static void release(void* p);
 
@@ -65,18 +86,26 @@ struct HostCache final : public c10::Allocator {
     return p;
   }
 
-  // fill block p (size bytes, new) with the pages of cached blocks, largest first; caller holds mu
+  // take cached block `it` out of the free lists (caller holds mu): (pointer, its size)
+  std::pair<void*, size_t> take(std::multimap<size_t, void*>::iterator it) {
+    const std::pair<void*, size_t> b{it->second, it->first};
+    free_blocks.erase(it);
+    cached -= b.second;
+    return b;
+  }
+
+  // fill new block p (size bytes) with the pages of cached blocks: whole blocks first (the largest that still fits),
+  // then the end of the smallest larger one, so at most one cached block is cut per request (caller holds mu)
   void fill_from_cache(char* p, size_t size) {
     size_t done = 0;
     while (done < size && !free_blocks.empty()) {
-      auto last = std::prev(free_blocks.end());
-      const size_t d = last->first, m = std::min(d, size - done);
-      char* donor = static_cast<char*>(last->second);
-      free_blocks.erase(last);
-      cached -= d;
+      auto it = free_blocks.upper_bound(size - done);  // past the largest block that fits whole
+      auto [donor, d] = take(it != free_blocks.begin() ? std::prev(it) : it);
+      const size_t m = std::min(d, size - done);
+      char* src = static_cast<char*>(donor) + d - m;
       // move the donor's last m bytes over p's part [done, done + m) (which mremap unmaps first)
-      if (mremap(donor + d - m, m, m, MREMAP_MAYMOVE | MREMAP_FIXED, p + done) == MAP_FAILED) {
-        munmap(donor, d);  // could not move (e.g. the map count limit): give the donor back, keep p's new pages
+      if (mremap(src, m, m, MREMAP_MAYMOVE | MREMAP_FIXED, p + done) == MAP_FAILED) {
+        munmap(donor, d);  // could not move (e.g. the range spans two mappings): give the donor back
         continue;
       }
       done += m;
@@ -97,16 +126,22 @@ struct HostCache final : public c10::Allocator {
     // the cached block that fits best: the exact size, else the smallest one up to 1.25 times the size
     auto it = free_blocks.lower_bound(size);
     if (it != free_blocks.end() && it->first <= size + size / 4) {
-      p = it->second;
-      size = it->first;
-      free_blocks.erase(it);
-      cached -= size;
+      std::tie(p, size) = take(it);
       ++hits;
     } else {
-      ++misses;
+      if (++misses % 16 == 0 && (mappings = count_mappings()) >= 0) {
+        if (mappings > max_mappings && !compact) drop_cached();  // the cached blocks' mappings go at once
+        compact = mappings > max_mappings || (compact && mappings > max_mappings / 2);
+      }
+      if (compact)  // too many mappings: give cached blocks back whole (largest first) until the new one fits the rule
+        while (live_bytes + cached + size > max_live && !free_blocks.empty()) {
+          auto [q, d] = take(std::prev(free_blocks.end()));
+          munmap(q, d);
+        }
       p = map(size);
       TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "host_cache: could not allocate ", size, " bytes");
-      fill_from_cache(static_cast<char*>(p), size);
+      if (compact) fresh_bytes += static_cast<int64_t>(size);
+      else fill_from_cache(static_cast<char*>(p), size);
     }
     live.emplace(p, size);
     live_bytes += size;
@@ -157,14 +192,24 @@ void HostCache::release(void* p) {
 // Install the cache for CPU tensors of >= min_bytes (again: change the settings); huge_pages: advise new blocks to
 // transparent huge pages. Returns whether it is the CPU allocator now (False if another allocator was installed
 // with a higher priority).
-bool host_cache_enable(int64_t min_bytes, bool huge_pages) {
+bool host_cache_enable(int64_t min_bytes, bool huge_pages, int64_t max_mappings) {
   TORCH_CHECK(min_bytes >= 0, "min_bytes must be >= 0");
   HostCache& c = cache();
+  if (max_mappings <= 0) {  // half the system's limit on memory mappings per process
+    int64_t limit = 65530;
+    if (FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
+      long long v = 0;
+      if (std::fscanf(f, "%lld", &v) == 1 && v > 0) limit = v;
+      std::fclose(f);
+    }
+    max_mappings = limit / 2;
+  }
   {
     std::lock_guard<std::mutex> guard(c.mu);
     if (c.base == nullptr) c.base = c10::GetCPUAllocator();
     c.min_bytes = static_cast<size_t>(min_bytes);
     c.huge_pages = huge_pages;
+    c.max_mappings = max_mappings;
     c.enabled = true;
   }
   if (c10::GetCPUAllocator() != &c) c10::SetCPUAllocator(&c, PRIORITY);
@@ -180,18 +225,19 @@ void host_cache_disable() {
   c.drop_cached();
 }
 
-// {hits, misses, bytes moved from cached blocks, new bytes, cached bytes, live bytes} of the large-block cache
+// {hits, misses, bytes moved from cached blocks, new bytes, cached bytes, live bytes, the process's memory mappings
+// at the last count, their limit}
 std::vector<int64_t> host_cache_stats() {
   HostCache& c = cache();
   std::lock_guard<std::mutex> guard(c.mu);
   return {c.hits, c.misses, c.moved_bytes, c.fresh_bytes, static_cast<int64_t>(c.cached),
-          static_cast<int64_t>(c.live_bytes)};
+          static_cast<int64_t>(c.live_bytes), c.mappings, c.max_mappings};
 }
 
 #else  // not Linux: no cache
 
-bool host_cache_enable(int64_t, bool) { return false; }
+bool host_cache_enable(int64_t, bool, int64_t) { return false; }
 void host_cache_disable() {}
-std::vector<int64_t> host_cache_stats() { return {0, 0, 0, 0, 0, 0}; }
+std::vector<int64_t> host_cache_stats() { return {0, 0, 0, 0, 0, 0, 0, 0}; }
 
 #endif
