@@ -527,8 +527,8 @@ class Mlp(nn.Module):
     first layer's output inside its kernel (forward and backward): one (N, B, hidden) tensor kept per use, not two.
 
     ``recompute`` (set by a sheet with ``checkpoint=true``): with untied layers inside an untied session, store only
-    the input and recompute the hidden activations in backward (two (N, B, hidden) tensors less per use, one more
-    fc1 forward). Same values and gradients either way.
+    the input and recompute the hidden activations in backward (one more fc1 forward; per use one (N, B, hidden)
+    tensor less with the C++ kernels, two with torch's ops). Same values and gradients either way.
     """
 
     def __init__(self, n: int, dim: int, hidden: int, untied, recompute: bool = False):

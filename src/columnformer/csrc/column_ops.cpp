@@ -129,10 +129,10 @@ void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, in
   transpose_scalar(src, r8, rows, 0, cols, lds, dst, ldd);
 }
 
-// a = GELU(x) = x Phi(x) (the exact, erf form, as torch's default) over n values and, with D, da = GELU'(x) =
+// With A, a = GELU(x) = x Phi(x) (the exact, erf form, as torch's default) over n values; with D, da = GELU'(x) =
 // Phi(x) + x phi(x). float: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) with exp_poly, one exp for both,
 // vectorised; double: std::erf and std::exp.
-template <bool D>
+template <bool A, bool D>
 inline void gelu_rows(const float* __restrict x, float* __restrict a, float* __restrict da, int64_t n) {
   _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) {
     const float v = x[i], z = std::fabs(v) * 0.70710678118654752f;
@@ -141,15 +141,15 @@ inline void gelu_rows(const float* __restrict x, float* __restrict a, float* __r
     const float p = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
     const float erf_abs = 1.0f - p * e;
     const float cdf = 0.5f + 0.5f * (v < 0.0f ? -erf_abs : erf_abs);
-    a[i] = v * cdf;
+    if constexpr (A) a[i] = v * cdf;
     if constexpr (D) da[i] = cdf + v * e * 0.39894228040143268f;
   }
 }
-template <bool D>
+template <bool A, bool D>
 inline void gelu_rows(const double* __restrict x, double* __restrict a, double* __restrict da, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const double v = x[i], cdf = 0.5 * (1.0 + std::erf(v * 0.70710678118654752440));
-    a[i] = v * cdf;
+    if constexpr (A) a[i] = v * cdf;
     if constexpr (D) da[i] = cdf + v * std::exp(-0.5 * v * v) * 0.39894228040143267794;
   }
 }
@@ -180,7 +180,7 @@ torch::Tensor linear_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b, 
       for (int64_t n = n0; n < n1; ++n) {
         const scalar_t* xn = xp + n * B * I;
         if (gelu_input) {
-          gelu_rows<false>(xn, act.data(), nullptr, B * I);
+          gelu_rows<true, false>(xn, act.data(), nullptr, B * I);
           xn = act.data();
         }
         small_gemm<scalar_t>(B, I, O, xn, I, 1, wp + n * I * O, O, yp + n * B * O, O, false, bp ? bp + n * O : nullptr);
@@ -224,15 +224,15 @@ torch::Tensor linear_backward(torch::Tensor x, torch::Tensor w, torch::Tensor g,
     }
     if (dxp)  // pass 1: dx^T (I, Bp) = w (I, O) @ g^T (O, Bp), g transposed in cache (B*O moves, not I*O)
       at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
-        std::vector<scalar_t> gt(O * Bp, scalar_t(0)), dxt(I * Bp), act(gelu_input ? 2 * B * I : 0);
+        std::vector<scalar_t> gt(O * Bp, scalar_t(0)), dxt(I * Bp), dact(gelu_input ? B * I : 0);
         for (int64_t n = n0; n < n1; ++n) {
           transpose(gp + n * B * O, B, O, O, gt.data(), Bp);
           small_gemm<scalar_t>(I, O, Bp, wp + n * I * O, O, 1, gt.data(), Bp, dxt.data(), Bp, false, nullptr);
           scalar_t* dxn = dxp + n * B * I;
           transpose(dxt.data(), I, B, Bp, dxn, I);
           if (gelu_input) {  // dh = da * GELU'(h)
-            scalar_t *a = act.data(), *da = a + B * I;
-            gelu_rows<true>(xp + n * B * I, a, da, B * I);
+            scalar_t* da = dact.data();
+            gelu_rows<false, true>(xp + n * B * I, nullptr, da, B * I);
             _Pragma("omp simd") for (int64_t i = 0; i < B * I; ++i) dxn[i] *= da[i];
           }
         }
@@ -244,7 +244,7 @@ torch::Tensor linear_backward(torch::Tensor x, torch::Tensor w, torch::Tensor g,
         for (int64_t n = n0; n < n1; ++n) {
           const scalar_t *gn = gp + n * B * O, *xn = xp + n * B * I;
           if (gelu_input) {  // the layer's input GELU(h), recomputed
-            gelu_rows<false>(xn, act.data(), nullptr, B * I);
+            gelu_rows<true, false>(xn, act.data(), nullptr, B * I);
             xn = act.data();
           }
           int64_t off = 0;
