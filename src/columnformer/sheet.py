@@ -545,9 +545,11 @@ class Columnformer(nn.Module):
         """``steps``: unroll a recurrent sheet for another number of steps than it was trained with
         (steps past T reuse the last step's time embedding); None: ``cfg.steps``."""
         # one session per forward: untied weights are tapped (cast, fused) once and their
-        # gradients over all steps are computed in one batched matmul (see layers.py)
+        # gradients over all steps are computed in one batched matmul (see layers.py). A checkpointing
+        # sheet does not fuse: the concatenated q|k weight would live through the whole backward
+        # (4 KiB per column of the benchmark sheet; the separate matmuls measured no slower)
         reused = self.cfg.recurrent and (steps if steps is not None else self.cfg.steps) > 1
-        with untied_session(fuse=reused):
+        with untied_session(fuse=reused and not self.cfg.checkpoint):
             return self._forward(tokens, record, steps)
 
     def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | FlexPlan | FusedPlan | None, wiring_weight):
