@@ -46,9 +46,9 @@ class OptimConfig(_Strict):
     position_lr: float | None = Field(
         None, gt=0, description="learning rate of learned column positions (model.sheet.learn_positions; None: lr)"
     )
-    state_dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="dtype of AdamW's two moments: bf16 halves the optimizer state (optim.AdamW: float32 "
-        "math, stochastic rounding when stored)"
+    state_dtype: Literal["fp32", "bf16", "fp8"] = Field(
+        "fp32", description="dtype of AdamW's two moments (optim.AdamW, float32 math): bf16 halves the optimizer state "
+        "(stochastic rounding when stored), fp8 quarters it (block-wise scaled float8 e4m3, the second moment as its root)"
     )
 
 
@@ -167,9 +167,10 @@ class RunConfig(_Strict):
             raise ValueError(
                 "train.rewire.every needs a sparse sheet: set model.connectivity.kind to 'local' or 'local_long_range'"
             )
-        if self.optim.state_dtype == "bf16" and self.train.parallel == "fsdp":
+        if self.optim.state_dtype != "fp32" and self.train.parallel == "fsdp":
             raise ValueError(
-                "optim.state_dtype=bf16 is not supported with train.parallel=fsdp (sharded optimizer state); use "
+                f"optim.state_dtype={self.optim.state_dtype} is not supported with train.parallel=fsdp (sharded optimizer "
+                "state); use "
                 "train.parallel=ddp or optim.state_dtype=fp32"
             )
         if self.model.sheet.sparse_kernel != "auto" and conn.kind == "dense":

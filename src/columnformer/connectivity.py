@@ -450,7 +450,9 @@ def _install_edges(sheet, new: "Connectivity", changed: torch.Tensor, optimizer=
             if bias is None:
                 continue
             bias[changed] = init.to(bias)[changed]
-            if optimizer is not None:
+            if hasattr(optimizer, "zero_moments_"):  # optim.AdamW (bf16 / fp8 moments, stored flat for fp8)
+                optimizer.zero_moments_(bias, changed)
+            elif optimizer is not None:
                 for value in optimizer.state.get(bias, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == bias.shape:
                         value[changed] = 0

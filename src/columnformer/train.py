@@ -192,9 +192,10 @@ class Trainer:
             self.train_module = torch.compile(self.train_module)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         groups = param_groups(self.model, cfg.optim.weight_decay, cfg.optim.position_lr)
-        if cfg.optim.state_dtype == "bf16":  # moments in bf16: half the optimizer state, same update; the rounding
-            # noise is seeded alike on every rank, so DDP replicas stay equal
-            self.optimizer = AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, seed=tc.seed)
+        if cfg.optim.state_dtype != "fp32":  # moments in bf16 / fp8: 1/2 / ~1/4 of the optimizer state, same update;
+            # bf16's rounding noise is seeded alike on every rank (fp8 rounds to nearest), so DDP replicas stay equal
+            self.optimizer = AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, seed=tc.seed,
+                                   state_dtype=cfg.optim.state_dtype)
         else:  # torch's fused AdamW: one pass per parameter, 6x its for-loop on CPU (benchmarks/optimizer_step.py),
             # the same update up to rounding; not for FSDP's sharded parameters. A checkpoint's param_groups carry the
             # choice, so a run resumes with the implementation it started with.
