@@ -9,7 +9,8 @@ MLP ratio 1, recurrent, 4 steps, ``Connectivity.local(k=64)``; batch 8 of random
 every column; one training step = forward, backward (loss = mean square output + 0.01 wiring) and an
 AdamW step (torch's fused AdamW, as the trainer), fp32. ``gather`` runs ``sparse_kernel=gather``, ``block`` ``sparse_kernel=block``, ``fused``
 ``sparse_kernel=fused`` (the C++ kernel, built once by the parent before any child runs), ``dense`` all pairs. ``--checkpoint`` adds ``block+ckpt`` rows: the block kernel with activation checkpointing;
-``--kinds ... block+ckpt+bf16m`` also stores AdamW's moments in bf16 (``columnformer.optim.AdamW``);
+``--kinds ... block+ckpt+bf16m`` also stores AdamW's moments in bf16 (``columnformer.optim.AdamW``), ``+8bitm`` in
+8 bits (``optim.state_dtype=8bit``);
 ``+keep`` keeps freed host memory in the child for reuse (``train.keep_host_memory``); ``+cache`` reuses freed large
 tensors whole (``train.cache_host_memory``, ``runtime.cache_host_memory``); ``+thp`` starts the
 child with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``runtime.with_huge_pages``: malloc's large blocks on
@@ -109,10 +110,10 @@ def child(a) -> dict:
     res["plan_s"] = time.perf_counter() - t0
     if plan is not None:
         res["plan"] = plan.describe()
-    if "bf16m" in options:  # AdamW moments stored in bf16 (optim.state_dtype=bf16)
+    if "bf16m" in options or "8bitm" in options:  # AdamW moments stored in bf16 / 8 bits (optim.state_dtype)
         from columnformer.optim import AdamW
 
-        opt = AdamW(model.parameters(), lr=1e-3)
+        opt = AdamW(model.parameters(), lr=1e-3, state_dtype="bf16" if "bf16m" in options else "8bit")
     else:
         # what the trainer uses: torch's fused AdamW (--unfused-adamw: its per-parameter loop, which the runs
         # recorded before that option used)
@@ -173,15 +174,16 @@ def run_child(kind: str, n: int, a) -> dict:
     return res
 
 
-OPTIONS = {"ckpt", "bf16m", "keep", "cache", "thp"}
+OPTIONS = {"ckpt", "bf16m", "8bitm", "keep", "cache", "thp"}
 
 
 def kind_name(kind: str) -> str:
     """Validate ``kernel[+option...]`` for --kinds."""
     kernel, *options = kind.split("+")
-    if kernel not in ("gather", "block", "flex", "fused", "dense") or not set(options) <= OPTIONS:
+    if kernel not in ("gather", "block", "flex", "fused", "dense") or not set(options) <= OPTIONS or \
+            {"bf16m", "8bitm"} <= set(options):
         raise argparse.ArgumentTypeError(f"{kind!r}: a kernel (gather, block, flex, fused, dense) and options among "
-                                         "ckpt, bf16m, keep, cache, thp joined by '+'")
+                                         "ckpt, bf16m or 8bitm, keep, cache, thp joined by '+'")
     return kind
 
 
@@ -230,7 +232,7 @@ def roofline(n: int, params: int, a, rates: dict, state_bytes: int = 8) -> dict:
     the untied query/key GEMMs 2*C*2*H*d, the untied MLP 2*2*C*hidden, and attention over the K edges only:
     scores 2*K*H*d and weighted values 2*K*C. Bytes are the minimum traffic: every parameter, its gradient
     and both AdamW moments moved once (8 + ``state_bytes`` bytes per parameter: 16 in fp32, 12 with bf16
-    moments), and every activation backward needs (per
+    moments, 10 with 8-bit moments), and every activation backward needs (per
     column, sample and step: block input, norm1 output, q, k, attention output, residual, norm2 output, MLP
     pre-activation and activation = 7*C + 2*H*d... floats, see ``saved``) written once and read once.
     The bound is max(FLOPs / GEMM rate, bytes / triad bandwidth); the limiter is whichever is larger.
@@ -253,7 +255,7 @@ def main(argv=None) -> None:
     p.add_argument("--ns", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--kinds", nargs="+", default=["gather", "block", "dense"], type=kind_name,
                    help="a kernel (gather, block, flex, dense) and options joined by '+': ckpt activation "
-                        "checkpointing, bf16m AdamW moments in bf16, keep freed host memory kept for reuse "
+                        "checkpointing, bf16m / 8bitm AdamW moments in bf16 / 8 bits, keep freed host memory kept for reuse "
                         "(train.keep_host_memory), +thp (glibc malloc on huge pages), e.g. block+ckpt+bf16m, gather+keep")
     p.add_argument("--checkpoint", action="store_true", help="also run block+ckpt (activation checkpointing)")
     p.add_argument("--max-n", nargs="+", default=[], metavar="KIND=N",
@@ -331,7 +333,8 @@ def main(argv=None) -> None:
             if "peak_device_gib" in r:  # GPU: the device's high-water mark replaces the host RSS
                 r["peak_rss_gib"] = r["peak_device_gib"]
             r["kib_per_column"] = (r["peak_rss_gib"] - base) * GIB / n / 1024
-            r["roofline"] = rl = roofline(n, r["params"], a, rates, 4 if "bf16m" in kind.split("+") else 8)
+            options = kind.split("+")
+            r["roofline"] = rl = roofline(n, r["params"], a, rates, 4 if "bf16m" in options else 2 if "8bitm" in options else 8)
             plan = r.get("plan")
             note = ""
             if plan and "tile" in plan:

@@ -1,4 +1,4 @@
-"""AdamW with bf16 / fp8 moments (issue 17, memory): torch's update, faithful storage, exact resume, wired into training."""
+"""AdamW with bf16 / 8-bit moments (issue 17, memory): torch's update, faithful storage, exact resume, wired into training."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from columnformer import optim as cf_optim
-from columnformer.optim import BLOCK, AdamW, dequantize_fp8, quantize_fp8_, stochastic_round_
+from columnformer.optim import (BLOCK, AdamW, dequantize_fp8, dequantize_root, quantize_fp8_, quantize_root_,
+                                stochastic_round_)
 
 
 def _problem(seed: int = 0):
@@ -27,10 +28,10 @@ def _groups(params):
     return [{"params": [params[0]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
 
 
-@pytest.mark.parametrize("state_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("state_dtype", ["bf16", "8bit"])
 def test_each_step_is_torch_adamw_given_the_stored_moments(state_dtype):
     """At every step the update equals torch.optim.AdamW's run from the same parameters and the same (bf16- or
-    fp8-stored) moments: the math is AdamW's, only the storage differs. Fails if weight decay, bias correction, eps
+    8-bit-stored) moments: the math is AdamW's, only the storage differs. Fails if weight decay, bias correction, eps
     or a beta were handled differently."""
     params, loss = _problem()
     ours = AdamW(_groups(params), lr=3e-2, betas=(0.8, 0.95), eps=1e-6, state_dtype=state_dtype)
@@ -56,9 +57,9 @@ def test_each_step_is_torch_adamw_given_the_stored_moments(state_dtype):
         assert m.shape == v.shape == p.shape and m.abs().sum() > 0 and (v > 0).all()
 
 
-@pytest.mark.parametrize("state_dtype, rel", [("bf16", 0.02), ("fp8", 0.05)])
+@pytest.mark.parametrize("state_dtype, rel", [("bf16", 0.02), ("8bit", 0.05)])
 def test_training_tracks_fp32_adamw(state_dtype, rel):
-    """Over 200 steps the loss curve stays within 2 % (bf16) / 5 % (fp8) of fp32 AdamW's and both converge."""
+    """Over 200 steps the loss curve stays within 2 % (bf16) / 5 % (8bit) of fp32 AdamW's and both converge."""
     curves = []
     for make in (lambda g: AdamW(g, lr=1e-2, state_dtype=state_dtype), lambda g: torch.optim.AdamW(g, lr=1e-2)):
         params, loss = _problem()
@@ -76,8 +77,8 @@ def test_training_tracks_fp32_adamw(state_dtype, rel):
         assert a == pytest.approx(b, rel=rel)
 
 
-def test_fp8_blocks_keep_relative_precision_and_range():
-    """Block-wise e4m3: each value comes back within 1/16 of itself (3 mantissa bits, rounded to nearest) down to
+def test_8bit_first_moment_code_keeps_relative_precision_and_range():
+    """The first moment's code, block-wise e4m3: each value comes back within 1/16 of itself (3 mantissa bits, rounded to nearest) down to
     2^-6 of its block's largest magnitude, and within 2^-10 of that largest magnitude below (subnormals); signs kept,
     an all-zero block stays zero, each block has its own scale (a huge block does not flatten a small one)."""
     g = torch.Generator().manual_seed(0)
@@ -97,17 +98,37 @@ def test_fp8_blocks_keep_relative_precision_and_range():
     torch.testing.assert_close(y.view(4, BLOCK).abs().amax(1), x.view(4, BLOCK).abs().amax(1), rtol=1e-6, atol=0)
 
 
-def test_fp8_state_is_a_quarter_of_fp32s():
+def test_8bit_root_code_is_logarithmic_and_never_rounds_to_zero():
+    """The second moment's root: within 2^(1/32) - 1 = 2.2 % of each value down to 2^-15.9 of its block's largest;
+    smaller positive values come back as the smallest code (larger, never 0: no update divided by eps alone); zeros
+    stay zero; a block's largest value is kept."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.exp2(-torch.rand(3 * BLOCK, generator=g) * 20)  # 1 .. 2^-20
+    x[BLOCK:2 * BLOCK] *= 1e-6
+    x[5] = 0.0
+    codes, scales = torch.empty(3 * BLOCK, dtype=torch.uint8), torch.empty(3)
+    quantize_root_(codes, scales, x.clone())
+    y = dequantize_root(codes, scales)
+    blockmax = x.view(3, BLOCK).amax(1).repeat_interleave(BLOCK)
+    inside = x >= blockmax * 2.0 ** (-254 / 16)
+    assert ((y / x - 1).abs() <= 2 ** (1 / 32) - 1 + 1e-6)[inside].all()
+    below = ~inside & (x > 0)
+    assert below.any() and (y[below] == blockmax[below] * 2.0 ** (-254 / 16)).all() and (y[below] > x[below]).all()
+    assert y[5] == 0 and (y[x > 0] > 0).all()
+    torch.testing.assert_close(y.view(3, BLOCK).amax(1), x.view(3, BLOCK).amax(1), rtol=1e-6, atol=0)
+
+
+def test_8bit_state_is_a_quarter_of_fp32s():
     """Two 1-byte codes per parameter plus two float32 scales per 256: <= 2.04 bytes per parameter (fp32: 8)."""
     p = torch.nn.Parameter(torch.zeros(1000, 300))
-    opt = AdamW([p], state_dtype="fp8")
+    opt = AdamW([p], state_dtype="8bit")
     p.grad = torch.randn_like(p)
     opt.step()
     nbytes = sum(t.numel() * t.element_size() for k, t in opt.state[p].items() if k != "step")
     assert nbytes <= 2.04 * p.numel()
 
 
-@pytest.mark.parametrize("state_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("state_dtype", ["bf16", "8bit"])
 def test_zero_moments_of_selected_entries(state_dtype):
     """zero_moments_ (rewiring's reset of replaced edges) zeroes exactly the selected entries of both moments."""
     p = torch.nn.Parameter(torch.zeros(37, 11))
@@ -122,14 +143,14 @@ def test_zero_moments_of_selected_entries(state_dtype):
         torch.testing.assert_close(new[~where], old[~where], rtol=1 / 8, atol=0)
 
 
-def test_rewiring_zeroes_the_fp8_moments_of_replaced_edges():
+def test_rewiring_zeroes_the_8bit_moments_of_replaced_edges():
     from columnformer import Columnformer, SheetConfig, grid
     from columnformer.connectivity import Connectivity, rewire_sheet
 
     geo = grid(6, 6)
     sheet = Columnformer(SheetConfig(width=8, steps=2, heads=1, qk_dim=4), geo,
                          Connectivity.local_plus_long_range(geo, 5, 3, scale=2.0, seed=0), input_area="all", output_area="all")
-    opt = AdamW(sheet.parameters(), lr=1e-2, state_dtype="fp8")
+    opt = AdamW(sheet.parameters(), lr=1e-2, state_dtype="8bit")
     out, trace = sheet(torch.randn(3, 36, 8), record=("attn",))
     (out.square().mean() + trace.wiring_cost).backward()
     opt.step()
@@ -157,7 +178,7 @@ def test_stochastic_rounding_is_unbiased_where_round_to_nearest_is_not():
     assert float(out.float().mean()) == pytest.approx(-(1.0 + ulp / 4), abs=ulp / 100)
 
 
-@pytest.mark.parametrize("state_dtype, rel", [("bf16", 0.01), ("fp8", 0.03)])
+@pytest.mark.parametrize("state_dtype, rel", [("bf16", 0.01), ("8bit", 0.03)])
 def test_second_moment_can_decrease_with_beta2_near_one(state_dtype, rel):
     """beta2 = 0.999 and gradients (spread over three decades) that drop by 10x: the stored second moment must fall
     over 500 steps as float32's does (round-to-nearest bf16 storage would freeze it: each step changes it by 0.1 % <
@@ -175,12 +196,12 @@ def test_second_moment_can_decrease_with_beta2_near_one(state_dtype, rel):
     assert float((v / ref_v).median()) == pytest.approx(1.0, rel=rel)
 
 
-@pytest.mark.parametrize("state_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("state_dtype", ["bf16", "8bit"])
 def test_state_dict_round_trip_keeps_the_dtype_and_resumes_exactly(monkeypatch, state_dtype):
     """Save after 5 steps (torch.save / weights_only load), continue in a fresh optimizer: the parameters after 10
-    steps are bitwise those of an uninterrupted run, and the moments come back as bf16 / fp8 codes (torch would cast
+    steps are bitwise those of an uninterrupted run, and the moments come back as bf16 / 8-bit codes (torch would cast
     them to the parameters' float32). Also with chunks smaller than a tensor (the seed per parameter, not per chunk;
-    fp8: a parameter of 1,200 values ends in a partial block)."""
+    8bit: a parameter of 1,200 values ends in a partial block)."""
     monkeypatch.setattr(cf_optim, "CHUNK", 256)
 
     def run(steps, params, opt):
@@ -221,7 +242,7 @@ def test_bad_arguments_are_refused():
         AdamW([torch.nn.Parameter(torch.zeros(3))], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="state_dtype"):
         AdamW([torch.nn.Parameter(torch.zeros(3))], state_dtype="int4")
-    saved = AdamW([torch.nn.Parameter(torch.zeros(3))], state_dtype="fp8")
+    saved = AdamW([torch.nn.Parameter(torch.zeros(3))], state_dtype="8bit")
     saved.param_groups[0]["params"][0].grad = torch.ones(3)
     saved.step()
     other = AdamW([torch.nn.Parameter(torch.zeros(3))], state_dtype="bf16")
@@ -233,9 +254,9 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("state_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("state_dtype", ["bf16", "8bit"])
 def test_trainer_uses_reduced_moments_and_resumes(tmp_path, monkeypatch, state_dtype):
-    """optim.state_dtype=bf16 / fp8 reaches the trainer: the checkpoint's moments are bf16 / uint8 fp8 codes (fp32 by
+    """optim.state_dtype=bf16 / 8bit reaches the trainer: the checkpoint's moments are bf16 / uint8 codes (fp32 by
     default, with torch's fused AdamW), and a run killed after its step-4 checkpoint and resumed ends with the weights of the uninterrupted
     run, bit for bit."""
     from columnformer.checkpoint import load_checkpoint
@@ -267,7 +288,7 @@ def test_trainer_uses_reduced_moments_and_resumes(tmp_path, monkeypatch, state_d
     assert {s["exp_avg"].dtype for s in whole["optimizer"]["state"].values()} == {stored}
     for k, v in whole["model"].items():
         assert torch.equal(cut["model"][k], v), k
-    if state_dtype == "fp8":
+    if state_dtype == "8bit":
         return
     fp32 = load_checkpoint(tmp_path / "fp32" / "checkpoints" / "last.pt")
     assert {s["exp_avg"].dtype for s in fp32["optimizer"]["state"].values()} == {torch.float32}

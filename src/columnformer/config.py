@@ -46,9 +46,10 @@ class OptimConfig(_Strict):
     position_lr: float | None = Field(
         None, gt=0, description="learning rate of learned column positions (model.sheet.learn_positions; None: lr)"
     )
-    state_dtype: Literal["fp32", "bf16", "fp8"] = Field(
+    state_dtype: Literal["fp32", "bf16", "8bit"] = Field(
         "fp32", description="dtype of AdamW's two moments (optim.AdamW, float32 math): bf16 halves the optimizer state "
-        "(stochastic rounding when stored), fp8 quarters it (block-wise scaled float8 e4m3, the second moment as its root)"
+        "(stochastic rounding when stored), 8bit quarters it (block-wise: e4m3 first moment, the second moment's root in "
+        "a logarithmic code)"
     )
 
 

@@ -192,8 +192,8 @@ class Trainer:
             self.train_module = torch.compile(self.train_module)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         groups = param_groups(self.model, cfg.optim.weight_decay, cfg.optim.position_lr)
-        if cfg.optim.state_dtype != "fp32":  # moments in bf16 / fp8: 1/2 / ~1/4 of the optimizer state, same update;
-            # bf16's rounding noise is seeded alike on every rank (fp8 rounds to nearest), so DDP replicas stay equal
+        if cfg.optim.state_dtype != "fp32":  # moments in bf16 / 8 bits: 1/2 / ~1/4 of the optimizer state, same update;
+            # bf16's rounding noise is seeded alike on every rank (8bit rounds to nearest), so DDP replicas stay equal
             self.optimizer = AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, seed=tc.seed,
                                    state_dtype=cfg.optim.state_dtype)
         else:  # torch's fused AdamW: one pass per parameter, 6x its for-loop on CPU (benchmarks/optimizer_step.py),
