@@ -8,7 +8,7 @@ position embeddings) with random gradients; each optimizer takes one warm-up ste
 median of ``--repeats`` timed steps is printed with its speed relative to ``torch.optim.AdamW``'s per-parameter loop:
 that loop (``foreach=False``), torch's multi-tensor version (``foreach=True``), torch's fused kernel (``fused=True``:
 what the trainer uses for ``optim.state_dtype=fp32``) and ``columnformer.optim.AdamW`` (bf16 moments,
-``optim.state_dtype=bf16``). Also prints the largest difference of the fused step's weights from the loop's.
+``optim.state_dtype=bf16``; 8-bit moments, ``optim.state_dtype=8bit``). Also prints the largest difference of the fused step's weights from the loop's.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main(argv=None) -> None:
         "torch AdamW, foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "torch AdamW, fused (the trainer, fp32)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "columnformer AdamW, bf16 moments": lambda ps: AdamW(ps, lr=1e-3),
+        "columnformer AdamW, 8-bit moments": lambda ps: AdamW(ps, lr=1e-3, state_dtype="8bit"),
     }
     print(f"# N={a.n:,} columns, {sum(x.numel() for x in init) / a.n:,.0f} parameters per column, "
           f"{torch.get_num_threads()} threads; load average before: {os.getloadavg()[0]:.2f}")
