@@ -1,7 +1,8 @@
 """The C++ kernels for the CPU, built on first use: fused sparse attention (``csrc/fused_sparse.cpp``, used by
 :mod:`columnformer.fused_sparse`), the per-column layers (``csrc/column_ops.cpp``, used by
-:mod:`columnformer.layers`) and a caching allocator for large host tensors (``csrc/host_cache.cpp``, used by
-:func:`columnformer.runtime.cache_host_memory`). One extension module from every source in ``csrc/`` (``bindings.cpp`` names its
+:mod:`columnformer.layers`), a caching allocator for large host tensors (``csrc/host_cache.cpp``, used by
+:func:`columnformer.runtime.cache_host_memory`) and AdamW's step with 8-bit moments (``csrc/optim_ops.cpp``, used by
+:mod:`columnformer.optim`). One extension module from every source in ``csrc/`` (``bindings.cpp`` names its
 functions).
 
 It is compiled with torch's JIT extension loader (needs a C++ compiler and ``ninja``, a dependency) into
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("fused_sparse.cpp", "column_ops.cpp", "host_cache.cpp", "bindings.cpp")
+SOURCES = ("fused_sparse.cpp", "column_ops.cpp", "host_cache.cpp", "optim_ops.cpp", "bindings.cpp")
 HEADERS = ("vec.h",)
 _EXT = None
 _ERROR: str | None = None
@@ -76,7 +77,7 @@ def build(csrc: Path, prefix: str = "columnformer_native", sources: tuple[str, .
     _announce_build(cpp_extension, name)
     return cpp_extension.load(
         name=name, sources=[str(csrc / f) for f in sources], extra_include_paths=[str(csrc)],
-        extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"], extra_ldflags=["-fopenmp"],
         verbose=bool(os.environ.get("COLUMNFORMER_VERBOSE_BUILD")),
     )
 

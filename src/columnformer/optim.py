@@ -35,10 +35,20 @@ import math
 import torch
 
 CHUNK = 1 << 20  # elements per float32 temporary (a multiple of BLOCK)
+USE_NATIVE = True  # 8-bit moments: the C++ step where it builds (tests switch it off to compare the two paths)
 BLOCK = 256  # 8-bit moments: elements per quantization block (one float32 scale each)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
 STATE_DTYPES = ("bf16", "8bit")
+
+
+def _native_for(p: torch.Tensor):
+    """The C++ kernels for a contiguous float32 CPU parameter (None: the torch path)."""
+    if not USE_NATIVE or p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
+        return None
+    from . import native
+
+    return native.load()
 
 
 def quantize_fp8_(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> None:
@@ -59,6 +69,11 @@ def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 ROOT_STEPS = 16  # 8-bit root code: values per octave (2^(1/16): 4.4 % apart, within 2.2 % after rounding)
+# code c >= 1 stands for 2^((c - 255) / 16) of the block's scale, 0 for 0; a value is rounded to the nearest code in
+# the logarithm, i.e. counted against the 254 midpoints 2^((c - 254.5) / 16) between codes c and c + 1
+ROOT_TABLE = torch.tensor([0.0] + [2.0 ** ((c - 255) / ROOT_STEPS) for c in range(1, 256)], dtype=torch.float32)
+ROOT_BOUNDS = torch.tensor([2.0 ** ((c - 254.5) / ROOT_STEPS) for c in range(1, 255)], dtype=torch.float32)
+FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()  # the 256 e4m3fn values
 
 
 def quantize_root_(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> None:
@@ -69,16 +84,14 @@ def quantize_root_(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -
     xb = x.view(-1, BLOCK)  # (blocks, BLOCK)
     amax = xb.amax(1)
     scales.copy_(amax)
-    zero = xb == 0
-    xb.div_(amax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).log2_()
-    xb.mul_(ROOT_STEPS).add_(255).round_().clamp_(1, 255).masked_fill_(zero, 0)
-    codes.copy_(x)
+    xb.div_(amax.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
+    c = torch.bucketize(x, ROOT_BOUNDS.to(x.device), right=True).add_(1).masked_fill_(x <= 0, 0)
+    codes.copy_(c)
 
 
 def dequantize_root(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Float32 values of :func:`quantize_root_`'s ``codes`` and ``scales`` (a new tensor of the codes' length)."""
-    c = codes.view(-1, BLOCK)
-    x = c.float().sub_(255).div_(ROOT_STEPS).exp2_().mul_(scales[:, None]).masked_fill_(c == 0, 0)
+    x = ROOT_TABLE.to(codes.device)[codes.long()].view(-1, BLOCK).mul_(scales[:, None])
     return x.view(-1)
 
 
@@ -187,11 +200,18 @@ class AdamW(torch.optim.Optimizer):
                 t = int(state["step"].item())
                 step_size = lr / (1 - beta1**t)
                 bc2_sqrt = math.sqrt(1 - beta2**t)
-                p.mul_(1 - lr * wd)
                 flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
                 if self.state_dtype == "8bit":
+                    ext = _native_for(p)
+                    if ext is not None:  # one pass in C++ (csrc/optim_ops.cpp), weight decay included
+                        ext.adamw_8bit_step(flat_p, flat_g.contiguous(), state["exp_avg"], state["exp_avg_scale"],
+                                            state["exp_avg_sq_root"], state["exp_avg_sq_root_scale"], FP8_TABLE,
+                                            ROOT_TABLE, ROOT_BOUNDS, beta1, beta2, eps, step_size, bc2_sqrt, 1 - lr * wd)
+                        continue
+                    p.mul_(1 - lr * wd)
                     self._step_8bit(state, flat_p, flat_g, beta1, beta2, eps, step_size, bc2_sqrt)
                     continue
+                p.mul_(1 - lr * wd)
                 if gen is None or gen.device != p.device:
                     gen = torch.Generator(device=p.device)
                 gen.manual_seed((self.seed * 1_000_003 + t) * 1_000_033 + index)
