@@ -255,10 +255,16 @@ class _FusedSparseAttention(torch.autograd.Function):
                 qc, kc, vc, index, valid, b, w, order, d**-0.5, BH, lse, g, gw, rev, qry, blocks, phase_ptr, block,
                 uni, ucount, slot, need_q, need_k, need_v, need_bias, need_w,
             )
+        del g  # the output gradient's lanes copy, before the conversions below allocate
+        # back to (N, B, H, d) one gradient at a time, each lanes copy dropped as soon as it is converted
+        gq = _unlanes(dq, B, H, qdt) if need_q else None
+        del dq
+        gk = _unlanes(dk, B, H, kdt) if need_k else None
+        del dk
+        gv = _unlanes(dvv, B, H, vdt) if need_v else None
+        del dvv
         return (
-            _unlanes(dq, B, H, qdt) if need_q else None,
-            _unlanes(dk, B, H, kdt) if need_k else None,
-            _unlanes(dvv, B, H, vdt) if need_v else None,
+            gq, gk, gv,
             dbias.to(bdt) if need_bias else None,
             dw.to(wdt) if need_w else None,
             None, None, None, None,
