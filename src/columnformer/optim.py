@@ -202,17 +202,16 @@ class AdamW(torch.optim.Optimizer):
                 step_size = lr / (1 - beta1**t)
                 bc2_sqrt = math.sqrt(1 - beta2**t)
                 flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
-                if self.state_dtype == "8bit":
-                    ext = _native_for(p)
-                    if ext is not None:  # one pass in C++ (csrc/optim_ops.cpp), weight decay included
-                        ext.adamw_8bit_step(flat_p, flat_g.contiguous(), state["exp_avg"], state["exp_avg_scale"],
-                                            state["exp_avg_sq_root"], state["exp_avg_sq_root_scale"], FP8_TABLE,
-                                            ROOT_TABLE, ROOT_BOUNDS, beta1, beta2, eps, step_size, bc2_sqrt, 1 - lr * wd)
-                        continue
-                    p.mul_(1 - lr * wd)
-                    self._step_8bit(state, flat_p, flat_g, beta1, beta2, eps, step_size, bc2_sqrt)
+                ext = _native_for(p) if self.state_dtype == "8bit" else None
+                if ext is not None:  # one pass in C++ (csrc/optim_ops.cpp), weight decay included
+                    ext.adamw_8bit_step(flat_p, flat_g.contiguous(), state["exp_avg"], state["exp_avg_scale"],
+                                        state["exp_avg_sq_root"], state["exp_avg_sq_root_scale"], FP8_TABLE,
+                                        ROOT_TABLE, ROOT_BOUNDS, beta1, beta2, eps, step_size, bc2_sqrt, 1 - lr * wd)
                     continue
                 p.mul_(1 - lr * wd)
+                if self.state_dtype == "8bit":
+                    self._step_8bit(state, flat_p, flat_g, beta1, beta2, eps, step_size, bc2_sqrt)
+                    continue
                 if gen is None or gen.device != p.device:
                     gen = torch.Generator(device=p.device)
                 gen.manual_seed((self.seed * 1_000_003 + t) * 1_000_033 + index)
