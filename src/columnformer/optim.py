@@ -9,8 +9,10 @@ updated, used, and written back. Large tensors are processed in chunks, so the f
 ``state_dtype="bf16"`` (2 + 2 bytes per parameter): the write-back rounds *stochastically* (up with
 probability equal to the distance to the lower bf16 value), so the stored moments are unbiased; round-to-nearest
 would freeze them whenever one step changes them by less than half a bf16 ulp (0.2 %), e.g. the second moment
-with beta2 = 0.999 could then never decrease. The noise comes from a generator seeded by (seed, step, parameter
-index): a resumed run rounds exactly as an uninterrupted one.
+with beta2 = 0.999 could then never decrease. The noise is seeded by (seed, step, parameter index) -- a
+counter-based hash in the C++ step (``csrc/optim_ops.cpp``, one pass per parameter, where the kernels build), torch's
+generator in the chunked torch path -- so a resumed run rounds exactly as an uninterrupted one (the two paths draw
+different noise).
 
 ``state_dtype="8bit"`` (1 + 1 bytes per parameter, plus two float32 scales per block of 256): block-wise
 quantization as in 8-bit Adam (Dettmers et al., "8-bit optimizers via block-wise quantization", ICLR 2022), each
@@ -36,7 +38,7 @@ import math
 import torch
 
 CHUNK = 1 << 20  # elements per float32 temporary (a multiple of BLOCK)
-USE_NATIVE = True  # 8-bit moments: the C++ step where it builds (tests switch it off to compare the two paths)
+USE_NATIVE = True  # the C++ step where it builds (tests switch it off to compare the two paths)
 BLOCK = 256  # 8-bit moments: elements per quantization block (one float32 scale each)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
@@ -202,11 +204,16 @@ class AdamW(torch.optim.Optimizer):
                 step_size = lr / (1 - beta1**t)
                 bc2_sqrt = math.sqrt(1 - beta2**t)
                 flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
-                ext = _native_for(p) if self.state_dtype == "8bit" else None
-                if ext is not None:  # one pass in C++ (csrc/optim_ops.cpp), weight decay included
+                seed = ((self.seed * 1_000_003 + t) * 1_000_033 + index) % (1 << 63)  # bf16's rounding noise
+                ext = _native_for(p)
+                if ext is not None and self.state_dtype == "8bit":  # one pass in C++ (csrc/optim_ops.cpp)
                     ext.adamw_8bit_step(flat_p, flat_g.contiguous(), state["exp_avg"], state["exp_avg_scale"],
                                         state["exp_avg_sq_root"], state["exp_avg_sq_root_scale"], FP8_TABLE,
                                         ROOT_TABLE, ROOT_BOUNDS, beta1, beta2, eps, step_size, bc2_sqrt, 1 - lr * wd)
+                    continue
+                if ext is not None and state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous():
+                    ext.adamw_bf16_step(flat_p, flat_g.contiguous(), state["exp_avg"], state["exp_avg_sq"], beta1,
+                                        beta2, eps, step_size, bc2_sqrt, 1 - lr * wd, seed)
                     continue
                 p.mul_(1 - lr * wd)
                 if self.state_dtype == "8bit":
@@ -214,7 +221,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if gen is None or gen.device != p.device:
                     gen = torch.Generator(device=p.device)
-                gen.manual_seed((self.seed * 1_000_003 + t) * 1_000_033 + index)
+                gen.manual_seed(seed)
                 flat_m, flat_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
                 for s in range(0, flat_p.numel(), CHUNK):
                     sl = slice(s, s + CHUNK)

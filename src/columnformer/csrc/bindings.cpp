@@ -28,6 +28,8 @@ void adamw_8bit_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_codes, to
                      torch::Tensor r_codes, torch::Tensor r_scales, torch::Tensor m_table, torch::Tensor r_table,
                      torch::Tensor r_bounds, double beta1, double beta2, double eps, double step_size, double bc2_sqrt,
                      double decay);
+void adamw_bf16_step(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
+                     double eps, double step_size, double bc2_sqrt, double decay, int64_t seed);
 bool host_cache_enable(int64_t min_bytes, bool huge_pages, int64_t max_pieces);
 void host_cache_disable();
 std::vector<int64_t> host_cache_stats();
@@ -38,6 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_block_colours", &sparse_block_colours, "blocks of the visiting order coloured for the one-pass backward (fused_sparse.cpp)");
   m.def("sparse_reader_groups", &sparse_reader_groups, "groups of neighbouring readers and their sources' union (fused_sparse.cpp)");
   m.def("adamw_8bit_step", &adamw_8bit_step, "one AdamW step of a parameter with 8-bit moments (optim_ops.cpp)");
+  m.def("adamw_bf16_step", &adamw_bf16_step, "one AdamW step of a parameter with bf16 moments (optim_ops.cpp)");
   m.def("linear_forward", &linear_forward, "untied linear per column, forward (column_ops.cpp)", pybind11::arg("x"),
         pybind11::arg("w"), pybind11::arg("b"), pybind11::arg("gelu_input") = false);
   m.def("linear_backward", &linear_backward, "untied linear per column, backward (column_ops.cpp)", pybind11::arg("x"),

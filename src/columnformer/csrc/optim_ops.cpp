@@ -9,6 +9,11 @@
 //   r_table: the 256 root values), encoding the root through its 254 rounding thresholds (r_bounds), so both paths
 //   use the same codes; the first moment is rounded to nearest even e4m3fn, as torch's .to(torch.float8_e4m3fn).
 //   Blocks are independent, so results do not depend on the thread count.
+//
+//   adamw_bf16_step:  p, g (float32, n); both moments in bf16 (m, v), written back with stochastic rounding: random
+//   bits added below bf16's mantissa, then truncated, so each stored value is unbiased. The bits come from a
+//   counter-based hash of (seed, element), seed chosen per (run seed, step, parameter) by optim.py: a resumed run
+//   and every DDP replica draw the same noise, whatever the thread count.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -62,7 +67,65 @@ inline uint8_t root_code(float z, const float* mid) {
   return static_cast<uint8_t>(z > 0.0f ? code : 0);
 }
 
+// splitmix64's finaliser: 64 well-mixed bits from a counter
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// float -> bf16 bits, rounded up in magnitude with probability (distance to the value below) / ulp
+inline uint16_t bf16_stochastic(float x, uint32_t noise16) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return static_cast<uint16_t>((bits + noise16) >> 16);
+}
+
+inline float bf16_value(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
 }  // namespace
+
+void adamw_bf16_step(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
+                     double eps, double step_size, double bc2_sqrt, double decay, int64_t seed) {
+  const int64_t n = p.numel();
+  check(p, torch::kFloat, n, "p");
+  check(g, torch::kFloat, n, "g");
+  check(m, torch::kBFloat16, n, "m");
+  check(v, torch::kBFloat16, n, "v");
+  float* P = p.data_ptr<float>();
+  const float* G = g.data_ptr<float>();
+  uint16_t* M = reinterpret_cast<uint16_t*>(m.data_ptr<at::BFloat16>());
+  uint16_t* V = reinterpret_cast<uint16_t*>(v.data_ptr<at::BFloat16>());
+  const float w1 = 1.0f - static_cast<float>(beta1), b2 = static_cast<float>(beta2), w2 = 1.0f - b2;
+  const float feps = static_cast<float>(eps), fstep = static_cast<float>(step_size);
+  const float fbc2 = static_cast<float>(bc2_sqrt), fdecay = static_cast<float>(decay);
+  const uint64_t key = mix64(static_cast<uint64_t>(seed));
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    float* __restrict pk = P;
+    const float* __restrict gk = G;
+    uint16_t* __restrict mk = M;
+    uint16_t* __restrict vk = V;
+    _Pragma("omp simd")
+    for (int64_t i = i0; i < i1; ++i) {
+      const float gi = gk[i];
+      float mi = bf16_value(mk[i]);
+      mi = mi + w1 * (gi - mi);  // lerp towards g (torch's lerp for weight < 0.5)
+      const float vi = bf16_value(vk[i]) * b2 + w2 * (gi * gi);
+      const float denom = std::sqrt(vi) / fbc2 + feps;
+      pk[i] = pk[i] * fdecay - fstep * (mi / denom);
+      const uint64_t noise = mix64(key + static_cast<uint64_t>(i) * 0x9e3779b97f4a7c15ull);
+      mk[i] = bf16_stochastic(mi, static_cast<uint32_t>(noise & 0xffffu));
+      vk[i] = bf16_stochastic(vi, static_cast<uint32_t>((noise >> 16) & 0xffffu));
+    }
+  });
+}
 
 void adamw_8bit_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_codes, torch::Tensor m_scales,
                      torch::Tensor r_codes, torch::Tensor r_scales, torch::Tensor m_table, torch::Tensor r_table,
