@@ -171,8 +171,7 @@ class RunConfig(_Strict):
         if self.optim.state_dtype != "fp32" and self.train.parallel == "fsdp":
             raise ValueError(
                 f"optim.state_dtype={self.optim.state_dtype} is not supported with train.parallel=fsdp (sharded optimizer "
-                "state); use "
-                "train.parallel=ddp or optim.state_dtype=fp32"
+                "state); use train.parallel=ddp or optim.state_dtype=fp32"
             )
         if self.model.sheet.sparse_kernel != "auto" and conn.kind == "dense":
             raise ValueError(

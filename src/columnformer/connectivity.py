@@ -450,7 +450,7 @@ def _install_edges(sheet, new: "Connectivity", changed: torch.Tensor, optimizer=
             if bias is None:
                 continue
             bias[changed] = init.to(bias)[changed]
-            if hasattr(optimizer, "zero_moments_"):  # optim.AdamW (bf16 / fp8 moments, stored flat for fp8)
+            if hasattr(optimizer, "zero_moments_"):  # optim.AdamW (bf16 / 8-bit moments; 8-bit ones are stored flat)
                 optimizer.zero_moments_(bias, changed)
             elif optimizer is not None:
                 for value in optimizer.state.get(bias, {}).values():

@@ -28,9 +28,9 @@ namespace {
 constexpr int64_t BLOCK = 256;  // optim.BLOCK
 constexpr float FP8_MAX = 448.0f;
 
-void check(const torch::Tensor& t, c10::ScalarType dtype, int64_t numel, const char* name) {
+void check(const char* fn, const torch::Tensor& t, c10::ScalarType dtype, int64_t numel, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
-              "adamw_8bit_step: ", name, " must be a contiguous CPU tensor of ", numel, " ", c10::toString(dtype),
+              fn, ": ", name, " must be a contiguous CPU tensor of ", numel, " ", c10::toString(dtype),
               " values; got ", t.numel(), " ", c10::toString(t.scalar_type()), t.is_contiguous() ? "" : " (strided)");
 }
 
@@ -95,10 +95,10 @@ inline float bf16_value(uint16_t h) {
 void adamw_bf16_step(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
                      double eps, double step_size, double bc2_sqrt, double decay, int64_t seed) {
   const int64_t n = p.numel();
-  check(p, torch::kFloat, n, "p");
-  check(g, torch::kFloat, n, "g");
-  check(m, torch::kBFloat16, n, "m");
-  check(v, torch::kBFloat16, n, "v");
+  check("adamw_bf16_step", p, torch::kFloat, n, "p");
+  check("adamw_bf16_step", g, torch::kFloat, n, "g");
+  check("adamw_bf16_step", m, torch::kBFloat16, n, "m");
+  check("adamw_bf16_step", v, torch::kBFloat16, n, "v");
   float* P = p.data_ptr<float>();
   const float* G = g.data_ptr<float>();
   uint16_t* M = reinterpret_cast<uint16_t*>(m.data_ptr<at::BFloat16>());
@@ -133,15 +133,15 @@ void adamw_8bit_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_codes, to
                      double decay) {
   const int64_t n = p.numel();
   const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-  check(p, torch::kFloat, n, "p");
-  check(g, torch::kFloat, n, "g");
-  check(m_codes, torch::kByte, blocks * BLOCK, "m_codes");
-  check(r_codes, torch::kByte, blocks * BLOCK, "r_codes");
-  check(m_scales, torch::kFloat, blocks, "m_scales");
-  check(r_scales, torch::kFloat, blocks, "r_scales");
-  check(m_table, torch::kFloat, 256, "m_table");
-  check(r_table, torch::kFloat, 256, "r_table");
-  check(r_bounds, torch::kFloat, 254, "r_bounds");
+  check("adamw_8bit_step", p, torch::kFloat, n, "p");
+  check("adamw_8bit_step", g, torch::kFloat, n, "g");
+  check("adamw_8bit_step", m_codes, torch::kByte, blocks * BLOCK, "m_codes");
+  check("adamw_8bit_step", r_codes, torch::kByte, blocks * BLOCK, "r_codes");
+  check("adamw_8bit_step", m_scales, torch::kFloat, blocks, "m_scales");
+  check("adamw_8bit_step", r_scales, torch::kFloat, blocks, "r_scales");
+  check("adamw_8bit_step", m_table, torch::kFloat, 256, "m_table");
+  check("adamw_8bit_step", r_table, torch::kFloat, 256, "r_table");
+  check("adamw_8bit_step", r_bounds, torch::kFloat, 254, "r_bounds");
   float* P = p.data_ptr<float>();
   const float* G = g.data_ptr<float>();
   uint8_t* MC = m_codes.data_ptr<uint8_t>();
