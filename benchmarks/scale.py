@@ -14,7 +14,8 @@ AdamW step (torch's fused AdamW, as the trainer), fp32. ``gather`` runs ``sparse
 ``+keep`` keeps freed host memory in the child for reuse (``train.keep_host_memory``); ``+cache`` reuses freed large
 tensors whole (``train.cache_host_memory``, ``runtime.cache_host_memory``); ``+thp`` starts the
 child with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``runtime.with_huge_pages``: malloc's large blocks on
-transparent huge pages).
+transparent huge pages); ``+chunk`` takes each step with the chunked backward (``columnformer.chunked_backward``: the
+per-column weights' gradients chunk by chunk of ``--chunk-columns`` columns, each chunk stepped by the optimizer at once).
 
 Every (kernel, N) runs in a fresh subprocess with the same thread count; its peak memory is the child's
 RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
@@ -121,14 +122,26 @@ def child(a) -> dict:
     tokens = torch.randn(a.batch, a.n, a.width, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
+    chunked = "chunk" in options
+
+    def loss_fn():
+        out, trace = model(tokens)
+        return out.square().mean() + 0.01 * trace.wiring_cost
+
+    if chunked:
+        from columnformer.chunked_backward import chunked_step
+
+        res["chunk_columns"] = a.chunk_columns
     for _ in range(a.repeats):
         sync()
         t0 = time.perf_counter()
-        out, trace = model(tokens)
-        loss = out.square().mean() + 0.01 * trace.wiring_cost
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # as the trainer: no gradients live during the next forward
+        if chunked:  # the per-column weights' gradients chunk by chunk (columnformer.chunked_backward)
+            loss = chunked_step(model, opt, loss_fn, chunk_columns=a.chunk_columns)
+        else:
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # as the trainer: no gradients live during the next forward
         sync()
         times.append(time.perf_counter() - t0)
         res["loss"] = float(loss)
@@ -174,7 +187,7 @@ def run_child(kind: str, n: int, a) -> dict:
     return res
 
 
-OPTIONS = {"ckpt", "bf16m", "8bitm", "keep", "cache", "thp"}
+OPTIONS = {"ckpt", "bf16m", "8bitm", "keep", "cache", "thp", "chunk"}
 
 
 def kind_name(kind: str) -> str:
@@ -183,7 +196,7 @@ def kind_name(kind: str) -> str:
     if kernel not in ("gather", "block", "flex", "fused", "dense") or not set(options) <= OPTIONS or \
             {"bf16m", "8bitm"} <= set(options):
         raise argparse.ArgumentTypeError(f"{kind!r}: a kernel (gather, block, flex, fused, dense) and options among "
-                                         "ckpt, bf16m or 8bitm, keep, cache, thp joined by '+'")
+                                         "ckpt, bf16m or 8bitm, keep, cache, thp, chunk joined by '+'")
     return kind
 
 
@@ -274,13 +287,15 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--unfused-adamw", action="store_true",
                    help="torch.optim.AdamW's per-parameter loop instead of its fused kernel (what the trainer uses)")
+    p.add_argument("--chunk-columns", type=int, default=16384,
+                   help="+chunk: columns per chunk of the chunked backward (a multiple of 256)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.passthrough = [
         "--k", str(a.k), "--width", str(a.width), "--heads", str(a.heads), "--qk-dim", str(a.qk_dim),
         "--batch", str(a.batch), "--steps", str(a.steps), "--repeats", str(a.repeats), "--threads", str(a.threads),
-        "--device", a.device,
+        "--device", a.device, "--chunk-columns", str(a.chunk_columns),
     ] + (["--unfused-adamw"] if a.unfused_adamw else [])
     if a.child:
         a.kind = a.child

@@ -71,18 +71,22 @@ class _Stash:
     per-layer weight gradients (and bias gradient) accumulated use by use (float32 / float64).
     """
 
-    def __init__(self, splits: list[int], bias: bool):
-        self.splits, self.bias = splits, bias
+    def __init__(self, splits: list[int], bias: bool, into: list[torch.Tensor] | None = None):
+        self.splits, self.bias, self.into = splits, bias, into
         self.uses: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.sums: dict[int, list[torch.Tensor]] = {}
 
     def add(self, task: int, x: torch.Tensor, g: torch.Tensor) -> None:
         if x.dtype not in (torch.float32, torch.float64) or g.dtype != x.dtype:
+            if self.into is not None:
+                raise RuntimeError("untied_session(accumulate=...) needs float32/float64 uses")
             self.uses.append((task, x, g))
             return
         xt = x.transpose(1, 2)  # (N, in, B)
         parts = g.split(self.splits, dim=-1) if len(self.splits) > 1 else (g,)
         sums = self.sums.get(task)
+        if sums is None and self.into is not None:  # add into the caller's buffers
+            sums = self.sums[task] = list(self.into)
         if sums is None:  # one GEMM per layer, so every gradient is born contiguous
             self.sums[task] = [torch.bmm(xt, p) for p in parts] + ([g.sum(1)] if self.bias else [])
             return
@@ -98,6 +102,8 @@ class _Stash:
         that read GELU(h) (see :class:`_UntiedUse`)."""
         N, _, I = x.shape
         sums = self.sums.get(task)
+        if sums is None and self.into is not None:  # add into the caller's buffers
+            sums = self.sums[task] = list(self.into)
         first = sums is None
         if first:  # one buffer per layer, so every gradient is born contiguous
             sums = [x.new_empty(N, I, o) for o in self.splits] + ([x.new_empty(N, sum(self.splits))] if self.bias else [])
@@ -112,24 +118,28 @@ class _Session:
     """Per-forward cache of tapped (cast / concatenated) weights of untied layers. ``fuse``: concatenate the
     weights of layers that read the same input (worth it when the forward reuses them; a copy otherwise)."""
 
-    def __init__(self, fuse: bool = True) -> None:
+    def __init__(self, fuse: bool = True, accumulate: dict | None = None) -> None:
         self.fuse = fuse
+        self.accumulate = accumulate or {}
         self.taps: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None, _Stash]] = {}
 
 
 @contextlib.contextmanager
-def untied_session(fuse: bool = True):
+def untied_session(fuse: bool = True, accumulate: dict | None = None):
     """Within this context every untied layer defers its weight gradient to one batched GEMM.
 
     Enter it once per forward pass of a model that reuses its untied layers (the sheet does).
     ``fuse=False``: layers that read the same input stay separate matmuls (no weight concatenation: a
     feed-forward sheet uses each layer once, so the concatenated copy would not pay for itself).
+    ``accumulate``: ``{id(weight tensor): buffer}``; a layer whose weight (and bias) tensors all have a buffer adds
+    its weight gradients into them (float32/float64) and hands autograd none: backward passes over several graphs
+    then sum into one buffer without a gradient-sized temporary per pass (``chunked_backward``).
     Nesting reuses the outer session.
     """
     if getattr(_LOCAL, "session", None) is not None:
         yield _LOCAL.session
         return
-    _LOCAL.session = _Session(fuse)
+    _LOCAL.session = _Session(fuse, accumulate)
     try:
         yield _LOCAL.session
     finally:
@@ -189,7 +199,7 @@ class _Tap(torch.autograd.Function):
         sums = stash.sums.pop(tid, None)
         n_w, splits = ctx.n_w, ctx.splits
         n_b = len(ctx.w_dtypes) - n_w
-        if not mine and sums is None:
+        if (not mine and sums is None) or stash.into is not None:  # nothing, or added into the session's buffers
             return (None, None, None, None) + (None,) * (n_w + n_b)
         dws: list[torch.Tensor] = []
         dbs: list[torch.Tensor] = []
@@ -322,8 +332,9 @@ def _tap(layers: list["UntiedLinear"], session: _Session, bias: bool):
     key = tuple(id(layer) for layer in layers)
     if key not in session.taps:
         splits = [layer.out_features for layer in layers]
-        stash = _Stash(splits, bias)
         params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias else [])
+        into = [session.accumulate.get(id(p)) for p in params]
+        stash = _Stash(splits, bias, into if len(layers) == 1 and all(b is not None for b in into) else None)
         w, b = _Tap.apply(stash, _compute_dtype(layers[0].weight), splits, len(layers), *params)
         session.taps[key] = (w, b, stash)
     return session.taps[key]
@@ -360,9 +371,10 @@ class UntiedLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _check(self, x: torch.Tensor) -> None:
-        if x.shape[0] != self.n or x.shape[-1] != self.in_features:
+        n = self.weight.shape[0]  # N, or the rows a functional call substitutes (chunked_backward: a range of columns)
+        if x.shape[0] != n or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"UntiedLinear expects input (N={self.n}, B, {self.in_features}), got {tuple(x.shape)}"
+                f"UntiedLinear expects input (N={n}, B, {self.in_features}), got {tuple(x.shape)}"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -466,8 +478,9 @@ class UntiedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != self.n or x.shape[-1] != self.dim:
-            raise ValueError(f"UntiedLayerNorm expects input (N={self.n}, B, {self.dim}), got {tuple(x.shape)}")
+        n = self.weight.shape[0]  # N, or the rows a functional call substitutes (chunked_backward)
+        if x.shape[0] != n or x.shape[-1] != self.dim:
+            raise ValueError(f"UntiedLayerNorm expects input (N={n}, B, {self.dim}), got {tuple(x.shape)}")
         if _native_for(x, self.weight, self.bias) is not None and x.dim() == 3:
             return _NativeColumnNorm.apply(x.contiguous(), self.weight, self.bias, self.eps)
         if self.recompute:

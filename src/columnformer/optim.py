@@ -235,10 +235,12 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     @staticmethod
-    def _step_8bit(state: dict, flat_p, flat_g, beta1, beta2, eps, step_size, bc2_sqrt) -> None:
-        """One AdamW step of one parameter with block-wise 8-bit moments, chunk by chunk (chunks are whole blocks)."""
-        codes_m, scales_m = state["exp_avg"], state["exp_avg_scale"]
-        codes_r, scales_r = state["exp_avg_sq_root"], state["exp_avg_sq_root_scale"]
+    def _step_8bit(state: dict, flat_p, flat_g, beta1, beta2, eps, step_size, bc2_sqrt, start: int = 0) -> None:
+        """One AdamW step of one parameter with block-wise 8-bit moments, chunk by chunk (chunks are whole blocks).
+        ``start``: flat_p and flat_g are the parameter's elements from ``start`` on (a multiple of BLOCK)."""
+        first = start // BLOCK
+        codes_m, scales_m = state["exp_avg"][start:], state["exp_avg_scale"][first:]
+        codes_r, scales_r = state["exp_avg_sq_root"][start:], state["exp_avg_sq_root_scale"][first:]
         n = flat_p.numel()
         for s in range(0, n, CHUNK):
             e = min(s + CHUNK, n)
@@ -268,3 +270,83 @@ class AdamW(torch.optim.Optimizer):
             for key, dtype in wanted.items():
                 if key in state and state[key].dtype != dtype:
                     state[key] = state[key].to(dtype)  # exact: the values were of that dtype when saved
+
+
+# ---------------------------------------------------------------------- steps on part of a parameter
+def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
+    """The parameter group holding ``p``."""
+    for group in optimizer.param_groups:
+        for q in group["params"]:
+            if q is p:
+                return group
+    raise ValueError("this parameter is not in the optimizer's parameter groups")
+
+
+def check_partial(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose step cannot be split into :func:`step_part` calls, naming what to change."""
+    if isinstance(optimizer, AdamW):
+        if optimizer.state_dtype != "8bit":
+            raise ValueError(
+                f"a step in parts (train.chunked_backward) needs optim.state_dtype fp32 or 8bit, not "
+                f"{optimizer.state_dtype!r}: bf16's rounding noise is drawn per whole parameter"
+            )
+        return
+    if type(optimizer) is not torch.optim.AdamW:
+        raise ValueError(f"a step in parts (train.chunked_backward) needs AdamW, got {type(optimizer).__name__}")
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable"):
+            raise ValueError("a step in parts (train.chunked_backward) supports AdamW without amsgrad, maximize, "
+                             "capturable or differentiable")
+        if any(p.dtype not in (torch.float32, torch.float64) for p in group["params"]):
+            raise ValueError("a step in parts (train.chunked_backward) needs float32 (or float64) parameters")
+
+
+@torch.no_grad()
+def begin_parts(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> None:
+    """Count one more step for ``p``, whose elements :func:`step_part` will then update part by part; the next
+    ``optimizer.step()`` must find no gradient on ``p`` (it would step p again). Creates p's state if it has none."""
+    if isinstance(optimizer, AdamW):
+        optimizer._state(p)["step"] += 1
+        return
+    state = optimizer.state[p]
+    if not state:  # torch.optim.AdamW(fused=True)'s layout of a fresh state
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+
+
+@torch.no_grad()
+def step_part(optimizer: torch.optim.Optimizer, p: torch.Tensor, start: int, grad: torch.Tensor,
+              target: torch.Tensor) -> None:
+    """The AdamW step of the flat elements ``[start, start + grad.numel())`` of parameter ``p`` (after
+    :func:`begin_parts`): their moments are updated in place and their new values written into ``target`` (float32,
+    ``grad.numel()`` elements holding their current values: a view of p, or a copy to write back later). AdamW is
+    elementwise (8-bit: block by block), so the parts of a parameter give exactly its whole step; 8-bit parts start
+    on a block boundary (a multiple of 256 elements)."""
+    n = grad.numel()
+    flat_t, flat_g = target.view(-1), grad.reshape(-1)
+    group = _group_of(optimizer, p)
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    state = optimizer.state[p]
+    if not isinstance(optimizer, AdamW):  # torch's fused AdamW kernel on the part's views: the same arithmetic
+        sl = slice(start, start + n)
+        torch._fused_adamw_([flat_t], [flat_g.contiguous()], [state["exp_avg"].view(-1)[sl]],
+                            [state["exp_avg_sq"].view(-1)[sl]], [], [state["step"]], lr=lr, beta1=beta1,
+                            beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+        return
+    if start % BLOCK or (start + n != p.numel() and n % BLOCK):
+        raise ValueError(f"an 8-bit step part must cover whole blocks of {BLOCK}: start {start}, length {n}")
+    t = int(state["step"].item())
+    step_size = lr / (1 - beta1**t)
+    bc2_sqrt = math.sqrt(1 - beta2**t)
+    ext = _native_for(target)
+    if ext is not None:
+        padded = -(-n // BLOCK) * BLOCK
+        cs, bs = slice(start, start + padded), slice(start // BLOCK, (start + padded) // BLOCK)
+        ext.adamw_8bit_step(flat_t, flat_g.contiguous().float(), state["exp_avg"][cs], state["exp_avg_scale"][bs],
+                            state["exp_avg_sq_root"][cs], state["exp_avg_sq_root_scale"][bs], FP8_TABLE, ROOT_TABLE,
+                            ROOT_BOUNDS, beta1, beta2, eps, step_size, bc2_sqrt, 1 - lr * wd)
+        return
+    flat_t.mul_(1 - lr * wd)
+    AdamW._step_8bit(state, flat_t, flat_g, beta1, beta2, eps, step_size, bc2_sqrt, start)

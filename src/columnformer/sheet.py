@@ -28,6 +28,7 @@ always, attention maps / column features / queries and keys only when ``record``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
@@ -379,6 +380,7 @@ class Columnformer(nn.Module):
                 "a dense sheet always runs the dense kernel: leave sparse_kernel at 'auto'"
             )
         self._plan: BlockPlan | FlexPlan | FusedPlan | None = None  # built on first use, rebuilt when the edge buffers change
+        self._step_runner = None  # run_steps_with: runs every step in place of the block (chunked_backward)
         n, c = geometry.n, cfg.width
         self.register_buffer("input_idx", torch.from_numpy(_area(geometry, input_area, "input_area")), persistent=False)
         # which token each input-area column receives (default: token i -> i-th column; a retinotopic map
@@ -552,6 +554,18 @@ class Columnformer(nn.Module):
         with untied_session(fuse=reused and not self.cfg.checkpoint):
             return self._forward(tokens, record, steps)
 
+    @contextlib.contextmanager
+    def run_steps_with(self, runner):
+        """Within this context every forward runs step t as ``runner(t, block, h, record, plan, wiring_weight)``
+        instead of ``block(h, ...)``, which must return what the block returns: (output (N, B, C), AttentionStats,
+        qk or None). ``chunked_backward`` runs the steps without a graph and differentiates them chunk by chunk."""
+        previous = self._step_runner
+        self._step_runner = runner
+        try:
+            yield
+        finally:
+            self._step_runner = previous
+
     def _step(self, block: ColumnBlock, session, x: torch.Tensor, record: frozenset, plan: BlockPlan | FlexPlan | FusedPlan | None, wiring_weight):
         """One block step under ``session`` (a checkpointed step recomputed in backward reuses the forward's
         tapped untied weights, so the recomputed graph saves the same tensors)."""
@@ -603,7 +617,9 @@ class Columnformer(nn.Module):
             if self.time_embed is not None:
                 h = h + self.time_embed[min(t, self.cfg.steps - 1)]
             block = self.blocks[0 if self.cfg.recurrent else t]
-            if self.cfg.checkpoint and torch.is_grad_enabled():
+            if self._step_runner is not None:
+                h, stats, qk = self._step_runner(t, block, h, record, plan, wiring_weight)
+            elif self.cfg.checkpoint and torch.is_grad_enabled():
                 h, stats, qk = torch.utils.checkpoint.checkpoint(
                     self._step, block, current_session(), h, record, plan, wiring_weight, use_reentrant=False
                 )
