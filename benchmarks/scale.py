@@ -15,7 +15,8 @@ AdamW step (torch's fused AdamW, as the trainer), fp32. ``gather`` runs ``sparse
 tensors whole (``train.cache_host_memory``, ``runtime.cache_host_memory``); ``+thp`` starts the
 child with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``runtime.with_huge_pages``: malloc's large blocks on
 transparent huge pages); ``+chunk`` takes each step with the chunked backward (``columnformer.chunked_backward``: the
-per-column weights' gradients chunk by chunk of ``--chunk-columns`` columns, each chunk stepped by the optimizer at once).
+per-column weights' gradients chunk by chunk of ``--chunk-columns`` columns, or ``--chunk-rows`` grid rows, each
+chunk stepped by the optimizer at once).
 
 Every (kernel, N) runs in a fresh subprocess with the same thread count; its peak memory is the child's
 RSS high-water mark (``ru_maxrss`` of that child, from ``os.wait4``), reported per column after
@@ -131,6 +132,8 @@ def child(a) -> dict:
     if chunked:
         from columnformer.chunked_backward import chunked_step
 
+        if a.chunk_rows:  # bands of a fixed number of grid rows: the same overlap |E| / |S| at every N
+            a.chunk_columns = a.chunk_rows * w
         res["chunk_columns"] = a.chunk_columns
     for _ in range(a.repeats):
         sync()
@@ -287,8 +290,10 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--unfused-adamw", action="store_true",
                    help="torch.optim.AdamW's per-parameter loop instead of its fused kernel (what the trainer uses)")
-    p.add_argument("--chunk-columns", type=int, default=16384,
-                   help="+chunk: columns per chunk of the chunked backward (a multiple of 256)")
+    p.add_argument("--chunk-columns", type=int, default=8192,
+                   help="+chunk: columns per chunk of the chunked backward's pass B (pass A: twice as many)")
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="+chunk: chunks of this many grid rows instead (chunk columns = rows x grid width)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -296,7 +301,7 @@ def main(argv=None) -> None:
         "--k", str(a.k), "--width", str(a.width), "--heads", str(a.heads), "--qk-dim", str(a.qk_dim),
         "--batch", str(a.batch), "--steps", str(a.steps), "--repeats", str(a.repeats), "--threads", str(a.threads),
         "--device", a.device, "--chunk-columns", str(a.chunk_columns),
-    ] + (["--unfused-adamw"] if a.unfused_adamw else [])
+    ] + (["--chunk-rows", str(a.chunk_rows)] if a.chunk_rows else []) + (["--unfused-adamw"] if a.unfused_adamw else [])
     if a.child:
         a.kind = a.child
         print(json.dumps(child(a)))

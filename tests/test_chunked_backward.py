@@ -203,3 +203,34 @@ def test_backward_needs_the_forward_inside_its_context():
     loss = _loss_fn(model, torch.randn(2, GEO.n, 8))()
     with pytest.raises(RuntimeError, match="forward"):
         cb.backward(loss)
+
+
+def test_trainer_with_chunked_backward_trains_as_without(tmp_path):
+    """train.chunked_backward reaches the trainer: six steps on digits (a local sheet) end with the weights of the
+    same run without it (float rounding apart), and its clashes are refused with the key to change."""
+    from columnformer.checkpoint import load_checkpoint
+    from columnformer.config import ConfigError, build_config
+    from columnformer.train import train
+
+    base = ["preset=digits", "model.sheet.width=16", "model.sheet.qk_dim=8", "model.sheet.steps=2",
+            "model.connectivity.kind=local", "model.connectivity.k=8", "optim.grad_clip=null", "train.wiring_lambda=0.1",
+            "train.batch_size=64", "train.threads=1", "train.progress=false", "train.figures=false", "train.epochs=1",
+            "train.max_steps=6", "train.log_every=3", "train.ckpt_every=6", f"out_dir={tmp_path}"]
+    train(build_config({}, [*base, "name=plain"]))
+    train(build_config({}, [*base, "name=chunked", "train.chunked_backward=256"]))
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")["model"]
+    chunked = load_checkpoint(tmp_path / "chunked" / "checkpoints" / "last.pt")["model"]
+    train(build_config({}, [*base, "name=early", "train.max_steps=1"]))
+    early = load_checkpoint(tmp_path / "early" / "checkpoints" / "last.pt")["model"]
+    moved = 0.0
+    for k, v in plain.items():
+        if not v.is_floating_point():
+            assert torch.equal(chunked[k], v), k
+            continue
+        assert (chunked[k] - v).abs().max() < 1e-4, k
+        moved = max(moved, float((v - early[k]).abs().max()))
+    assert moved > 1e-3  # steps 2-6 moved the weights far more than the tolerance
+    with pytest.raises(ConfigError, match="optim.grad_clip"):
+        build_config({}, [*base[:6], *base[7:], "name=x", "train.chunked_backward=256"])
+    with pytest.raises(ConfigError, match="accum_steps"):
+        build_config({}, [*base, "name=x", "train.chunked_backward=256", "optim.accum_steps=2"])

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
+from .chunked_backward import ChunkedBackward
 from .config import ConfigError, RunConfig, build_config, run_altering_changes
 from .data import EpochSampler
 from .factory import count_parameters
@@ -168,7 +169,7 @@ class Trainer:
             *(_POSITION_SUMS if self.learned_positions else ()),
             *(self.regularizer.active if self.regularizer else ()),
         )
-        sparsity_sums = (*SPARSITY_METRICS, "sparsity_n") if self.log_sparsity else ()
+        sparsity_sums = (*SPARSITY_METRICS, "sparsity_n") if self.log_sparsity and not tc.chunked_backward else ()
         self.window_keys = (*_WINDOW_SUMS, *self.extra_keys, *sparsity_sums, *self.task.sum_keys)
         rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
         if tc.batch_size % world:
@@ -201,6 +202,16 @@ class Trainer:
             # choice, so a run resumes with the implementation it started with.
             fused = self.device.type in ("cpu", "cuda") and not self._sharded
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=fused or None)
+        self.chunked = None  # train.chunked_backward: the sheet's backward chunk by chunk (columnformer.chunked_backward)
+        if tc.chunked_backward:
+            if dist is not None or sheet is None:
+                raise ValueError("train.chunked_backward runs one process on a task model with a sheet; drop it under "
+                                 "torchrun")
+            if self.regularizer is not None:
+                raise ValueError("train.penalties read the sheet's states, which train.chunked_backward does not keep; "
+                                 "set their weights to 0 or drop train.chunked_backward")
+            self.chunked = ChunkedBackward(sheet, self.optimizer, tc.chunked_backward)
+            self.log_sparsity = False
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.optim.warmup_frac, cfg.optim.min_lr_frac)
         )
@@ -460,7 +471,8 @@ class Trainer:
                 batch = [t.to(self.device) for t in batch]
                 sync = self.dist.no_sync(self.wrapped) if (self.dist and micro < accum - 1) else nullcontext()
                 with sync:
-                    with autocast_context(tc.precision, self.device):
+                    with autocast_context(tc.precision, self.device), \
+                            (self.chunked.forward() if self.chunked else nullcontext()):
                         outputs, trace = self.task.forward(self.train_module, batch, record=record)
                     wiring = trace.wiring_cost.float()
                     # batch-level regularisers: the wiring cost, the sheet's own (halting: the ponder cost) and
@@ -484,7 +496,10 @@ class Trainer:
                     if not torch.isfinite(loss):
                         bar.close()
                         raise self.diverged(f"non-finite loss ({loss.item()})")
-                    (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
+                    if self.chunked is not None:  # pass A and B: the sheet's per-column weights are stepped here
+                        self.chunked.backward(objective)
+                    else:
+                        (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
                 self.window["loss"] += loss.item() * b
                 self.window["task_loss"] += task_loss.item() * b
                 self.window["wiring_cost"] += wiring.item() * b
