@@ -96,14 +96,14 @@ def test_chunked_step_equals_the_standard_step(state_dtype):
         opt_a.step()
         opt_a.zero_grad(set_to_none=True)
         loss_b = chunked_step(b, opt_b, _loss_fn(b, tokens), chunk_columns=256)
-        assert abs(float(loss) - float(loss_b)) < 1e-5
+        assert abs(loss.item() - loss_b.item()) < 1e-5
         assert all(p.grad is None for p in b.parameters())
     # fp32: gradients differ by summation order only; 8-bit: an occasional code one step apart (lr 1e-2: 1e-3 of it)
     tol = 2e-5 if state_dtype == "fp32" else 2e-3
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert (pa - pb).abs().max() < tol, name
     start = _sheet()
-    moved = max(float((pa - p0).abs().max()) for pa, p0 in zip(a.parameters(), start.parameters()))
+    moved = max((pa - p0).abs().max().item() for pa, p0 in zip(a.parameters(), start.parameters()))
     assert moved > 0.02  # the steps moved the weights far more than the tolerance
 
 
