@@ -25,9 +25,9 @@ optimizer's own arithmetic).
     B. For each chunk S: every step recomputed on E(S) and back-propagated from g_t, the per-column parameters' rows
        E accumulating their gradients over the steps (untied linears add into one buffer: ``untied_session
        (accumulate=...)``); the optimizer then steps the rows S (:func:`optim.step_part`: AdamW is elementwise,
-       block-wise with 8-bit moments) and the chunk's gradients are freed. A later chunk's E may reach back into S:
-       those rows of S keep their old values in the sheet, their new values wait in a copy until the last chunk
-       reading them is done.
+       block-wise with 8-bit moments, its rounding noise counted per element of the parameter with bf16 moments)
+       and the chunk's gradients are freed. A later chunk's E may reach back into S: those rows of S keep their old
+       values in the sheet, their new values wait in a copy until the last chunk reading them is done.
     Then ``optimizer.step()`` steps the other parameters, whose gradients pass A left.
 
 Memory: weights, optimizer state, 2 T activation-sized tensors (h_t, g_t) and one chunk's working set. Cost: the
@@ -38,7 +38,8 @@ Long-range edges make E(S) most of the sheet (correct, but slow): the option is 
 Not supported (refused by :func:`check_supported`, naming the option): halting, weight banks (mixture), learned
 positions, per-head linmixing bias, tied block layers, dense connectivity; with the trainer also gradient clipping
 (the norm of the whole gradient is known only after every chunk has stepped), accumulation, torchrun and reduced
-precision; and optimizers other than AdamW (fp32 or ``state_dtype=8bit``).
+precision; and optimizers other than AdamW (torch's, or :class:`columnformer.optim.AdamW` with bf16 or 8-bit
+moments).
 """
 
 from __future__ import annotations
@@ -266,8 +267,8 @@ class ChunkedBackward:
     Args:
         sheet: the :class:`Columnformer` (a task head or any other module may sit around it: its parameters get
             their gradients in pass A and their step from ``optimizer.step()``).
-        optimizer: AdamW (``torch.optim.AdamW``, or :class:`columnformer.optim.AdamW` with 8-bit moments) holding the
-            sheet's per-column parameters.
+        optimizer: AdamW (``torch.optim.AdamW``, or :class:`columnformer.optim.AdamW` with bf16 or 8-bit moments)
+            holding the sheet's per-column parameters.
         chunk_columns: columns per chunk of pass B (rounded up to a multiple of 256): its memory is about this many
             columns' weight gradients and one step's activations, its extra work the chunks' overlap.
         input_chunk_columns: columns per chunk of pass A's backward through time (no weight gradients: cheaper per

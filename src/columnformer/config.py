@@ -113,8 +113,8 @@ class TrainConfig(_Strict):
         "and each chunk's weights are stepped at once, so no gradient or activation of the whole sheet is stored "
         "(34.6 KiB per column of the benchmark sheet at 262,144 columns with optim.state_dtype=8bit, against 50.1 "
         "without); same gradients and update up to float rounding, about 3x the step time of checkpointing. Needs "
-        "optim.grad_clip=null, optim.accum_steps=1, train.precision=fp32, one process, optim.state_dtype fp32 or 8bit, "
-        "a sparse connectivity and untied blocks; activation sparsity is not logged",
+        "optim.grad_clip=null, optim.accum_steps=1, train.precision=fp32, one process, a sparse connectivity and untied "
+        "blocks; activation sparsity is not logged",
     )
     progress: bool = True
     figures: bool = Field(True, description="write figures/ when a run ends (false: skip them, e.g. in large sweeps)")
@@ -187,15 +187,14 @@ class RunConfig(_Strict):
                 ("optim.grad_clip", self.optim.grad_clip, self.optim.grad_clip is None),
                 ("optim.accum_steps", self.optim.accum_steps, self.optim.accum_steps == 1),
                 ("train.precision", self.train.precision, self.train.precision == "fp32"),
-                ("optim.state_dtype", self.optim.state_dtype, self.optim.state_dtype != "bf16"),
                 ("model.connectivity.kind", conn.kind, conn.kind != "dense"),
             ) if not ok]
             if clash:
                 raise ValueError(
                     f"train.chunked_backward={self.train.chunked_backward} cannot run with {', '.join(clash)}: it "
                     "needs optim.grad_clip=null (the whole gradient's norm is known only after every chunk has "
-                    "stepped), optim.accum_steps=1, train.precision=fp32, optim.state_dtype fp32 or 8bit and a sparse "
-                    "connectivity; change those or drop train.chunked_backward"
+                    "stepped), optim.accum_steps=1, train.precision=fp32 and a sparse connectivity; change those or "
+                    "drop train.chunked_backward"
                 )
         if self.model.sheet.sparse_kernel != "auto" and conn.kind == "dense":
             raise ValueError(

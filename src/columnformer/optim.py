@@ -213,7 +213,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if ext is not None and state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous():
                     ext.adamw_bf16_step(flat_p, flat_g.contiguous(), state["exp_avg"], state["exp_avg_sq"], beta1,
-                                        beta2, eps, step_size, bc2_sqrt, 1 - lr * wd, seed)
+                                        beta2, eps, step_size, bc2_sqrt, 1 - lr * wd, seed, 0)
                     continue
                 p.mul_(1 - lr * wd)
                 if self.state_dtype == "8bit":
@@ -273,22 +273,31 @@ class AdamW(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------- steps on part of a parameter
-def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
-    """The parameter group holding ``p``."""
+def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[dict, int]:
+    """The parameter group holding ``p`` and p's index among all parameters, counted from 1 (as :meth:`AdamW.step`)."""
+    index = 0
     for group in optimizer.param_groups:
         for q in group["params"]:
+            index += 1
             if q is p:
-                return group
+                return group, index
     raise ValueError("this parameter is not in the optimizer's parameter groups")
+
+
+def _native_available() -> bool:
+    from . import native
+
+    return native.load() is not None
 
 
 def check_partial(optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer whose step cannot be split into :func:`step_part` calls, naming what to change."""
     if isinstance(optimizer, AdamW):
-        if optimizer.state_dtype != "8bit":
+        if optimizer.state_dtype == "bf16" and not (USE_NATIVE and _native_available()):
             raise ValueError(
-                f"a step in parts (train.chunked_backward) needs optim.state_dtype fp32 or 8bit, not "
-                f"{optimizer.state_dtype!r}: bf16's rounding noise is drawn per whole parameter"
+                "a step in parts (train.chunked_backward) with optim.state_dtype=bf16 needs the C++ kernels (their "
+                "rounding noise is counted per element of the whole parameter), which are not available here; use "
+                "optim.state_dtype fp32 or 8bit"
             )
         return
     if type(optimizer) is not torch.optim.AdamW:
@@ -322,11 +331,12 @@ def step_part(optimizer: torch.optim.Optimizer, p: torch.Tensor, start: int, gra
     """The AdamW step of the flat elements ``[start, start + grad.numel())`` of parameter ``p`` (after
     :func:`begin_parts`): their moments are updated in place and their new values written into ``target`` (float32,
     ``grad.numel()`` elements holding their current values: a view of p, or a copy to write back later). AdamW is
-    elementwise (8-bit: block by block), so the parts of a parameter give exactly its whole step; 8-bit parts start
-    on a block boundary (a multiple of 256 elements)."""
+    elementwise (8-bit: block by block; bf16: noise counted per element of the whole parameter, C++ kernels only), so
+    the parts of a parameter give exactly its whole step; 8-bit parts start on a block boundary (a multiple of 256
+    elements)."""
     n = grad.numel()
     flat_t, flat_g = target.view(-1), grad.reshape(-1)
-    group = _group_of(optimizer, p)
+    group, index = _group_of(optimizer, p)
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     state = optimizer.state[p]
     if not isinstance(optimizer, AdamW):  # torch's fused AdamW kernel on the part's views: the same arithmetic
@@ -335,12 +345,21 @@ def step_part(optimizer: torch.optim.Optimizer, p: torch.Tensor, start: int, gra
                             [state["exp_avg_sq"].view(-1)[sl]], [], [state["step"]], lr=lr, beta1=beta1,
                             beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
         return
-    if start % BLOCK or (start + n != p.numel() and n % BLOCK):
-        raise ValueError(f"an 8-bit step part must cover whole blocks of {BLOCK}: start {start}, length {n}")
     t = int(state["step"].item())
     step_size = lr / (1 - beta1**t)
     bc2_sqrt = math.sqrt(1 - beta2**t)
     ext = _native_for(target)
+    if optimizer.state_dtype == "bf16":  # the C++ step, its noise counted from the part's first element
+        if ext is None:
+            raise RuntimeError("a bf16 step in parts needs the C++ kernels (float32 CPU parameters)")
+        seed = ((optimizer.seed * 1_000_003 + t) * 1_000_033 + index) % (1 << 63)  # as AdamW.step
+        sl = slice(start, start + n)
+        ext.adamw_bf16_step(flat_t, flat_g.contiguous().float(), state["exp_avg"].view(-1)[sl],
+                            state["exp_avg_sq"].view(-1)[sl], beta1, beta2, eps, step_size, bc2_sqrt, 1 - lr * wd,
+                            seed, start)
+        return
+    if start % BLOCK or (start + n != p.numel() and n % BLOCK):
+        raise ValueError(f"an 8-bit step part must cover whole blocks of {BLOCK}: start {start}, length {n}")
     if ext is not None:
         padded = -(-n // BLOCK) * BLOCK
         cs, bs = slice(start, start + padded), slice(start // BLOCK, (start + padded) // BLOCK)

@@ -29,7 +29,7 @@ void adamw_8bit_step(torch::Tensor p, torch::Tensor g, torch::Tensor m_codes, to
                      torch::Tensor r_bounds, double beta1, double beta2, double eps, double step_size, double bc2_sqrt,
                      double decay);
 void adamw_bf16_step(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
-                     double eps, double step_size, double bc2_sqrt, double decay, int64_t seed);
+                     double eps, double step_size, double bc2_sqrt, double decay, int64_t seed, int64_t offset);
 bool host_cache_enable(int64_t min_bytes, bool huge_pages, int64_t max_pieces);
 void host_cache_disable();
 std::vector<int64_t> host_cache_stats();

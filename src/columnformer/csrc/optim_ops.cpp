@@ -13,7 +13,8 @@
 //   adamw_bf16_step:  p, g (float32, n); both moments in bf16 (m, v), written back with stochastic rounding: random
 //   bits added below bf16's mantissa, then truncated, so each stored value is unbiased. The bits come from a
 //   counter-based hash of (seed, element), seed chosen per (run seed, step, parameter) by optim.py: a resumed run
-//   and every DDP replica draw the same noise, whatever the thread count.
+//   and every DDP replica draw the same noise, whatever the thread count. ``offset``: p is the parameter's elements
+//   from ``offset`` on (a step in parts, optim.step_part), which then draw the noise of the whole step.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -93,7 +94,7 @@ inline float bf16_value(uint16_t h) {
 }  // namespace
 
 void adamw_bf16_step(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
-                     double eps, double step_size, double bc2_sqrt, double decay, int64_t seed) {
+                     double eps, double step_size, double bc2_sqrt, double decay, int64_t seed, int64_t offset) {
   const int64_t n = p.numel();
   check("adamw_bf16_step", p, torch::kFloat, n, "p");
   check("adamw_bf16_step", g, torch::kFloat, n, "g");
@@ -120,7 +121,7 @@ void adamw_bf16_step(torch::Tensor p, torch::Tensor g, torch::Tensor m, torch::T
       const float vi = bf16_value(vk[i]) * b2 + w2 * (gi * gi);
       const float denom = std::sqrt(vi) / fbc2 + feps;
       pk[i] = pk[i] * fdecay - fstep * (mi / denom);
-      const uint64_t noise = mix64(key + static_cast<uint64_t>(i) * 0x9e3779b97f4a7c15ull);
+      const uint64_t noise = mix64(key + static_cast<uint64_t>(offset + i) * 0x9e3779b97f4a7c15ull);
       mk[i] = bf16_stochastic(mi, static_cast<uint32_t>(noise & 0xffffu));
       vk[i] = bf16_stochastic(vi, static_cast<uint32_t>((noise >> 16) & 0xffffu));
     }
