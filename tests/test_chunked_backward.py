@@ -146,19 +146,29 @@ def test_eight_bit_parts_must_start_on_a_block():
         cf_optim.step_part(opt, p, 100, torch.zeros(3, 100), p.data[1:])
 
 
-def test_accumulate_into_buffers_sums_without_autograd_gradients():
-    """``untied_session(accumulate=...)``: two backward passes add an untied layer's weight gradient into the given
-    buffer (equal to autograd's sum) and leave ``.grad`` of the weight None."""
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("rows", [None, slice(1, 4)])
+def test_accumulate_into_buffers_sums_without_autograd_gradients(native, rows):
+    """``untied_session(accumulate=..., rows=...)``: two backward passes add an untied layer's weight and bias gradients
+    (of the given columns) into the given buffers, equal to autograd's sums, leave ``.grad`` None and still return
+    every column's input gradient; with the C++ kernels and with torch's ops."""
+    from columnformer.layers import native_kernels
+
     torch.manual_seed(0)
     layer = UntiedLinear(5, 4, 3).double()
-    xs = [torch.randn(5, 2, 4, dtype=torch.float64) for _ in range(2)]
-    ref_w = sum(torch.autograd.grad(layer(x).square().sum(), layer.weight)[0] for x in xs)
-    buf_w, buf_b = torch.zeros_like(layer.weight), torch.zeros_like(layer.bias)
-    for x in xs:
-        with untied_session(fuse=False, accumulate={id(layer.weight): buf_w, id(layer.bias): buf_b}):
-            layer(x).square().sum().backward()
+    xs = [torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    grads = [torch.autograd.grad(layer(x).square().sum(), [layer.weight, layer.bias, x]) for x in xs]
+    ref_w, ref_b = grads[0][0] + grads[1][0], grads[0][1] + grads[1][1]
+    r = rows or slice(None)
+    buf_w, buf_b = torch.zeros_like(layer.weight[r]), torch.zeros_like(layer.bias[r])
+    with native_kernels(native):
+        for x, (_, _, ref_x) in zip(xs, grads):
+            with untied_session(fuse=False, accumulate={id(layer.weight): buf_w, id(layer.bias): buf_b}, rows=rows):
+                (dx,) = torch.autograd.grad(layer(x).square().sum(), [x])
+            torch.testing.assert_close(dx, ref_x)
     assert layer.weight.grad is None and layer.bias.grad is None
-    torch.testing.assert_close(buf_w, ref_w)
+    torch.testing.assert_close(buf_w, ref_w[r])
+    torch.testing.assert_close(buf_b, ref_b[r])
 
 
 def test_chunks_cover_the_sheet_and_their_ranges_hold_readers_and_sources():

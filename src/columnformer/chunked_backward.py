@@ -23,8 +23,8 @@ optimizer's own arithmetic).
        steps (position and time embedding, input injection, a task head) is differentiated by autograd as usual;
        the blocks' per-column parameters get no gradient in this pass.
     B. For each chunk S: every step recomputed on E(S) and back-propagated from g_t, the per-column parameters' rows
-       E accumulating their gradients over the steps (untied linears add into one buffer: ``untied_session
-       (accumulate=...)``); the optimizer then steps the rows S (:func:`optim.step_part`: AdamW is elementwise,
+       E accumulating their gradients over the steps (untied linears add the rows S into one buffer:
+       ``untied_session(accumulate=..., rows=...)``); the optimizer then steps the rows S (:func:`optim.step_part`: AdamW is elementwise,
        block-wise with 8-bit moments, its rounding noise counted per element of the parameter with bf16 moments)
        and the chunk's gradients are freed. A later chunk's E may reach back into S: those rows of S keep their old
        values in the sheet, their new values wait in a copy until the last chunk reading them is done.
@@ -148,14 +148,14 @@ class _SubSheet:
         self.plan = _sub_plan(plan, model.geometry.coords[lo:hi], self.index, self.mask)
 
     def backward(self, block, params: dict, x: torch.Tensor, g: torch.Tensor | None, c: float,
-                 inputs: tuple = (), accumulate: dict | None = None) -> tuple | None:
+                 inputs: tuple = (), accumulate: dict | None = None, rows: slice | None = None) -> tuple | None:
         """Recompute ``block`` on rows E of the step input ``x`` (E, B, C) with the rows E of its per-column
         ``params``; back-propagate ``g`` (the whole sheet's output gradient (N, B, C), on rows E) and
         ``c`` (the loss's derivative of the step's wiring cost). Gradients go to ``inputs`` (returned) or, when it is
         empty, into the ``.grad`` of the leaves among ``params`` -- for untied linears into their buffers in
-        ``accumulate`` (``{id(leaf): buffer}``, see :func:`layers.untied_session`)."""
+        ``accumulate`` (``{id(leaf): buffer}`` holding the sub-sheet's ``rows``, see :func:`layers.untied_session`)."""
         lo, hi = self.chunk.lo, self.chunk.hi
-        with untied_session(fuse=False, accumulate=accumulate):
+        with untied_session(fuse=False, accumulate=accumulate, rows=rows):
             y, stats, _ = torch.func.functional_call(
                 block, params, (x, self.wiring_weight, self.index, self.mask, frozenset(), self.plan)
             )
@@ -343,23 +343,23 @@ def _pass_b(engine: _Engine, optimizer, trainable: dict, on_gradient) -> None:
                 if prefix + name in trainable:
                     if prefix + name not in leaves:
                         leaf = leaves[prefix + name] = p.detach()[lo:hi].requires_grad_()
-                        if id(p) in engine.linear:
-                            buffers[id(leaf)] = torch.zeros_like(leaf)
+                        if id(p) in engine.linear:  # the rows S only
+                            buffers[id(leaf)] = torch.zeros_like(leaf[ch.start - lo:ch.stop - lo])
                     params[name] = leaves[prefix + name]
                 else:
                     params[name] = p.detach()[lo:hi]
-            sub.backward(block, params, engine.inputs[t][lo:hi], g, c, accumulate=buffers)
+            sub.backward(block, params, engine.inputs[t][lo:hi], g, c, accumulate=buffers,
+                         rows=slice(ch.start - lo, ch.stop - lo))
         del sub
         # rows of S that a later chunk reads: stepped in a copy, written back after that chunk
         later = [k for k in range(j + 1, len(chunks)) if chunks[k].lo < ch.stop]
         split = ch.stop if not later else max(ch.start, min(chunks[k].lo for k in later) // ALIGN * ALIGN)
-        waiting, full, grad = [], None, None
+        waiting, grad = [], None
         for name, p in trainable.items():
             leaf = leaves.get(name)
-            full = None if leaf is None else buffers.get(id(leaf), leaf.grad)
-            if full is None:
+            if leaf is None or (id(leaf) not in buffers and leaf.grad is None):
                 continue
-            grad = full[ch.start - lo:ch.stop - lo]  # (|S|, ...)
+            grad = buffers[id(leaf)] if id(leaf) in buffers else leaf.grad[ch.start - lo:ch.stop - lo]  # (|S|, ...)
             if on_gradient is not None:
                 on_gradient(name, ch.start, grad)
             row = p[0].numel()
@@ -371,7 +371,7 @@ def _pass_b(engine: _Engine, optimizer, trainable: dict, on_gradient) -> None:
                     new = p.data[split:ch.stop].clone()
                     optim_parts.step_part(optimizer, p, split * row, grad[split - ch.start:], new)
                     waiting.append((p, new))
-        del leaves, buffers, full, grad
+        del leaves, buffers, grad
         if waiting:
             pending.append((split, ch.stop, max(later), waiting))
         still = []

@@ -71,8 +71,8 @@ class _Stash:
     per-layer weight gradients (and bias gradient) accumulated use by use (float32 / float64).
     """
 
-    def __init__(self, splits: list[int], bias: bool, into: list[torch.Tensor] | None = None):
-        self.splits, self.bias, self.into = splits, bias, into
+    def __init__(self, splits: list[int], bias: bool, into: list[torch.Tensor] | None = None, rows: slice | None = None):
+        self.splits, self.bias, self.into, self.rows = splits, bias, into, rows
         self.uses: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.sums: dict[int, list[torch.Tensor]] = {}
 
@@ -82,6 +82,8 @@ class _Stash:
                 raise RuntimeError("untied_session(accumulate=...) needs float32/float64 uses")
             self.uses.append((task, x, g))
             return
+        if self.rows is not None:  # the caller's buffers hold these columns only
+            x, g = x[self.rows], g[self.rows]
         xt = x.transpose(1, 2)  # (N, in, B)
         parts = g.split(self.splits, dim=-1) if len(self.splits) > 1 else (g,)
         sums = self.sums.get(task)
@@ -104,6 +106,12 @@ class _Stash:
         sums = self.sums.get(task)
         if sums is None and self.into is not None:  # add into the caller's buffers
             sums = self.sums[task] = list(self.into)
+        if self.rows is not None:  # buffers of some columns: the input gradient of all, then their weight gradient
+            r = self.rows
+            dx = ext.linear_backward(x, w, g, [], x.new_empty(0), True, False, gelu_input) if need_dx else None
+            db = sums[-1] if self.bias else x.new_empty(0)
+            ext.linear_backward(x[r], w[r], g[r], sums[:-1] if self.bias else sums, db, False, True, gelu_input)
+            return dx
         first = sums is None
         if first:  # one buffer per layer, so every gradient is born contiguous
             sums = [x.new_empty(N, I, o) for o in self.splits] + ([x.new_empty(N, sum(self.splits))] if self.bias else [])
@@ -118,14 +126,14 @@ class _Session:
     """Per-forward cache of tapped (cast / concatenated) weights of untied layers. ``fuse``: concatenate the
     weights of layers that read the same input (worth it when the forward reuses them; a copy otherwise)."""
 
-    def __init__(self, fuse: bool = True, accumulate: dict | None = None) -> None:
+    def __init__(self, fuse: bool = True, accumulate: dict | None = None, rows: slice | None = None) -> None:
         self.fuse = fuse
-        self.accumulate = accumulate or {}
+        self.accumulate, self.rows = accumulate or {}, rows
         self.taps: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None, _Stash]] = {}
 
 
 @contextlib.contextmanager
-def untied_session(fuse: bool = True, accumulate: dict | None = None):
+def untied_session(fuse: bool = True, accumulate: dict | None = None, rows: slice | None = None):
     """Within this context every untied layer defers its weight gradient to one batched GEMM.
 
     Enter it once per forward pass of a model that reuses its untied layers (the sheet does).
@@ -133,13 +141,14 @@ def untied_session(fuse: bool = True, accumulate: dict | None = None):
     feed-forward sheet uses each layer once, so the concatenated copy would not pay for itself).
     ``accumulate``: ``{id(weight tensor): buffer}``; a layer whose weight (and bias) tensors all have a buffer adds
     its weight gradients into them (float32/float64) and hands autograd none: backward passes over several graphs
-    then sum into one buffer without a gradient-sized temporary per pass (``chunked_backward``).
+    then sum into one buffer without a gradient-sized temporary per pass (``chunked_backward``). ``rows``: the
+    buffers hold only these columns' gradients (a slice of the N columns); the input gradient is still every column's.
     Nesting reuses the outer session.
     """
     if getattr(_LOCAL, "session", None) is not None:
         yield _LOCAL.session
         return
-    _LOCAL.session = _Session(fuse, accumulate)
+    _LOCAL.session = _Session(fuse, accumulate, rows)
     try:
         yield _LOCAL.session
     finally:
@@ -334,7 +343,8 @@ def _tap(layers: list["UntiedLinear"], session: _Session, bias: bool):
         splits = [layer.out_features for layer in layers]
         params = [layer.weight for layer in layers] + ([layer.bias for layer in layers] if bias else [])
         into = [session.accumulate.get(id(p)) for p in params]
-        stash = _Stash(splits, bias, into if len(layers) == 1 and all(b is not None for b in into) else None)
+        use = len(layers) == 1 and all(b is not None for b in into)
+        stash = _Stash(splits, bias, into if use else None, session.rows if use else None)
         w, b = _Tap.apply(stash, _compute_dtype(layers[0].weight), splits, len(layers), *params)
         session.taps[key] = (w, b, stash)
     return session.taps[key]
