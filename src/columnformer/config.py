@@ -111,8 +111,8 @@ class TrainConfig(_Strict):
         None, ge=256, description="columns per chunk of the chunked backward (columnformer.chunked_backward): the "
         "sheet's steps keep no graph, backward through time and the per-column weights' gradients run chunk by chunk "
         "and each chunk's weights are stepped at once, so no gradient or activation of the whole sheet is stored "
-        "(34.6 KiB per column of the benchmark sheet at 262,144 columns with optim.state_dtype=8bit, against 50.1 "
-        "without); same gradients and update up to float rounding, about 3x the step time of checkpointing. Needs "
+        "(34.5 KiB per column of the benchmark sheet at 262,144 columns with optim.state_dtype=8bit, against 49-50 "
+        "without); same gradients and update up to float rounding, 2.5-4x the step time of checkpointing. Needs "
         "optim.grad_clip=null, optim.accum_steps=1, train.precision=fp32, one process, a sparse connectivity and untied "
         "blocks; activation sparsity is not logged",
     )
