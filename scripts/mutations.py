@@ -189,6 +189,9 @@ MUTATIONS = [
     ("step in parts, bf16 C++ step: noise counted from the part, not the parameter", "src/columnformer/csrc/optim_ops.cpp",
      "mix64(key + static_cast<uint64_t>(offset + i) * 0x9e3779b97f4a7c15ull)",
      "mix64(key + static_cast<uint64_t>(i) * 0x9e3779b97f4a7c15ull)", ["tests/test_chunked_backward.py", "-k", "parts"]),
+    ("untied_session(rows=): the C++ path's weight gradient from the first rows", "src/columnformer/layers.py",
+     "            ext.linear_backward(x[r], w[r], g[r],", "            r = slice(0, r.stop - r.start)\n"
+     "            ext.linear_backward(x[r], w[r], g[r],", ["tests/test_chunked_backward.py", "-k", "accumulate"]),
     ("untied_session(accumulate=): gradient also handed to autograd", "src/columnformer/layers.py",
      "        if (not mine and sums is None) or stash.into is not None:",
      "        if not mine and sums is None:", ["tests/test_chunked_backward.py", "-k", "accumulate"]),
