@@ -189,8 +189,8 @@ class _Engine:
         self.input_chunks = plan_chunks(model.edge_index, model.edge_mask, input_chunk_columns)
         self.input_subs: dict[int, _SubSheet] = {}  # pass A's sub-sheets, kept over its steps
 
-    def params(self, t: int, trainable: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict]:
-        """Step t's block and the rows [lo, hi) are cut later: here the full per-column parameters by local name."""
+    def params(self, t: int) -> tuple[nn.Module, dict]:
+        """Step t's block and its per-column parameters (all N rows) by their names inside the block."""
         model = self.model
         prefix = "blocks.0." if model.cfg.recurrent else f"blocks.{t}."
         block = model.blocks[0 if model.cfg.recurrent else t]
@@ -233,8 +233,9 @@ class _ChunkedStep(torch.autograd.Function):
         engine.inputs[t] = h.detach()
         ctx.engine, ctx.t, ctx.block = engine, t, block
         ctx.save_for_backward(h)
-        ctx.mark_non_differentiable(stats.entropy)
-        return out, stats.wiring.detach().clone(), stats.entropy.detach().clone()
+        entropy = stats.entropy.detach().clone()
+        ctx.mark_non_differentiable(entropy)
+        return out, stats.wiring.detach().clone(), entropy
 
     @staticmethod
     def backward(ctx, g_out, g_wiring, _g_entropy):
