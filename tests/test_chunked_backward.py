@@ -242,5 +242,6 @@ def test_trainer_with_chunked_backward_trains_as_without(tmp_path):
     assert moved > 1e-3  # steps 2-6 moved the weights far more than the tolerance
     with pytest.raises(ConfigError, match="optim.grad_clip"):
         build_config({}, [*base[:6], *base[7:], "name=x", "train.chunked_backward=256"])
-    with pytest.raises(ConfigError, match="accum_steps"):
-        build_config({}, [*base, "name=x", "train.chunked_backward=256", "optim.accum_steps=2"])
+    for bad in ("optim.accum_steps=2", "train.precision=bf16", "train.compile=true"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            build_config({}, [*base, "name=x", "train.chunked_backward=256", bad])

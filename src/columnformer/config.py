@@ -113,8 +113,8 @@ class TrainConfig(_Strict):
         "and each chunk's weights are stepped at once, so no gradient or activation of the whole sheet is stored "
         "(34.5 KiB per column of the benchmark sheet at 262,144 columns with optim.state_dtype=8bit, against 49-50 "
         "without); same gradients and update up to float rounding, 2.5-4x the step time of checkpointing. Needs "
-        "optim.grad_clip=null, optim.accum_steps=1, train.precision=fp32, one process, a sparse connectivity and untied "
-        "blocks; activation sparsity is not logged",
+        "optim.grad_clip=null, optim.accum_steps=1, train.precision=fp32, train.compile=false, one process, a sparse "
+        "connectivity and untied blocks; activation sparsity is not logged",
     )
     progress: bool = True
     figures: bool = Field(True, description="write figures/ when a run ends (false: skip them, e.g. in large sweeps)")
@@ -188,13 +188,14 @@ class RunConfig(_Strict):
                 ("optim.accum_steps", self.optim.accum_steps, self.optim.accum_steps == 1),
                 ("train.precision", self.train.precision, self.train.precision == "fp32"),
                 ("model.connectivity.kind", conn.kind, conn.kind != "dense"),
+                ("train.compile", self.train.compile, not self.train.compile),
             ) if not ok]
             if clash:
                 raise ValueError(
                     f"train.chunked_backward={self.train.chunked_backward} cannot run with {', '.join(clash)}: it "
                     "needs optim.grad_clip=null (the whole gradient's norm is known only after every chunk has "
-                    "stepped), optim.accum_steps=1, train.precision=fp32 and a sparse connectivity; change those or "
-                    "drop train.chunked_backward"
+                    "stepped), optim.accum_steps=1, train.precision=fp32, train.compile=false and a sparse "
+                    "connectivity; change those or drop train.chunked_backward"
                 )
         if self.model.sheet.sparse_kernel != "auto" and conn.kind == "dense":
             raise ValueError(
