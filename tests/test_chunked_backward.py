@@ -245,3 +245,30 @@ def test_trainer_with_chunked_backward_trains_as_without(tmp_path):
     for bad in ("optim.accum_steps=2", "train.precision=bf16", "train.compile=true"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             build_config({}, [*base, "name=x", "train.chunked_backward=256", bad])
+
+
+def test_chunks_are_planned_again_when_the_edges_change():
+    """One ChunkedBackward over two steps: after an edge is rewired in place to a far column (as rewiring does), the
+    chunks' ranges are planned again and the gradients still equal autograd's. Fails if the plan were cached past
+    a change of the edge buffers (the new far source would lie outside its reader's range)."""
+    model = _sheet(torch.float64)
+    tokens = torch.randn(2, GEO.n, 8, dtype=torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)  # weights stay: both steps see the same
+    got: dict[str, dict[int, torch.Tensor]] = {}
+    cb = ChunkedBackward(model, opt, chunk_columns=256,
+                         on_gradient=lambda name, start, g: got.setdefault(name, {}).__setitem__(start, g.clone()))
+    for rewire in (False, True):
+        if rewire:
+            with torch.no_grad():
+                model.edge_index[700, 3] = 5  # column 700 now reads column 5, two chunks away
+        got.clear()
+        with cb.forward():
+            loss = _loss_fn(model, tokens)()
+        cb.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _loss_fn(model, tokens)().backward()
+        for name, p in per_column_block_parameters(model).items():
+            g = torch.cat([got[name][s] for s in sorted(got[name])])
+            torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+        model.zero_grad(set_to_none=True)

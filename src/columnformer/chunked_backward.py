@@ -177,7 +177,7 @@ class _SubSheet:
 class _Engine:
     """State of one chunked training step: per step t its input h_t, output gradient g_t and wiring derivative c_t."""
 
-    def __init__(self, model, chunk_columns: int, input_chunk_columns: int):
+    def __init__(self, model, chunks: list[Chunk], input_chunks: list[Chunk]):
         self.model = model
         self.inputs: dict[int, torch.Tensor] = {}
         self.grads: dict[int, torch.Tensor] = {}
@@ -185,16 +185,15 @@ class _Engine:
         self.plan = model.block_plan()
         self.linear = {id(m.weight) for m in model.blocks.modules() if isinstance(m, UntiedLinear)} | {
             id(m.bias) for m in model.blocks.modules() if isinstance(m, UntiedLinear) and m.bias is not None}
-        self.chunks = plan_chunks(model.edge_index, model.edge_mask, chunk_columns)
-        self.input_chunks = plan_chunks(model.edge_index, model.edge_mask, input_chunk_columns)
+        self.chunks, self.input_chunks = chunks, input_chunks
         self.input_subs: dict[int, _SubSheet] = {}  # pass A's sub-sheets, kept over its steps
 
     def params(self, t: int) -> tuple[nn.Module, dict]:
-        """Step t's block and its per-column parameters (all N rows) by their names inside the block."""
+        """Step t's block and its per-column parameters (all N rows): ``{name in the block: (name in the sheet, p)}``."""
         model = self.model
         prefix = "blocks.0." if model.cfg.recurrent else f"blocks.{t}."
         block = model.blocks[0 if model.cfg.recurrent else t]
-        return block, {name[len(prefix):]: p for name, p in per_column_block_parameters(model).items()
+        return block, {name[len(prefix):]: (name, p) for name, p in per_column_block_parameters(model).items()
                        if name.startswith(prefix)}
 
     def run(self, t, block, h, record, plan, wiring_weight):
@@ -215,7 +214,7 @@ class _Engine:
             if sub is None:
                 sub = self.input_subs[j] = _SubSheet(self.model, ch, self.plan)
             x = h[ch.lo:ch.hi].detach().requires_grad_()
-            params = {name: p.detach()[ch.lo:ch.hi] for name, p in full.items()}
+            params = {name: p.detach()[ch.lo:ch.hi] for name, (_, p) in full.items()}
             (dx,) = sub.backward(block, params, x, g, c, (x,))
             dh[ch.start:ch.stop] = dx[ch.start - ch.lo:ch.stop - ch.lo] if dx is not None else 0
             del sub, x, dx
@@ -287,11 +286,21 @@ class ChunkedBackward:
         self.chunk_columns = chunk_columns
         self.input_chunk_columns = input_chunk_columns or 2 * chunk_columns
         self._engine: _Engine | None = None
+        self._planned: tuple | None = None  # (edge buffers' versions, chunks of pass B, chunks of pass A)
+
+    def _chunks(self) -> tuple[list[Chunk], list[Chunk]]:
+        """Both passes' chunks, planned once and again only when the edge buffers change (rewiring)."""
+        index, mask = self.sheet.edge_index, self.sheet.edge_mask
+        versions = (index._version, mask._version, index.data_ptr(), mask.data_ptr())
+        if self._planned is None or self._planned[0] != versions:
+            self._planned = (versions, plan_chunks(index, mask, self.chunk_columns),
+                             plan_chunks(index, mask, self.input_chunk_columns))
+        return self._planned[1], self._planned[2]
 
     @contextlib.contextmanager
     def forward(self):
         """Run the sheet's forward inside this context (once per step): its steps then keep no graph."""
-        self._engine = _Engine(self.sheet, self.chunk_columns, self.input_chunk_columns)
+        self._engine = _Engine(self.sheet, *self._chunks())
         with self.sheet.run_steps_with(self._engine.run):
             yield
 
@@ -338,15 +347,14 @@ def _pass_b(engine: _Engine, optimizer, trainable: dict, on_gradient) -> None:
         for t in range(steps):
             g, c = engine.grads.get(t), engine.wiring.get(t, 0.0)
             block, full = engine.params(t)
-            prefix = "blocks.0." if model.cfg.recurrent else f"blocks.{t}."
             params = {}
-            for name, p in full.items():
-                if prefix + name in trainable:
-                    if prefix + name not in leaves:
-                        leaf = leaves[prefix + name] = p.detach()[lo:hi].requires_grad_()
+            for name, (sheet_name, p) in full.items():
+                if sheet_name in trainable:
+                    if sheet_name not in leaves:
+                        leaf = leaves[sheet_name] = p.detach()[lo:hi].requires_grad_()
                         if id(p) in engine.linear:  # the rows S only
                             buffers[id(leaf)] = torch.zeros_like(leaf[ch.start - lo:ch.stop - lo])
-                    params[name] = leaves[prefix + name]
+                    params[name] = leaves[sheet_name]
                 else:
                     params[name] = p.detach()[lo:hi]
             sub.backward(block, params, engine.inputs[t][lo:hi], g, c, accumulate=buffers,
