@@ -150,6 +150,11 @@ class AdamW(torch.optim.Optimizer):
                     state[key + "_scale"] = torch.ones(blocks, dtype=torch.float32, device=p.device)
         return state
 
+    def _noise_seed(self, step: int, index: int) -> int:
+        """Seed of bf16's rounding noise for parameter ``index`` (counted from 1) at ``step``: the same in a whole
+        step and in its parts (:func:`step_part`), on every rank and after a resume."""
+        return ((self.seed * 1_000_003 + step) * 1_000_033 + index) % (1 << 63)
+
     def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stored (exp_avg, exp_avg_sq) of parameter ``p`` in float32 and p's shape (None before its first step):
         what the next step starts from."""
@@ -204,7 +209,7 @@ class AdamW(torch.optim.Optimizer):
                 step_size = lr / (1 - beta1**t)
                 bc2_sqrt = math.sqrt(1 - beta2**t)
                 flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
-                seed = ((self.seed * 1_000_003 + t) * 1_000_033 + index) % (1 << 63)  # bf16's rounding noise
+                seed = self._noise_seed(t, index)
                 ext = _native_for(p)
                 if ext is not None and self.state_dtype == "8bit":  # one pass in C++ (csrc/optim_ops.cpp)
                     ext.adamw_8bit_step(flat_p, flat_g.contiguous(), state["exp_avg"], state["exp_avg_scale"],
@@ -352,7 +357,7 @@ def step_part(optimizer: torch.optim.Optimizer, p: torch.Tensor, start: int, gra
     if optimizer.state_dtype == "bf16":  # the C++ step, its noise counted from the part's first element
         if ext is None:
             raise RuntimeError("a bf16 step in parts needs the C++ kernels (float32 CPU parameters)")
-        seed = ((optimizer.seed * 1_000_003 + t) * 1_000_033 + index) % (1 << 63)  # as AdamW.step
+        seed = optimizer._noise_seed(t, index)
         sl = slice(start, start + n)
         ext.adamw_bf16_step(flat_t, flat_g.contiguous().float(), state["exp_avg"].view(-1)[sl],
                             state["exp_avg_sq"].view(-1)[sl], beta1, beta2, eps, step_size, bc2_sqrt, 1 - lr * wd,
